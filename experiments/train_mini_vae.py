@@ -1,0 +1,183 @@
+"""Train the builtin mini KL-f8 VAE (diffusers AutoencoderKL, SD layout at reduced width) on CPU.
+
+Recipe of the LDM autoencoders: L1 + LPIPS reconstruction loss summed over pixels, KL to N(0, I) with weight
+1e-6, Adam. Data: the training split of ``builtin:photos`` (scikit-image) plus the nature photos of Debian's
+``mate-backgrounds`` package, random crops with flips at random scales. Seeded; resumes from its checkpoint.
+
+    apt-get download mate-backgrounds && dpkg-deb -x mate-backgrounds_*.deb /tmp/mate
+    python experiments/train_mini_vae.py --config experiments/configs/mini_kl_f8.json --out runs/train-mini
+    python experiments/train_mini_vae.py ... --export vaeprobe/builtin/mini-kl-f8   # write the shipped weights
+
+``--smoke`` runs 3 tiny steps (used by the test suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vaeprobe._io import atomic_path, write_text_atomic  # noqa: E402
+from vaeprobe.builtin_images import SETS, photo  # noqa: E402
+from vaeprobe.images import IMAGE_SUFFIXES, read_image  # noqa: E402
+from vaeprobe.metrics import LPIPS  # noqa: E402
+
+
+def load_pool(cfg: dict, smoke: bool) -> list[np.ndarray]:
+    """Training images as float32 arrays, shorter side scaled to ``base_short_side``."""
+    from vaeprobe.images import _resize
+
+    base = cfg["data"]["base_short_side"]
+    pool = []
+    names = SETS["builtin:photos-train"][:2] if smoke else SETS["builtin:photos-train"]
+    arrays = [photo(n) for n in names]
+    if not smoke:
+        for d in cfg["data"].get("extra_dirs", []):
+            p = Path(d)
+            if not p.is_dir():
+                print(f"warning: extra data folder {d} missing (see the module docstring); training without it",
+                      file=sys.stderr)
+                continue
+            for f in sorted(p.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    arrays.append(read_image(f, factor=1).array)
+    for arr in arrays:
+        h, w = arr.shape[:2]
+        s = base / min(h, w)
+        if s < 1:
+            arr = _resize(arr, round(h * s), round(w * s))
+        pool.append(arr)
+    return pool
+
+
+def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, min_scale: float) -> torch.Tensor:
+    from vaeprobe.images import _resize
+
+    out = []
+    for _ in range(batch):
+        arr = pool[rng.integers(len(pool))]
+        h, w = arr.shape[:2]
+        scale = rng.uniform(max(min_scale, crop / min(h, w)), 1.0)
+        side = int(round(crop / scale))
+        side = min(side, h, w)
+        top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        patch = _resize(arr[top:top + side, left:left + side], crop, crop)
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        out.append(np.ascontiguousarray(patch))
+    x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+    return x * 2 - 1
+
+
+def build_model(cfg: dict):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**cfg["model"])
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch."""
+    logvar = logvar.clamp(-30.0, 20.0)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(Path(__file__).parent / "configs" / "mini_kl_f8.json"))
+    ap.add_argument("--out", default="runs/train-mini-kl-f8")
+    ap.add_argument("--steps", type=int, help="override the config's step count")
+    ap.add_argument("--max-minutes", type=float, help="override the config's wall-time budget")
+    ap.add_argument("--export", help="after training, write the model as a diffusers folder (fp16 safetensors)")
+    ap.add_argument("--smoke", action="store_true", help="3 steps at batch 2 of 32 px (for tests)")
+    args = ap.parse_args(argv)
+
+    cfg = json.loads(Path(args.config).read_text())
+    tr = cfg["train"]
+    if args.smoke:
+        tr.update(steps=3, batch_size=2, log_every=1, ckpt_every=2)
+        cfg["data"]["crop"] = 32
+    if args.steps is not None:
+        tr["steps"] = args.steps
+    if args.max_minutes is not None:
+        tr["max_minutes"] = args.max_minutes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(0.5, 0.9))
+    lpips = LPIPS()
+    step, elapsed, log = 0, 0.0, []
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        log = json.loads((out / "log.json").read_text()) if (out / "log.json").exists() else []
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min done)")
+    pool = load_pool(cfg, args.smoke)
+    print(f"{len(pool)} training images; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+
+    def save() -> None:
+        with atomic_path(ckpt) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, tmp)
+        write_text_atomic(out / "log.json", json.dumps(log))
+
+    model.train()
+    t_start = time.time() - elapsed
+    budget = tr["max_minutes"] * 60
+    while step < tr["steps"] and (time.time() - t_start) < budget:
+        rng = np.random.default_rng([cfg["seed"], step])
+        x = sample_batch(pool, rng, tr["batch_size"], cfg["data"]["crop"], cfg["data"]["min_scale"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr["bf16_autocast"]):
+            moments = model.quant_conv(model.encoder(x))
+            mean, logvar = moments.float().chunk(2, dim=1)
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            z = mean + std * torch.randn_like(mean)
+            rec = model.decoder(model.post_quant_conv(z)).float()
+        l1 = (rec - x).abs()
+        p = lpips(rec, x)
+        rec_loss = l1.flatten(1).sum(1).mean() + tr["lpips_weight"] * p.mean() * x[0].numel()
+        kl = kl_loss(mean, logvar)
+        loss = rec_loss + tr["kl_weight"] * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        elapsed = time.time() - t_start
+        if step % tr["log_every"] == 0 or step == 1:
+            entry = {"step": step, "minutes": round(elapsed / 60, 2), "l1": l1.mean().item(), "lpips": p.mean().item(),
+                     "kl": kl.item(), "loss_per_pixel": loss.item() / x[0].numel()}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if step % tr["ckpt_every"] == 0:
+            save()
+    save()
+    print(f"stopped at step {step} after {elapsed / 60:.1f} min")
+    if args.export:
+        export(model, cfg, Path(args.export), step, elapsed, log)
+    return 0
+
+
+def export(model, cfg: dict, folder: Path, step: int, elapsed: float, log: list) -> None:
+    """Write a diffusers folder (config.json + fp16 safetensors) and a training summary beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval().to(torch.float16)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    summary = {"steps": step, "wall_minutes": round(elapsed / 60, 1), "config": cfg,
+               "final_log": log[-5:], "torch": torch.__version__}
+    write_text_atomic(folder / "training.json", json.dumps(summary, indent=1))
+    print(f"exported to {folder}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

