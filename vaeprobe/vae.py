@@ -289,6 +289,8 @@ def load_vae(spec: Any, device: str | torch.device | None = None, dtype: str | t
         return VAE(_load_path(path, config, subfolder), spec=s, device=device, dtype=dtype)
     if _FACTORY.match(s):
         return _load_factory(s, device, dtype)
+    if Path(s).suffix in _WEIGHT_SUFFIXES:
+        raise VAELoadError(f"{s}: no such file")
     if _HUB_ID.match(s):
         return VAE(_load_hub(s, subfolder), spec=s, device=device, dtype=dtype)
     if Path(s).suffix in _WEIGHT_SUFFIXES or "/" in s or os.sep in s:
