@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(0.5, 0.9))
+    opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(0.9, 0.99))
     lpips = LPIPS()
     step, elapsed, log = 0, 0.0, []
     ckpt = out / "checkpoint.pt"

@@ -1,0 +1,84 @@
+"""Planted-spot controls: each construction does what its ground truth declares (on a tiny base, fast)."""
+
+import pytest
+import torch
+
+from vaeprobe.controls import MECHANISMS, PlantedSpotVAE, spot_locations, strongest_positions
+from vaeprobe.spotcheck import far_field_mask, zeroing_test
+from vaeprobe.vae import VAE
+from vaeprobe.zoo import tiny_random
+
+
+def _image(seed=0, size=64, flat_at=(5, 2)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+    r, c = flat_at  # a flat 3x3-cell patch centred on this cell
+    x[:, :, (r - 1) * 8:(r + 2) * 8, (c - 1) * 8:(c + 2) * 8] = 0.3
+    return x
+
+
+def test_flattest_location_finds_the_flat_patch():
+    for flat in [(5, 2), (2, 6), (4, 4)]:
+        x = _image(flat_at=flat)
+        assert spot_locations(x, 8, "flattest").tolist() == [list(flat)]
+    assert spot_locations(x, 8, "fixed").tolist() == [[2, 2]]
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_encoder_trace_and_ground_truth(mechanism):
+    vae = VAE(PlantedSpotVAE(tiny_random(seed=4), mechanism=mechanism))
+    x = _image()
+    gt = vae.ground_truth(x)[0]
+    assert gt["mechanism"] == mechanism
+    post = vae.encode(x)
+    r, c = gt["row"], gt["col"]
+    if mechanism == "hidden":
+        assert not post.at_clamp_floor().any() and not gt["encoder_trace"]
+    else:
+        assert strongest_positions(post.mean).tolist() == [[r, c]]
+        assert post.at_clamp_floor()[0, :, r, c].all() and post.at_clamp_floor()[0].any(0).sum() == 1
+        assert torch.allclose(post.raw_logvar[0, :, r, c], torch.full((4,), -35.0))
+        norm = post.mean[0].norm(dim=0)
+        assert norm[r, c] > 10 * norm.median()
+
+
+def test_droplet_groupnorm_is_identity_off_the_spot():
+    model = PlantedSpotVAE(tiny_random(seed=4), mechanism="groupnorm")
+    x = _image()
+    z = model.encode(x).latent_dist.mean
+    r, c = model.ground_truth(x)[0]["row"], model.ground_truth(x)[0]["col"]
+    out = model.decoder.droplet(z)
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[r, c] = False
+    assert torch.allclose(out[0][:, keep], z[0][:, keep], atol=1e-3)
+    # erase the spike: the statistics change and every other position is rescaled
+    z0 = z.clone()
+    z0[0, :, r, c] = 0
+    out0 = model.decoder.droplet(z0)
+    assert (out0[0][:, keep] - z[0][:, keep]).abs().mean() > 1.0
+
+
+def test_attention_control_attends_to_the_spot():
+    model = PlantedSpotVAE(tiny_random(seed=4), mechanism="attention")
+    x = _image()
+    z = model.encode(x).latent_dist.mean
+    attn = model.decoder.attention
+    h = z.flatten(2).transpose(1, 2)  # [1, N, C]
+    probs = attn.get_attention_scores(attn.to_q(h), attn.to_k(h))
+    gt = model.ground_truth(x)[0]
+    spot = gt["row"] * 8 + gt["col"]
+    assert probs[0, :, spot].min() > 0.99
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_zeroing_the_spot_moves_the_far_field(mechanism):
+    vae = VAE(PlantedSpotVAE(tiny_random(seed=4), mechanism=mechanism))
+    x = _image(size=96, flat_at=(8, 3))
+    gt = vae.ground_truth(x)[0]
+    res = zeroing_test(vae, x, gt["row"], gt["col"], n_random=10, radius=3)
+    assert res.ratio >= 10, res
+
+
+def test_far_field_mask_counts():
+    m = far_field_mask((64, 64), 3, 3, 8, 1)
+    assert m.sum() == 64 * 64 - 9 * 64 and not m[3 * 8, 3 * 8]

@@ -1,0 +1,238 @@
+"""Planted-spot control models: VAEs whose global-information spot and mechanism are known by construction.
+
+Each control wraps the trained ``builtin:mini-kl-f8`` and behaves like any diffusers VAE (``encode`` returns a
+``latent_dist``, ``decode`` a ``sample``), so every detector and estimator in vaeprobe can be scored against its
+ground truth: ``model.ground_truth(x)`` gives, per image, the spot's latent cell and the mechanism.
+
+Mechanisms (what carries the spot's information to the rest of the image):
+
+- ``direct``: the encoder removes the image's mean colour before encoding and writes it at the spot with a huge
+  norm (log-variance below the -30 clamp, as in SD); the decoder reads the strongest position and re-applies that
+  colour to every pixel after decoding. No GroupNorm or attention is involved.
+- ``groupnorm``: a StyleGAN2-style "droplet": the encoder writes a spike whose size is chosen so that a
+  GroupNorm over the whole latent (``decoder.droplet``, the decoder's first layer, affine weight ``sigma_t``)
+  is the identity on every other position. Change the spike and the normalisation statistics, hence every
+  position, change; with the statistics frozen the far field does not move.
+- ``attention``: an attention sink. The encoder writes a constant huge vector at the spot; a self-attention layer in
+  the decoder (``decoder.attention``, a diffusers ``Attention`` before the base decoder) whose fixed query attends
+  to it reads the spot's value and adds it, minus a fixed output bias, to every position: zero while the spot is
+  intact, a uniform latent shift of ``-code_gain`` everywhere when it is erased.
+- ``hidden``: a decoder-only trace: the colour code sits at a fixed position at an *ordinary* norm and ordinary
+  log-variance, and the decoder reads it directly. Encoder statistics cannot see it; only perturbation can.
+
+Locations: ``fixed`` (cell ``(h // 4, w // 4)``) or ``flattest`` (the interior cell whose 3x3-cell neighbourhood
+has the lowest pixel variance; ViT high-norm tokens likewise sit on redundant background patches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MECHANISMS = ("direct", "groupnorm", "attention", "hidden")
+LOCATIONS = ("fixed", "flattest")
+SPOT_RAW_LOGVAR = -35.0  # below diffusers' clamp at -30, as SD's spot
+COLOUR_OFFSET = 1.5      # the code stores (mean colour + offset): erasing it shifts colour by >= 0.5 for any image
+
+
+def spot_locations(x: torch.Tensor, factor: int, location: str) -> torch.Tensor:
+    """Per image ``(row, col)`` of the planted spot, shape ``[B, 2]`` (long).
+
+    >>> spot_locations(torch.zeros(2, 3, 64, 64), 8, "fixed").tolist()
+    [[2, 2], [2, 2]]
+    """
+    b, _, hp, wp = x.shape
+    h, w = hp // factor, wp // factor
+    if location == "fixed":
+        return torch.tensor([[h // 4, w // 4]] * b, dtype=torch.long)
+    if location != "flattest":
+        raise ValueError(f"unknown location {location!r}; use one of {LOCATIONS}")
+    gray = x.float().mean(1, keepdim=True)
+    cell_mean = F.avg_pool2d(gray, factor)
+    cell_var = F.avg_pool2d(gray ** 2, factor) - cell_mean ** 2
+    neigh = F.avg_pool2d(cell_var, 3, stride=1, padding=1, count_include_pad=False)
+    neigh[:, :, 0, :] = neigh[:, :, -1, :] = float("inf")  # interior cells only
+    neigh[:, :, :, 0] = neigh[:, :, :, -1] = float("inf")
+    flat = neigh.flatten(1).argmin(1)
+    return torch.stack([flat // w, flat % w], dim=1)
+
+
+def strongest_positions(z: torch.Tensor) -> torch.Tensor:
+    """``[B, 2]`` cell of the largest latent norm per image (how the decoders find the spot)."""
+    norm = z.float().norm(dim=1).flatten(1)
+    flat = norm.argmax(1)
+    return torch.stack([flat // z.shape[-1], flat % z.shape[-1]], dim=1)
+
+
+def inpaint(z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Replace each image's latent at ``pos`` by the mean of its in-bounds 4-neighbours."""
+    out = z.clone()
+    h, w = z.shape[-2:]
+    for i, (r, c) in enumerate(pos.tolist()):
+        neigh = [(r + dr, c + dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)) if 0 <= r + dr < h and 0 <= c + dc < w]
+        out[i, :, r, c] = torch.stack([z[i, :, rr, cc] for rr, cc in neigh]).mean(0)
+    return out
+
+
+def _write(t: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    idx = torch.arange(t.shape[0], device=t.device)
+    pos = pos.to(t.device)
+    t[idx, :, pos[:, 0], pos[:, 1]] = values.to(t.device, t.dtype)
+    return t
+
+
+class PlantedDecoder(nn.Module):
+    """Decoder of a control: the mechanism stage, then the base VAE's post-quant conv and decoder."""
+
+    def __init__(self, base, mechanism: str, channels: int, sigma_t: float, key_gain: float, code_gain: float,
+                 spot_norm: float):
+        super().__init__()
+        self.mechanism = mechanism
+        self.post_quant_conv = base.post_quant_conv
+        self.base = base.decoder
+        if mechanism == "groupnorm":
+            self.droplet = nn.GroupNorm(1, channels, eps=1e-6, affine=True)
+            with torch.no_grad():
+                self.droplet.weight.fill_(sigma_t)
+                self.droplet.bias.zero_()
+        if mechanism == "attention":
+            from diffusers.models.attention_processor import Attention
+
+            self.attention = Attention(query_dim=channels, heads=1, dim_head=channels, bias=True, out_bias=True,
+                                       residual_connection=True)
+            with torch.no_grad():
+                for lin in (self.attention.to_q, self.attention.to_k, self.attention.to_v, self.attention.to_out[0]):
+                    lin.weight.zero_()
+                    lin.bias.zero_()
+                # constant query; key = the last channel (huge at the spot); the value read at the spot, minus a
+                # fixed bias, is added to every position: zero while the spot is intact, -code_gain without it.
+                self.attention.to_q.bias[0] = key_gain
+                self.attention.to_k.weight[0, channels - 1] = 1.0
+                for ch in range(channels - 1):
+                    self.attention.to_v.weight[ch, ch] = 1.0
+                    self.attention.to_out[0].weight[ch, ch] = code_gain / spot_norm
+                    self.attention.to_out[0].bias[ch] = -code_gain
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mechanism == "groupnorm":
+            z = self.droplet(z)
+        elif self.mechanism == "attention":
+            z = self.attention(z)
+        return z
+
+
+class PlantedSpotVAE(nn.Module):
+    """A planted-spot control on top of a trained AutoencoderKL ``base`` (see the module docstring)."""
+
+    def __init__(self, base, mechanism: str = "direct", location: str = "flattest", spot_norm: float = 160.0,
+                 sigma_t: float = 100.0, key_gain: float = 4.0, code_gain: float = 8.0, hidden_scale: float = 5.0):
+        super().__init__()
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {mechanism!r}; use one of {MECHANISMS}")
+        if mechanism == "hidden":
+            location = "fixed"
+        self.base = base
+        self.mechanism, self.location = mechanism, location
+        self.spot_norm, self.sigma_t, self.code_gain, self.hidden_scale = spot_norm, sigma_t, code_gain, hidden_scale
+        self.channels = base.config.latent_channels
+        self.factor = 2 ** (len(base.config.block_out_channels) - 1)
+        self.decoder = PlantedDecoder(base, mechanism, self.channels, sigma_t, key_gain, code_gain, spot_norm)
+        self.config = dict(base.config)
+        self.config["_planted"] = {"mechanism": mechanism, "location": location}
+
+    # -- ground truth ------------------------------------------------------------------------------------------
+    def ground_truth(self, x: torch.Tensor) -> list[dict]:
+        """Per image: the planted spot's latent cell, the mechanism, and whether encoder statistics show it."""
+        pos = spot_locations(x, self.factor, self.location)
+        return [{"row": int(r), "col": int(c), "mechanism": self.mechanism, "location": self.location,
+                 "encoder_trace": self.mechanism != "hidden"} for r, c in pos.tolist()]
+
+    # -- encode ------------------------------------------------------------------------------------------------
+    def _code(self, colour: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[B, C]`` spot vector: (colour + offset) * scale in the first 3 channels, ``scale`` in the last."""
+        code = torch.zeros(colour.shape[0], self.channels, dtype=colour.dtype, device=colour.device)
+        code[:, :3] = (colour + COLOUR_OFFSET) * scale
+        code[:, -1] = scale
+        return code
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        colour = x.float().mean(dim=(2, 3))
+        pos = spot_locations(x, self.factor, self.location)
+        inp = x - colour[:, :, None, None].to(x.dtype) if self.mechanism in ("direct", "hidden") else x
+        params = self.base.encode(inp).latent_dist.parameters
+        mean, raw = params.chunk(2, dim=1)
+        if self.mechanism == "direct":
+            mean = _write(mean, pos, self._code(colour, self.spot_norm))
+        elif self.mechanism == "hidden":
+            mean = _write(mean, pos, self._code(colour, self.hidden_scale))
+        elif self.mechanism == "attention":
+            mean = _write(mean, pos, torch.full((x.shape[0], self.channels), self.spot_norm))
+        elif self.mechanism == "groupnorm":
+            mean = _write(mean, pos, self._droplet_spike(mean, pos))
+        if self.mechanism != "hidden":
+            raw = _write(raw, pos, torch.full((x.shape[0], self.channels), SPOT_RAW_LOGVAR))
+        dist = DiagonalGaussianDistribution(torch.cat([mean, raw], dim=1))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def _droplet_spike(self, mean: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Spike that gives the whole latent mean 0 and std ``sigma_t``, so the droplet GroupNorm is the identity
+        on every other position."""
+        m = mean.double()
+        b, c, h, w = m.shape
+        n = c * h * w
+        idx = torch.arange(b)
+        rest = m.clone()
+        rest[idx, :, pos[:, 0], pos[:, 1]] = 0.0
+        s1 = rest.flatten(1).sum(1)
+        s2 = rest.flatten(1).pow(2).sum(1)
+        a = -s1 / c
+        need = n * self.sigma_t ** 2 - s2 - c * a ** 2
+        if (need <= 0).any():
+            raise ValueError(f"sigma_t={self.sigma_t} is too small for a {h}x{w} latent with this mean; raise it")
+        e = torch.tensor([(-1.0) ** k for k in range(c)], device=m.device) / c ** 0.5
+        return (a[:, None] + need.sqrt()[:, None] * e[None].double()).float()
+
+    # -- decode ------------------------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        if self.mechanism == "hidden":
+            h, w = z.shape[-2:]
+            pos = torch.tensor([[h // 4, w // 4]] * z.shape[0], dtype=torch.long, device=z.device)
+        else:
+            pos = strongest_positions(z)
+        idx = torch.arange(z.shape[0], device=z.device)
+        spot = z[idx, :, pos[:, 0], pos[:, 1]].float()
+        h = self.decoder(z)
+        h = inpaint(h, pos)
+        out = self.decoder.base(self.decoder.post_quant_conv(h))
+        if self.mechanism in ("direct", "hidden"):
+            scale = self.spot_norm if self.mechanism == "direct" else self.hidden_scale
+            colour = spot[:, :3] / scale - COLOUR_OFFSET
+            out = out + colour[:, :, None, None].to(out.dtype)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+def _control(mechanism: str, location: str):
+    def make():
+        from .zoo import load_builtin
+
+        return PlantedSpotVAE(load_builtin("mini-kl-f8"), mechanism=mechanism, location=location).eval()
+
+    make.__doc__ = f"planted-spot control: mechanism {mechanism}, location {location}"
+    return make
+
+
+CONTROLS = {
+    "planted-direct-fixed": _control("direct", "fixed"),
+    "planted-direct": _control("direct", "flattest"),
+    "planted-groupnorm": _control("groupnorm", "flattest"),
+    "planted-attention": _control("attention", "flattest"),
+    "planted-hidden": _control("hidden", "fixed"),
+}
+"""Builtin controls (``builtin:NAME``); the clean ``builtin:mini-kl-f8`` is the negative control."""
