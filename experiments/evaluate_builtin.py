@@ -75,7 +75,7 @@ def spot_report(vae, full_scan: bool) -> dict:
             cells = [(i, j) for i in range(norm.shape[0]) for j in range(norm.shape[1])]
             energies = zeroed_far_field(vae, post.mean, cells)
             best = int(np.argmax(energies))
-            ratio = energies[best] / max(res.random_energies)
+            ratio = zeroing_test(vae, x, *cells[best], z=post.mean).ratio
             entry.update(max_far_cell=list(cells[best]), max_far_vs_random_max=ratio,
                          any_cell_passes_10x=bool(ratio >= 10))
         out[img.name] = entry

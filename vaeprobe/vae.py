@@ -321,7 +321,8 @@ def _load_folder(folder: Path, subfolder: str | None):
         raise VAELoadError(f"{cfg_path}: invalid JSON ({exc})") from None
     cls = _diffusers_class(cls_name)
     try:
-        return cls.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+        return cls.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
+                                   low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise VAELoadError(f"{folder}: {str(exc).splitlines()[0][:200]}") from None
 
@@ -399,6 +400,6 @@ def _load_hub(repo_id: str, subfolder: str | None):
     cls = _diffusers_class(json.loads((root / sub / "config.json").read_text()).get("_class_name", "AutoencoderKL"))
     try:
         return cls.from_pretrained(repo_id, subfolder=sub or None, torch_dtype=torch.float32,
-                                   local_files_only=not _hub_reachable())
+                                   local_files_only=not _hub_reachable(), low_cpu_mem_usage=False)
     except Exception as exc:
         raise VAELoadError(f"{repo_id}: {str(exc).splitlines()[0][:200]}") from None
