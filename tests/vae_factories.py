@@ -28,3 +28,17 @@ class NaNInHalf(nn.Module):
 
 def not_a_module():
     return 42
+
+
+def tiny16():
+    """A 16-channel AutoencoderKL (SD3/FLUX-like channel count) built from config."""
+    from vaeprobe.zoo import tiny_random
+
+    return tiny_random(seed=4, latent_channels=16)
+
+
+def planted16():
+    """A planted direct-mechanism spot on a 16-channel base."""
+    from vaeprobe.controls import PlantedSpotVAE
+
+    return PlantedSpotVAE(tiny16(), mechanism="direct", location="flattest").eval()

@@ -62,6 +62,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_latents(args) -> int:
+    from .latents import run_latents
+    from .vae import load_vae
+
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
+    run = run_latents(vae, args.images, args.out, size=args.size, fit=args.fit, threshold=args.threshold,
+                      top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, maps=not args.no_maps,
+                      progress=not args.quiet)
+    summary = json.loads((run.path / "summary.json").read_text())
+    print(f"{summary['n_images']} images, spot rate {summary['spot_rate']:.2f} (threshold {args.threshold:g}x "
+          f"median norm or an isolated logvar clamp hit), {len(summary['skipped'])} skipped; results in {run.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -83,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image_b")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_metrics)
+
+    from .latents import DEFAULT_THRESHOLD
+
+    p = sub.add_parser("latents", help="posterior maps, dataset statistics and spot candidates")
+    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
+    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
+    p.add_argument("--out", required=True, help="run directory")
+    _add_image_args(p)
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"norm / median-norm ratio that makes a spot (default {DEFAULT_THRESHOLD:g}; "
+                        f"see docs/latents.md)")
+    p.add_argument("--top-k", type=int, default=3, help="candidates listed per image (default 3)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
+    p.add_argument("--no-maps", action="store_true", help="skip the PNG maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
+    p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8")

@@ -1,0 +1,138 @@
+"""Run directories: a config, per-item part files written atomically, and resume after a kill.
+
+Every long job (``vaeprobe latents``, ``vaeprobe scan``) writes one part per finished item (image) under
+``parts/`` with an atomic rename, so a killed run leaves only whole parts behind. Rerun with ``resume=True`` and
+the finished items are skipped; the final tables are concatenated from the parts, streaming, so memory stays
+flat in the number of items.
+
+>>> import tempfile, pandas as pd
+>>> run = RunDir(tempfile.mkdtemp(), {"job": "demo"})
+>>> run.write_part("000000", pd.DataFrame({"x": [1, 2]}), {"name": "a"})
+>>> run.is_done("000000"), run.is_done("000001")
+(True, False)
+>>> run.concat("x.parquet").x.tolist()
+[1, 2]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from ._io import atomic_path, write_text_atomic
+from .errors import VaeprobeError
+
+
+class RunDirError(VaeprobeError):
+    pass
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+class RunDir:
+    """A run directory holding ``config.json``, ``parts/KEY.parquet`` + ``parts/KEY.json`` and final tables.
+
+    ``config`` is what decides the results; a directory that holds a run with a different config, or any parts
+    when ``resume`` is false, is refused unless ``overwrite`` is set (then it is cleared first).
+    """
+
+    def __init__(self, path: str | Path, config: dict, resume: bool = True, overwrite: bool = False):
+        self.path = Path(path)
+        self.config = config
+        cfg_file = self.path / "config.json"
+        if overwrite and self.path.exists():
+            for sub in ("parts",):
+                shutil.rmtree(self.path / sub, ignore_errors=True)
+            cfg_file.unlink(missing_ok=True)
+        if cfg_file.exists():
+            try:
+                old = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError:
+                old = None
+            if old is not None and _canonical(old) != _canonical(json.loads(_canonical(config))):
+                diff = sorted(k for k in set(old) | set(config) if _canonical(old.get(k)) != _canonical(config.get(k)))
+                raise RunDirError(f"{self.path} holds a run with other settings ({', '.join(diff)}); "
+                                  f"use another --out, or --overwrite to discard it")
+            if not resume and any(self.parts_dir.glob("*.json")):
+                raise RunDirError(f"{self.path} already holds finished items; pass --resume to continue the run "
+                                  f"or --overwrite to start again")
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg_file, json.dumps(config, indent=1, sort_keys=True, default=str))
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.path / "parts"
+
+    def is_done(self, key: str) -> bool:
+        """True when item ``key`` finished (its metadata is written last, so it marks completion)."""
+        return (self.parts_dir / f"{key}.json").exists()
+
+    def meta(self, key: str) -> dict:
+        return json.loads((self.parts_dir / f"{key}.json").read_text())
+
+    def write_part(self, key: str, table: pd.DataFrame | None, meta: dict) -> None:
+        """Write item ``key``: its table (optional) then its metadata, each atomically."""
+        if table is not None:
+            with atomic_path(self.parts_dir / f"{key}.parquet") as tmp:
+                table.to_parquet(tmp, index=False)
+        write_text_atomic(self.parts_dir / f"{key}.json", json.dumps(meta, default=_json_default))
+
+    def keys(self) -> list[str]:
+        """Finished items, in key order."""
+        return sorted(p.stem for p in self.parts_dir.glob("*.json"))
+
+    def metas(self) -> Iterator[tuple[str, dict]]:
+        for key in self.keys():
+            yield key, self.meta(key)
+
+    def concat(self, name: str, keys: list[str] | None = None) -> pd.DataFrame | None:
+        """Concatenate the parts' tables into ``name`` (streamed, one part in memory at a time); return it read
+        back only when it is small (< 2 million rows), else ``None``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        keys = self.keys() if keys is None else keys
+        files = [self.parts_dir / f"{k}.parquet" for k in keys if (self.parts_dir / f"{k}.parquet").exists()]
+        target = self.path / name
+        with atomic_path(target) as tmp:
+            writer = None
+            schema = None
+            for f in files:
+                table = pq.read_table(f)
+                if writer is None:
+                    schema = table.schema
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(schema) if table.schema != schema else table)
+            if writer is None:
+                pd.DataFrame().to_parquet(tmp)
+            else:
+                writer.close()
+        rows = pq.ParquetFile(target).metadata.num_rows if files else 0
+        return pd.read_parquet(target) if rows < 2_000_000 else None
+
+    def write_table(self, name: str, table: pd.DataFrame) -> Path:
+        with atomic_path(self.path / name) as tmp:
+            table.to_parquet(tmp, index=False)
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        write_text_atomic(self.path / name, json.dumps(obj, indent=1, default=_json_default))
+        return self.path / name
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
