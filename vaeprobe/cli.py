@@ -76,6 +76,24 @@ def cmd_latents(args) -> int:
     return 0
 
 
+def cmd_scan(args) -> int:
+    from .scan import run_scan
+    from .vae import load_vae
+
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
+    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    run = run_scan(vae, args.images, args.out, op=args.op, positions=args.positions, mode=args.mode,
+                   size=args.size, fit=args.fit, radius=args.radius, measures=measures, batch=args.batch,
+                   n_probes=args.probes, seed=args.seed, patch=args.patch, channel=args.channel,
+                   threshold=args.threshold, swap_with=args.swap_with, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    summary = json.loads((run.path / "summary.json").read_text())
+    print(f"{summary['n_images']} images scanned ({args.mode}, {args.op}); a position with a global effect "
+          f"(>= {args.threshold:g}x the median far-field energy) on {summary['global_rate']:.0%} of them; "
+          f"{summary['decodes']} decodes in {summary['seconds']:.1f} s; results in {run.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -116,6 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
     p.set_defaults(func=cmd_latents)
+
+    from .perturb import OPERATORS
+    from .response import ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS
+    from .scan import DEFAULT_GLOBAL_THRESHOLD, MODES
+
+    p = sub.add_parser("scan", help="perturb latent positions, decode and measure how far the change spreads")
+    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
+    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--op", default="zero", help=f"perturbation: {', '.join(OPERATORS)}; join with + "
+                                                f"(e.g. scale:0.5+noise:0.1); default zero")
+    p.add_argument("--positions", default="all", help="all, grid:S, top:K or list:R,C;R,C (exact mode)")
+    p.add_argument("--mode", choices=MODES, default="exact")
+    _add_image_args(p)
+    p.add_argument("--radius", type=int, default=DEFAULT_RADIUS,
+                   help=f"far-field radius in latent cells (default {DEFAULT_RADIUS}; see docs/scan.md)")
+    p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
+                   help=f"comma-separated, from {', '.join(ALL_MEASURES)} (default: all but ssim and lpips)")
+    p.add_argument("--batch", type=int, default=8, help="perturbed latents per decoder call")
+    p.add_argument("--probes", type=int, default=8, help="random probes per map (linear mode)")
+    p.add_argument("--patch", type=int, default=1, help="perturb a k x k patch around each position")
+    p.add_argument("--channel", type=int, default=None, help="perturb one channel only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=DEFAULT_GLOBAL_THRESHOLD,
+                   help=f"global-effect ratio that flags a position (default {DEFAULT_GLOBAL_THRESHOLD:g})")
+    p.add_argument("--swap-with", default="builtin:photos-train",
+                   help="image source whose first image the swap operator takes values from")
+    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (differences are taken in fp32)")
+    p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8")

@@ -1,0 +1,324 @@
+"""Perturbation scans: perturb latent positions, decode, measure how far the change spreads.
+
+Three modes, all returning a pandas table with one row per scanned position:
+
+- :func:`exact_scan`: one decode per position (batched), every measure of :mod:`vaeprobe.response`, and the
+  global-effect ratio (the position's far-field energy over the median scanned position's);
+- :func:`linear_scan`: the sensitivity of every position from randomised vector-Jacobian products
+  (:mod:`vaeprobe.linear`); its cost does not grow with the number of positions;
+- :func:`two_stage_scan`: candidates from the latent statistics and the linearised far-field map, exact ablation
+  of those plus a random control sample whose median is the reference for the global-effect ratio.
+
+:func:`run_scan` runs one of them over a stream of images into a resumable run directory
+(``vaeprobe scan``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import VaeprobeError
+from .perturb import Operator, Site, apply_batch, parse_operator
+from .response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
+
+DEFAULT_GLOBAL_THRESHOLD = 1000.0
+"""A position has a global effect when its far-field energy is at least this many times the median position's
+(see docs/scan.md for the data behind it)."""
+
+MODES = ("exact", "linear", "two-stage")
+
+
+class ScanError(VaeprobeError, ValueError):
+    pass
+
+
+# -- choosing positions ------------------------------------------------------------------------------------------
+
+def select_sites(spec: str | Sequence[tuple[int, int]], shape: tuple[int, int], norm: torch.Tensor | None = None,
+                 size: int = 1, channel: int | None = None) -> list[Site]:
+    """Positions to scan on an ``h x w`` latent: ``"all"``, ``"grid:S"`` (every S-th row and column, starting at
+    S // 2), ``"top:K"`` (the K largest latent norms; needs ``norm``), ``"list:R,C;R,C"`` or a list of pairs.
+
+    >>> [(s.row, s.col) for s in select_sites("grid:2", (4, 4))]
+    [(1, 1), (1, 3), (3, 1), (3, 3)]
+    >>> [(s.row, s.col) for s in select_sites("list:0,1;2,2", (4, 4))]
+    [(0, 1), (2, 2)]
+    """
+    h, w = shape
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            cells = [(r, c) for r in range(h) for c in range(w)]
+        elif (m := re.fullmatch(r"grid:(\d+)", s)):
+            step = int(m.group(1))
+            if step < 1:
+                raise ScanError(f"grid step must be >= 1, got {step}")
+            cells = [(r, c) for r in range(step // 2, h, step) for c in range(step // 2, w, step)]
+        elif (m := re.fullmatch(r"top:(\d+)", s)):
+            if norm is None:
+                raise ScanError("top:K needs the latent norm map")
+            k = min(int(m.group(1)), h * w)
+            idx = torch.topk(norm.flatten(), k).indices.tolist()
+            cells = [(i // w, i % w) for i in idx]
+        elif s.startswith("list:"):
+            try:
+                cells = [tuple(int(v) for v in part.split(",")) for part in s[5:].split(";") if part]
+            except ValueError:
+                raise ScanError(f"bad position list {spec!r}; write list:ROW,COL;ROW,COL") from None
+        else:
+            raise ScanError(f"unknown positions {spec!r}; use all, grid:S, top:K or list:R,C;R,C")
+    else:
+        cells = [tuple(int(v) for v in p) for p in spec]
+    for cell in cells:
+        if len(cell) != 2 or not (0 <= cell[0] < h and 0 <= cell[1] < w):
+            raise ScanError(f"position {cell} is outside the {h}x{w} latent")
+    return [Site(r, c, size=size, channel=channel) for r, c in cells]
+
+
+# -- exact -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ScanCost:
+    decodes: int = 0          # perturbed images decoded (the reference decode not included)
+    decode_calls: int = 0     # batched decoder calls
+    backward: int = 0         # backward passes (linearised map)
+    seconds: float = 0.0
+
+
+def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero",
+               measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
+               ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False,
+               cost: ScanCost | None = None) -> pd.DataFrame:
+    """Perturb each site of latent ``z`` ``[1, C, h, w]`` with ``op``, decode ``batch`` at a time, measure.
+
+    Returns one row per site: ``row, col, size, channel, op``, every measure, and ``global_ratio`` (``far_l2`` over
+    the median ``far_l2`` of the scanned sites; meaningful when the sites are a fair sample, e.g. ``all``).
+    Decoding runs in the VAE's dtype; differences are taken in float32.
+
+    >>> from vaeprobe.vae import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.zeros(1, 3, 32, 32)).mean
+    >>> df = exact_scan(vae, z, select_sites("all", (4, 4)))
+    >>> len(df), bool((df.far_fraction >= 0).all())
+    (16, True)
+    """
+    if isinstance(op, str):
+        op = parse_operator(op)
+    t0 = time.perf_counter()
+    if ref is None:
+        ref = vae.decode(z)
+    rows: list[dict] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(sites), desc="positions", unit="pos", file=sys.stderr, disable=not progress, leave=False)
+    for start in range(0, len(sites), batch):
+        chunk = list(sites[start:start + batch])
+        zz = apply_batch(z, chunk, op)
+        dec = vae.decode(zz)
+        values = measure(ref, dec, chunk, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
+        for site, v in zip(chunk, values):
+            rows.append({"row": site.row, "col": site.col, "size": site.size,
+                         "channel": -1 if site.channel is None else site.channel, "op": op.name, **v})
+        if cost is not None:
+            cost.decodes += len(chunk)
+            cost.decode_calls += 1
+        bar.update(len(chunk))
+    bar.close()
+    df = pd.DataFrame(rows)
+    if "far_l2" in df and len(df):
+        df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
+    if cost is not None:
+        cost.seconds += time.perf_counter() - t0
+    return df
+
+
+# -- linearised --------------------------------------------------------------------------------------------------
+
+def linear_scan(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None = DEFAULT_RADIUS,
+                blocks: tuple[int, int] = (2, 2), seed: int = 0, cost: ScanCost | None = None) -> pd.DataFrame:
+    """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image) and, when ``radius`` is
+    given, ``far_sensitivity`` (the far field relative to each position's block; see
+    :func:`vaeprobe.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far sensitivity over its
+    median."""
+    from .linear import sensitivity_map
+
+    t0 = time.perf_counter()
+    h, w = z.shape[-2:]
+    total = sensitivity_map(vae, z, n_probes=n_probes, radius=None, seed=seed)
+    rows, cols = np.divmod(np.arange(h * w), w)
+    df = pd.DataFrame({"row": rows, "col": cols, "sensitivity": total.map.flatten().numpy()})
+    n_back = total.n_backward
+    if radius is not None:
+        far = sensitivity_map(vae, z, n_probes=n_probes, radius=radius, blocks=blocks, seed=seed + 1)
+        df["far_sensitivity"] = far.map.flatten().numpy()
+        med = float(np.median(df["far_sensitivity"]))
+        df["far_ratio"] = df["far_sensitivity"] / med if med > 0 else np.nan
+        n_back += far.n_backward
+    if cost is not None:
+        cost.backward += n_back
+        cost.seconds += time.perf_counter() - t0
+    return df
+
+
+# -- two-stage ---------------------------------------------------------------------------------------------------
+
+def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torch.Tensor | None = None,
+                   n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
+                   radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
+                   measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
+                   lpips_model=None, cost: ScanCost | None = None) -> pd.DataFrame:
+    """Exact ablation of a few candidates and a random control sample.
+
+    Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
+    the ``n_linear`` largest linearised far-field sensitivities (``n_probes`` probes per block; skipped when
+    ``n_linear`` is 0). Controls: ``n_control`` other positions drawn at random (seeded). ``global_ratio`` is
+    each position's far-field energy over the median of the controls. Column ``stage``: ``norm``, ``linear``,
+    ``norm+linear`` or ``control``.
+    """
+    h, w = z.shape[-2:]
+    if norm is None:
+        norm = z[0].norm(dim=0)
+    by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
+    by_lin: list[int] = []
+    if n_linear:
+        lin = linear_scan(vae, z, n_probes=n_probes, radius=radius, blocks=blocks, seed=seed, cost=cost)
+        by_lin = lin["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
+    stage = {}
+    for i in by_norm:
+        stage[i] = "norm"
+    for i in by_lin:
+        stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
+    rest = [i for i in range(h * w) if i not in stage]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(rest), generator=g)[:n_control].tolist()
+    for j in pick:
+        stage[rest[j]] = "control"
+    order = list(stage)
+    sites = [Site(i // w, i % w) for i in order]
+    df = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
+                    lpips_model=lpips_model, cost=cost)
+    df["stage"] = [stage[i] for i in order]
+    ctrl = df.loc[df.stage == "control", "far_l2"].to_numpy()
+    med = float(np.nanmedian(ctrl)) if len(ctrl) else float("nan")
+    df["global_ratio"] = df["far_l2"] / med if med > 0 else np.nan
+    return df
+
+
+# -- the `vaeprobe scan` job -------------------------------------------------------------------------------------
+
+def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: str = "exact",
+             size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
+             measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 8, seed: int = 0,
+             patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
+             swap_with: str = "builtin:photos-train", resume: bool = False, overwrite: bool = False,
+             progress: bool = True):
+    """Scan every image of ``images`` and write a run directory ``out``.
+
+    Files: ``config.json`` (every setting and the VAE's description), ``parts/NNNNNN.parquet`` + ``.json`` (one
+    image each, written atomically; ``resume=True`` skips finished ones), ``scan.parquet`` (one row per image and
+    scanned position: ``image, row, col, ...`` measures, ``global_ratio``, ``is_global``), ``images.parquet`` (per
+    image: the top far-field position, its ratio, whether it is global, decode count and seconds) and
+    ``summary.json``. Returns the :class:`~vaeprobe.rundir.RunDir`.
+
+    The ``swap`` operator takes the values of another image's latent at the same place: the first image of
+    ``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
+    ``mean`` operator and ``noise`` sigma use each image's own per-channel latent mean and std.
+    """
+    from tqdm import tqdm
+
+    from .images import iter_images
+    from .rundir import RunDir
+    from .vae import load_vae
+
+    if mode not in MODES:
+        raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if not hasattr(vae, "encode") or not hasattr(vae, "factor"):
+        vae = load_vae(vae)
+    parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels},
+                   other=torch.zeros(1, vae.latent_channels, 1, 1), seed=seed)  # fail fast on a bad spec
+    info = vae.info()
+    info.pop("device", None)
+    config = {"job": "scan", "vae": info, "images": str(images), "op": op, "positions": positions, "mode": mode,
+              "size": size, "fit": fit, "radius": radius, "measures": list(measures), "n_probes": n_probes,
+              "seed": seed, "patch": patch, "channel": channel, "threshold": threshold}
+    run = RunDir(out, config, resume=resume, overwrite=overwrite)
+    skipped: list = []
+    keys: list[str] = []
+    names: list[str] = []
+    lpips_model = None
+    if "lpips" in measures:
+        from .metrics import get_lpips
+
+        lpips_model = get_lpips(vae.device)
+    bar = tqdm(desc=f"scan ({mode})", unit="img", file=sys.stderr, disable=not progress)
+    partner: dict = {}
+
+    def swap_latent(shape: tuple[int, int]) -> torch.Tensor:
+        if shape not in partner:
+            from .images import _resize, iter_images
+
+            first = next(iter_images(swap_with, factor=1, report=lambda s: None), None)
+            if first is None:
+                raise ScanError(f"--swap-with {swap_with!r} holds no readable image")
+            arr = _resize(first.array, shape[0], shape[1])
+            x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() * 2 - 1
+            partner[shape] = vae.encode(x).mean
+        return partner[shape]
+
+    for i, img in enumerate(iter_images(images, factor=vae.factor, policy=fit, size=size, skipped=skipped)):
+        key = f"{i:06d}"
+        keys.append(key)
+        names.append(img.name)
+        if run.is_done(key) and run.meta(key).get("image") == img.name:
+            bar.update(1)
+            continue
+        t0 = time.perf_counter()
+        post = vae.encode(img.tensor())
+        z = post.mean
+        norm = z[0].norm(dim=0)
+        stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
+        other = swap_latent(tuple(img.array.shape[:2])) if "swap" in op else None
+        operator = parse_operator(op, stats=stats, other=other, seed=seed)
+        cost = ScanCost()
+        ref = vae.decode(z)
+        if mode == "exact":
+            sites = select_sites(positions, z.shape[-2:], norm=norm, size=patch, channel=channel)
+            df = exact_scan(vae, z, sites, operator, measures=measures, radius=radius, batch=batch, ref=ref,
+                            lpips_model=lpips_model, progress=progress, cost=cost)
+        elif mode == "linear":
+            df = linear_scan(vae, z, n_probes=n_probes, radius=radius, seed=seed, cost=cost)
+        else:
+            df = two_stage_scan(vae, z, operator, norm=norm, radius=radius, seed=seed, measures=measures,
+                                batch=batch, ref=ref, lpips_model=lpips_model, cost=cost)
+        df.insert(0, "image", img.name)
+        score = "global_ratio" if "global_ratio" in df else "far_ratio"
+        df["is_global"] = df[score] >= threshold if score in df else False
+        top = df.loc[df[score].idxmax()] if score in df and df[score].notna().any() else None
+        meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
+                "top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
+                "top_ratio": float(top[score]) if top is not None else math.nan,
+                "n_global": int(df["is_global"].sum()), "positions": len(df),
+                "decodes": cost.decodes, "backward": cost.backward,
+                "seconds": round(time.perf_counter() - t0, 3)}
+        run.write_part(key, df, meta)
+        bar.update(1)
+    bar.close()
+    run.concat("scan.parquet", keys)
+    rows = [run.meta(k) for k in keys]
+    images_df = pd.DataFrame(rows)
+    run.write_table("images.parquet", images_df)
+    summary = {"n_images": len(rows), "mode": mode, "op": op, "threshold": threshold,
+               "global_rate": float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan,
+               "decodes": int(sum(r["decodes"] for r in rows)), "seconds": float(sum(r["seconds"] for r in rows)),
+               "skipped": [str(s) for s in skipped], "vae": info}
+    run.write_json("summary.json", summary)
+    return run
