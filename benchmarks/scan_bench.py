@@ -118,10 +118,11 @@ def bench_model(vae: VAE, x: torch.Tensor, n_exact: int, batch: int, probes: int
 
 
 MEM_SNIPPET = """
-import resource, sys, tempfile
+import sys, tempfile
 from vaeprobe.scan import run_scan
 run_scan("builtin:mini-kl-f8", sys.argv[1], tempfile.mkdtemp(), size=64, positions="grid:2", progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM is this process's own peak RSS (ru_maxrss would carry the parent's peak across fork + exec)
+print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
 
@@ -146,19 +147,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--out", default="benchmarks/results/scan_bench.json")
+    ap.add_argument("--probes", type=int, default=32, help="random probes of the linearised map (default 32)")
+    ap.add_argument("--memory-only", action="store_true", help="redo only the memory check in an existing --out")
     ap.add_argument("--quick", action="store_true", help="mini model only, fewer positions (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.memory_only:
+        old = json.loads(Path(args.out).read_text())
+        old["memory"] = memory_check()
+        write_text_atomic(args.out, json.dumps(old, indent=1))
+        return
     x = load_images("builtin:photos-heldout", size=args.size)[2].tensor()  # rocket
     results = {"size": args.size, "python": platform.python_version(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "models": []}
     t0 = time.time()
     mini = load_vae("builtin:mini-kl-f8")
-    results["models"].append(bench_model(mini, x, n_exact=64 if args.quick else 256, batch=8, probes=8,
+    results["models"].append(bench_model(mini, x, n_exact=64 if args.quick else 256, batch=8, probes=args.probes,
                                          n_jac=16 if args.quick else 64, reps=3,
                                          truth_vae=None if args.quick else load_vae("builtin:planted-groupnorm")))
     if not args.quick:
-        results["models"].append(bench_model(sd_sized(), x, n_exact=32, batch=8, probes=8, n_jac=16, reps=1,
+        results["models"].append(bench_model(sd_sized(), x, n_exact=32, batch=8, probes=args.probes, n_jac=16, reps=1,
                                              truth_vae=None))
         results["memory"] = memory_check()
     results["seconds"] = time.time() - t0

@@ -131,7 +131,7 @@ def test_cli_scan_sigkill_and_resume(tmp_path):
 @pytest.mark.parametrize("mode", ["linear", "two-stage"])
 def test_cli_scan_modes(mode, tmp_path):
     r = _cli("scan", "--vae", "builtin:planted-direct-fixed", "--images", "builtin:photos-heldout", "--size", "64",
-             "--mode", mode, "--out", str(tmp_path), "--quiet", "--op", "swap")
+             "--mode", mode, "--out", str(tmp_path), "--quiet", "--op", "swap", "--probes", "4")
     assert r.returncode == 0, r.stderr
     images = pd.read_parquet(tmp_path / "images.parquet")
     table = pd.read_parquet(tmp_path / "scan.parquet")

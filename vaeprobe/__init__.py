@@ -6,6 +6,10 @@ Flow: images -> posterior -> latent maps and spot candidates -> perturbation -> 
 from .errors import ImageLoadError, SetupError, VAELoadError, VaeprobeError
 from .images import ImageBatch, LoadedImage, iter_images, load_images
 from .metrics import LPIPS, compare_images, psnr, ssim
+from .latents import LatentStats, find_spots, latent_maps, score_localisation
+from .perturb import Site, apply_batch, parse_operator
+from .response import measure
+from .scan import exact_scan, linear_scan, select_sites, two_stage_scan
 from .vae import VAE, Posterior, load_vae
 
 __version__ = "0.1.0"
@@ -13,4 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "VAE", "Posterior", "load_vae", "load_images", "iter_images", "ImageBatch", "LoadedImage", "LPIPS",
     "compare_images", "psnr", "ssim", "VaeprobeError", "VAELoadError", "ImageLoadError", "SetupError",
+    "latent_maps", "find_spots", "LatentStats", "score_localisation", "Site", "apply_batch", "parse_operator",
+    "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan",
 ]

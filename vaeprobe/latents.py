@@ -344,11 +344,12 @@ class LatentStats:
     reported too, because one huge spot inflates the std.
 
     >>> stats = LatentStats()
-    >>> post = Posterior(torch.randn(3, 4, 8, 8) * 2 + 1, None, None)
+    >>> signs = torch.tensor([1.0, -1.0]).repeat(96).reshape(3, 4, 4, 4)   # values 3 and -1: mean 1, std 2
+    >>> post = Posterior(signs * 2 + 1, None, None)
     >>> for m in latent_maps(post):
     ...     _ = stats.add(m, post.mean[int(m.name)], spots=[])
     >>> s = stats.summary()
-    >>> s["n_images"], round(s["shift_factor"], 1), round(s["scaling_factor"], 1)
+    >>> s["n_images"], round(s["shift_factor"], 3), round(s["scaling_factor"], 3)
     (3, 1.0, 0.5)
     """
 

@@ -143,22 +143,28 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
 
 # -- linearised --------------------------------------------------------------------------------------------------
 
-def linear_scan(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None = DEFAULT_RADIUS,
-                blocks: tuple[int, int] = (2, 2), seed: int = 0, cost: ScanCost | None = None) -> pd.DataFrame:
-    """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image) and, when ``radius`` is
-    given, ``far_sensitivity`` (the far field relative to each position's block; see
-    :func:`vaeprobe.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far sensitivity over its
-    median."""
+def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = DEFAULT_RADIUS,
+                blocks: tuple[int, int] = (2, 2), far_probes: int = 8, seed: int = 0,
+                cost: ScanCost | None = None) -> pd.DataFrame:
+    """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image, ``n_probes`` probes) and,
+    when ``radius`` is given, ``far_sensitivity`` (the far field relative to each position's block, ``far_probes``
+    probes per block; see :func:`vaeprobe.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far
+    sensitivity over its median. ``n_probes=0`` skips the whole-image map. 32 probes keep the whole-image map within the 40-decode budget of the benchmark
+    (one backward pass costs about one decode there) at Spearman rho >= 0.9 against exact Jacobian norms
+    (docs/scan.md)."""
     from .linear import sensitivity_map
 
     t0 = time.perf_counter()
     h, w = z.shape[-2:]
-    total = sensitivity_map(vae, z, n_probes=n_probes, radius=None, seed=seed)
     rows, cols = np.divmod(np.arange(h * w), w)
-    df = pd.DataFrame({"row": rows, "col": cols, "sensitivity": total.map.flatten().numpy()})
-    n_back = total.n_backward
-    if radius is not None:
-        far = sensitivity_map(vae, z, n_probes=n_probes, radius=radius, blocks=blocks, seed=seed + 1)
+    df = pd.DataFrame({"row": rows, "col": cols})
+    n_back = 0
+    if n_probes:
+        total = sensitivity_map(vae, z, n_probes=n_probes, radius=None, seed=seed)
+        df["sensitivity"] = total.map.flatten().numpy()
+        n_back += total.n_backward
+    if radius is not None and far_probes:
+        far = sensitivity_map(vae, z, n_probes=far_probes, radius=radius, blocks=blocks, seed=seed + 1)
         df["far_sensitivity"] = far.map.flatten().numpy()
         med = float(np.median(df["far_sensitivity"]))
         df["far_ratio"] = df["far_sensitivity"] / med if med > 0 else np.nan
@@ -190,7 +196,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
     by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
     by_lin: list[int] = []
     if n_linear:
-        lin = linear_scan(vae, z, n_probes=n_probes, radius=radius, blocks=blocks, seed=seed, cost=cost)
+        lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed, cost=cost)
         by_lin = lin["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
     stage = {}
     for i in by_norm:
@@ -217,7 +223,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
 
 def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: str = "exact",
              size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
-             measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 8, seed: int = 0,
+             measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 32, seed: int = 0,
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
              swap_with: str = "builtin:photos-train", resume: bool = False, overwrite: bool = False,
              progress: bool = True):
@@ -241,6 +247,8 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
 
     if mode not in MODES:
         raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if not (isinstance(positions, str) and re.fullmatch(r"all|grid:\d+|top:\d+|list:[\d,;\s]+", positions.strip().lower())):
+        raise ScanError(f"unknown positions {positions!r}; use all, grid:S, top:K or list:R,C;R,C")
     if not hasattr(vae, "encode") or not hasattr(vae, "factor"):
         vae = load_vae(vae)
     parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels},
