@@ -94,6 +94,23 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def cmd_mechanism(args) -> int:
+    from .mechanism import run_mechanism
+    from .vae import load_vae
+
+    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
+    run = run_mechanism(vae, args.images, args.out, positions=args.positions, op=args.op, attention=args.attention,
+                        size=args.size, fit=args.fit, radius=args.radius, batch=args.batch, seed=args.seed,
+                        figures=not args.no_figures, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    summary = json.loads((run.path / "summary.json").read_text())
+    dom = ", ".join(f"{k} {v}" for k, v in sorted(summary["dominant"].items())) or "none"
+    print(f"{summary['n_images']} images, {summary['positions']} positions attributed ({args.op}, attention frozen "
+          f"by {args.attention}); dominant pathway: {dom}; {summary['decodes']} decodes in {summary['seconds']:.1f} s; "
+          f"results in {run.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -169,6 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "but adds ~1-2%% rounding noise to every decode, which floors "
                                                   "the far-field measures")
     p.set_defaults(func=cmd_scan)
+
+    from .mechanism import ATTENTION_MODES
+
+    p = sub.add_parser("mechanism", help="attribute each position's far-field effect to GroupNorm, attention or "
+                                         "the residual (frozen-pathway decodes)")
+    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
+    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--positions", default="top:1",
+                   help="all, grid:S, top:K (largest latent norms) or list:R,C;R,C (default top:1)")
+    p.add_argument("--op", default="zero", help=f"perturbation: {', '.join(OPERATORS)} (default zero)")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default="context",
+                   help="freeze attention by its clean keys and values (context, default) or only its clean "
+                        "probabilities (probs; values still travel)")
+    _add_image_args(p)
+    p.add_argument("--radius", type=int, default=DEFAULT_RADIUS,
+                   help=f"far-field radius in latent cells (default {DEFAULT_RADIUS})")
+    p.add_argument("--batch", type=int, default=8, help="perturbed latents per decoder call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16")
+    p.set_defaults(func=cmd_mechanism)
 
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8")

@@ -45,3 +45,56 @@ def save_latent_maps(path: str | Path, image: np.ndarray, maps, spots: Sequence[
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return path
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_heatmap(path: str | Path, data: np.ndarray, title: str) -> Path:
+    """Save a PNG heatmap of a 2-D array (one colour bar, the cell grid as pixels)."""
+    plt, fig, axes = _figure(1, width=3.6)
+    im = axes[0].imshow(data, cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=axes[0], fraction=0.046, pad=0.04)
+    axes[0].set_title(title, fontsize=7)
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def save_bars(path: str | Path, labels: Sequence[str], series: dict, title: str) -> Path:
+    """Save a PNG of grouped bars: one group per label, one bar per series."""
+    plt, fig, axes = _figure(1, width=max(3.6, 0.5 * len(labels) + 2))
+    ax = axes[0]
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(np.asarray(values, float)), width, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=45, fontsize=7)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def save_lines(path: str | Path, series: dict, title: str, xlabel: str = "", log: bool = False) -> Path:
+    """Save a PNG line plot of one or more series against their index."""
+    plt, fig, axes = _figure(1, width=4.5)
+    ax = axes[0]
+    for name, values in series.items():
+        ax.plot(np.asarray(values, float), marker=".", label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
