@@ -126,8 +126,22 @@ def _expand(t: torch.Tensor, batch: int, where: str) -> torch.Tensor:
 
 
 def _group_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xg = x.float().reshape(x.shape[0], groups, -1)
-    return xg.mean(-1), xg.var(-1, unbiased=False)
+    var, mean = torch.var_mean(x.float().reshape(x.shape[0], groups, -1), dim=-1, unbiased=False)
+    return mean, var
+
+
+def _frozen_groupnorm(mod: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` with the given per-group statistics, as one fused multiply-add per element:
+    ``y = x * a + b`` with ``a = weight / sqrt(var + eps)`` and ``b = bias - mean * a`` per channel."""
+    b, c = x.shape[:2]
+    per = c // mod.num_groups
+    inv = torch.rsqrt(var + mod.eps).repeat_interleave(per, dim=1)          # [B, C]
+    a = inv * mod.weight.float()[None] if mod.affine else inv
+    shift = -mean.repeat_interleave(per, dim=1) * a
+    if mod.affine:
+        shift = shift + mod.bias.float()[None]
+    shape = (b, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype))
 
 
 def _droplet(x: torch.Tensor, groups: int, mean: torch.Tensor):
@@ -175,13 +189,8 @@ def _hooks(vae, record: PathwayRecord | None = None, frozen: PathwayRecord | Non
                     raise MechanismError(f"GroupNorm {name} ran a call the clean decode did not make; the model's "
                                          f"control flow depends on the input, so its statistics cannot be frozen")
                 mean, var = (_expand(t, x.shape[0], name) for t in frozen.groupnorm[key])
-                xg = x.float().reshape(x.shape[0], mod.num_groups, -1)
-                y = ((xg - mean[..., None]) / torch.sqrt(var[..., None] + mod.eps)).reshape(x.shape)
-                if mod.affine:
-                    shape = (1, -1) + (1,) * (x.dim() - 2)
-                    y = y * mod.weight.float().view(shape) + mod.bias.float().view(shape)
                 counts["groupnorm"] += 1
-                return y.to(out.dtype)
+                return _frozen_groupnorm(mod, x, mean, var).to(out.dtype)
             return None
         return hook
 
