@@ -7,6 +7,7 @@ from .errors import ImageLoadError, SetupError, VAELoadError, VaeprobeError
 from .images import ImageBatch, LoadedImage, iter_images, load_images
 from .metrics import LPIPS, compare_images, psnr, ssim
 from .latents import LatentStats, find_spots, latent_maps, score_localisation
+from .mechanism import attention_mass, attribute_pathways, decode_frozen, groupnorm_droplets, record_pathways
 from .perturb import Site, apply_batch, parse_operator
 from .response import measure
 from .scan import exact_scan, linear_scan, select_sites, two_stage_scan
@@ -18,5 +19,6 @@ __all__ = [
     "VAE", "Posterior", "load_vae", "load_images", "iter_images", "ImageBatch", "LoadedImage", "LPIPS",
     "compare_images", "psnr", "ssim", "VaeprobeError", "VAELoadError", "ImageLoadError", "SetupError",
     "latent_maps", "find_spots", "LatentStats", "score_localisation", "Site", "apply_batch", "parse_operator",
-    "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan",
+    "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan", "attribute_pathways",
+    "record_pathways", "decode_frozen", "attention_mass", "groupnorm_droplets",
 ]

@@ -583,6 +583,11 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
                "decodes": int(sum(m["decodes"] for m in metas)), "seconds": float(sum(m["seconds"] for m in metas)),
                "median_shares": ({p: float(table[f"share_{p}"].median()) for p in PATHWAYS}
                                  if table is not None and len(table) else {}),
+               "attention_layers": ([] if att.empty else att.groupby(["part", "layer"]).agg(
+                   median_sink_score=("sink_score", "median"), median_max_over_median=("max_over_median", "median"))
+                   .reset_index().to_dict("records")),
+               "groupnorm_layers": ([] if gn.empty else gn.groupby(["order", "layer"]).agg(
+                   median_max_share=("max_share", "median")).reset_index().to_dict("records")),
                "skipped": [str(s) for s in skipped], "vae": info}
     run.write_json("summary.json", summary)
     return run
