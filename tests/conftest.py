@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,3 +34,18 @@ def tiny_kl():
 def _offline_hub(monkeypatch):
     # Tests never reach the hub; the loader must fail fast and clearly without it.
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def run_and_kill(args: list[str], out: Path, min_parts: int, total: int) -> dict[str, int]:
+    """Start ``vaeprobe ARGS --out OUT``, SIGKILL it once ``min_parts`` images are finished, and return the
+    finished part files with their modification times (to prove that a resumed run does not redo them)."""
+    proc = subprocess.Popen([sys.executable, "-m", "vaeprobe.cli", *args, "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while len(list((out / "parts").glob("*.json"))) < min_parts and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*")}
+    assert min_parts <= len([n for n in done if n.endswith(".json")]) < total, "the kill came too late to test resume"
+    return done

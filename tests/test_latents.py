@@ -1,11 +1,8 @@
 """Latent diagnostics: maps, streamed statistics, the spot detector scored on ground truth, and `vaeprobe latents`."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -15,11 +12,11 @@ import torch
 from PIL import Image
 
 from vaeprobe.images import load_images
-from vaeprobe.latents import (DEFAULT_THRESHOLD, LatentStats, Moments, find_spots, image_moments, latent_maps,
+from vaeprobe.latents import (DEFAULT_THRESHOLD, LatentStats, Moments, find_spots, latent_maps,
                               run_latents, score_localisation)
 from vaeprobe.vae import Posterior, load_vae
 
-from conftest import REPO
+from conftest import REPO, run_and_kill
 
 ENCODER_TRACE = ["planted-direct-fixed", "planted-direct", "planted-groupnorm", "planted-attention"]
 
@@ -204,15 +201,7 @@ def test_cli_latents_kill_and_resume(tmp_path):
     (src / "broken.png").write_bytes(b"not a png")
     out, ref = tmp_path / "run", tmp_path / "ref"
     args = ["latents", "--vae", "builtin:tiny-random", "--images", str(src), "--quiet", "--no-maps"]
-    proc = subprocess.Popen([sys.executable, "-m", "vaeprobe.cli", *args, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while len(list((out / "parts").glob("*.json"))) < 3 and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*")}
-    assert 3 <= len([n for n in done if n.endswith(".json")]) < 12, "the kill came too late to test resume"
+    done = run_and_kill(args, out, 3, 12)
     assert not (out / "summary.json").exists()
 
     again = _cli(*args, "--out", str(out))

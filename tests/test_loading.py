@@ -1,6 +1,5 @@
 """load_vae through every route, on tiny models built from config; the adapter's contract."""
 
-import json
 import pickle
 import subprocess
 import sys

@@ -1,11 +1,8 @@
 """Perturbation scans scored on ground truth, and `vaeprobe scan` with kill and resume."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -13,12 +10,11 @@ import pytest
 import torch
 
 from vaeprobe.images import load_images
-from vaeprobe.perturb import Site
 from vaeprobe.scan import DEFAULT_GLOBAL_THRESHOLD, ScanError, exact_scan, select_sites, two_stage_scan
 from vaeprobe.spotcheck import zeroed_far_field
 from vaeprobe.vae import load_vae
 
-from conftest import REPO
+from conftest import REPO, run_and_kill
 
 CONTROLS = ["planted-direct-fixed", "planted-direct", "planted-groupnorm", "planted-attention", "planted-hidden"]
 SCAN_SIZE = 64  # 8x8 latent: 64 exact decodes per image keep the ground-truth tests inside the suite budget
@@ -103,16 +99,7 @@ def test_cli_scan_sigkill_and_resume(tmp_path):
     args = ["scan", "--vae", "builtin:tiny-random", "--images", str(src), "--op", "noise:1", "--quiet",
             "--batch", "4"]
     out, ref = tmp_path / "run", tmp_path / "ref"
-    proc = subprocess.Popen([sys.executable, "-m", "vaeprobe.cli", *args, "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while len(list((out / "parts").glob("*.json"))) < 2 and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*")}
-    n_done = len([n for n in done if n.endswith(".json")])
-    assert 2 <= n_done < 8, "the kill came too late to test resume"
+    done = run_and_kill(args, out, 2, 8)
     resumed = _cli(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     for name, mtime in done.items():

@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from .errors import VaeprobeError
 from .images import DEFAULT_FIT, FIT_POLICIES
@@ -21,6 +20,15 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT,
                    help=f"how sides become multiples of the VAE factor (default: {DEFAULT_FIT}, i.e. center-crop "
                         f"the remainder; resize: scale to the nearest multiples)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, quiet: str = "no progress bar",
+                  dtype: str = "fp32 (default), fp16 or bf16") -> None:
+    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
+    p.add_argument("--quiet", action="store_true", help=quiet)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help=dtype)
 
 
 def cmd_setup(args) -> int:
@@ -144,12 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"norm / median-norm ratio that makes a spot (default {DEFAULT_THRESHOLD:g}; "
                         f"see docs/latents.md)")
     p.add_argument("--top-k", type=int, default=3, help="candidates listed per image (default 3)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
     p.add_argument("--no-maps", action="store_true", help="skip the PNG maps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
+    _add_run_args(p, dtype="fp32, fp16 or bf16")
     p.set_defaults(func=cmd_latents)
 
     from .perturb import OPERATORS
@@ -178,13 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"global-effect ratio that flags a position (default {DEFAULT_GLOBAL_THRESHOLD:g})")
     p.add_argument("--swap-with", default="builtin:photos-train",
                    help="image source whose first image the swap operator takes values from")
-    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16: half precision decodes faster "
-                                                  "but adds ~1-2%% rounding noise to every decode, which floors "
-                                                  "the far-field measures")
+    _add_run_args(p, quiet="no progress bars", dtype="fp32 (default), fp16 or bf16: half precision decodes faster "
+                                                     "but adds ~1-2%% rounding noise to every decode, which floors "
+                                                     "the far-field measures")
     p.set_defaults(func=cmd_scan)
 
     from .mechanism import ATTENTION_MODES
@@ -206,11 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="perturbed latents per decoder call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16")
+    _add_run_args(p)
     p.set_defaults(func=cmd_mechanism)
 
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")

@@ -442,11 +442,6 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
     image's results are first written as a part under ``parts/``; ``resume=True`` skips finished images.
     Returns the :class:`~vaeprobe.rundir.RunDir`.
     """
-    import sys
-
-    from tqdm import tqdm
-
-    from .images import iter_images
     from .rundir import RunDir
     from .vae import load_vae
 
@@ -459,11 +454,9 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
     skipped: list = []
     stats = LatentStats()
     keys: list[str] = []
-    bar = tqdm(desc="latents", unit="img", file=sys.stderr, disable=not progress)
-    for i, img in enumerate(iter_images(images, factor=vae.factor, policy=fit, size=size, skipped=skipped)):
-        key = f"{i:06d}"
+    for key, img, done in run.items(images, vae.factor, fit, size, skipped, "latents", progress):
         keys.append(key)
-        if run.is_done(key) and run.meta(key).get("image") == img.name:
+        if done:
             meta = run.meta(key)
         else:
             post = vae.encode(img.tensor())
@@ -479,9 +472,7 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
                 save_latent_maps(run.path / "maps" / f"{key}-{_safe(img.name)}.png", img.array, m, cells)
             run.write_part(key, m.table() if positions_table else None, meta)
         stats.add_summary(meta["summary"], meta["moments"], [tuple(c) for c in meta["spots"]])
-        bar.update(1)
-        bar.set_postfix(spots=stats.n_spot_images)
-    bar.close()
+        run.bar.set_postfix(spots=stats.n_spot_images)
     if positions_table:
         run.concat("positions.parquet", keys)
     image_rows, spot_frames = [], []

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -501,9 +500,6 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
     and the median share); ``figures/NAME.png`` (shares per position, attention mass maps, droplet shares over
     layers); ``summary.json`` (dominant-pathway counts). Returns the :class:`~vaeprobe.rundir.RunDir`.
     """
-    from tqdm import tqdm
-
-    from .images import iter_images
     from .rundir import RunDir
     from .scan import select_sites
     from .vae import load_vae
@@ -526,12 +522,9 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
     fig_dir = run.path / "figures"
     skipped: list = []
     keys: list[str] = []
-    bar = tqdm(desc="mechanism", unit="img", file=sys.stderr, disable=not progress)
-    for i, img in enumerate(iter_images(images, factor=vae.factor, policy=fit, size=size, skipped=skipped)):
-        key = f"{i:06d}"
+    for key, img, done in run.items(images, vae.factor, fit, size, skipped, "mechanism", progress):
         keys.append(key)
-        if run.is_done(key) and run.meta(key).get("image") == img.name:
-            bar.update(1)
+        if done:
             continue
         t0 = time.perf_counter()
         x = img.tensor()
@@ -566,8 +559,6 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
                 "attention": att_rows, "groupnorm": drops.to_dict("records"),
                 "seconds": round(time.perf_counter() - t0, 3)}
         run.write_part(key, df, meta)
-        bar.update(1)
-    bar.close()
     table = run.concat("mechanism.parquet", keys)
     metas = [run.meta(k) for k in keys]
     att = pd.DataFrame([{"image": m["image"], **r} for m in metas for r in m["attention"]])

@@ -7,7 +7,6 @@ Conventions: numpy images are float HxWx3 in [0, 1]; torch images are Bx3xHxW in
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch

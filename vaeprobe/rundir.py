@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,7 +95,6 @@ class RunDir:
     def concat(self, name: str, keys: list[str] | None = None) -> pd.DataFrame | None:
         """Concatenate the parts' tables into ``name`` (streamed, one part in memory at a time); return it read
         back only when it is small (< 2 million rows), else ``None``."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         keys = self.keys() if keys is None else keys
@@ -115,6 +115,24 @@ class RunDir:
                 writer.close()
         rows = pq.ParquetFile(target).metadata.num_rows if files else 0
         return pd.read_parquet(target) if rows < 2_000_000 else None
+
+    def items(self, images: Any, factor: int, fit: str, size: int | None, skipped: list, desc: str,
+              progress: bool = True) -> Iterator[tuple[str, Any, bool]]:
+        """Yield ``(key, image, done)`` for every readable image of ``images`` (keys ``000000``, ``000001``, ...)
+        with a progress bar (``self.bar`` while it runs); ``done`` is true when a finished part of the same image
+        exists, so the caller skips it. Unreadable inputs are appended to ``skipped`` and the run goes on."""
+        from tqdm import tqdm
+
+        from .images import iter_images
+
+        self.bar = tqdm(desc=desc, unit="img", file=sys.stderr, disable=not progress)
+        try:
+            for i, img in enumerate(iter_images(images, factor=factor, policy=fit, size=size, skipped=skipped)):
+                key = f"{i:06d}"
+                yield key, img, self.is_done(key) and self.meta(key).get("image") == img.name
+                self.bar.update(1)
+        finally:
+            self.bar.close()
 
     def write_table(self, name: str, table: pd.DataFrame) -> Path:
         with atomic_path(self.path / name) as tmp:

@@ -239,9 +239,6 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     ``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
     ``mean`` operator and ``noise`` sigma use each image's own per-channel latent mean and std.
     """
-    from tqdm import tqdm
-
-    from .images import iter_images
     from .rundir import RunDir
     from .vae import load_vae
 
@@ -267,7 +264,6 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
         from .metrics import get_lpips
 
         lpips_model = get_lpips(vae.device)
-    bar = tqdm(desc=f"scan ({mode})", unit="img", file=sys.stderr, disable=not progress)
     partner: dict = {}
 
     def swap_latent(shape: tuple[int, int]) -> torch.Tensor:
@@ -282,12 +278,10 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
             partner[shape] = vae.encode(x).mean
         return partner[shape]
 
-    for i, img in enumerate(iter_images(images, factor=vae.factor, policy=fit, size=size, skipped=skipped)):
-        key = f"{i:06d}"
+    for key, img, done in run.items(images, vae.factor, fit, size, skipped, f"scan ({mode})", progress):
         keys.append(key)
         names.append(img.name)
-        if run.is_done(key) and run.meta(key).get("image") == img.name:
-            bar.update(1)
+        if done:
             continue
         t0 = time.perf_counter()
         post = vae.encode(img.tensor())
@@ -318,8 +312,6 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
                 "decodes": cost.decodes, "backward": cost.backward,
                 "seconds": round(time.perf_counter() - t0, 3)}
         run.write_part(key, df, meta)
-        bar.update(1)
-    bar.close()
     run.concat("scan.parquet", keys)
     rows = [run.meta(k) for k in keys]
     images_df = pd.DataFrame(rows)

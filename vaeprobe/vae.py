@@ -15,7 +15,6 @@ import json
 import os
 import re
 import socket
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
