@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from .errors import VaeprobeError
 from .images import DEFAULT_FIT, FIT_POLICIES
@@ -64,9 +63,12 @@ def cmd_metrics(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    t0 = time.time()
-    out = run_demo(out=args.out, vae_spec=args.vae, size=args.size)
-    print(f"demo finished in {time.time() - t0:.1f} s; results in {out}")
+    control = None if args.control.lower() in ("", "none") else args.control
+    res = run_demo(out=args.out, vae_spec=args.vae, control=control, size=args.size, images=args.images,
+                   progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    for h in res["headlines"]:
+        print(f"  {h['model']} ({h['job']}): {h['what']}: {h['value']}")
+    print(f"demo finished in {res['seconds']:.1f} s; report: {res['report']}")
     return 0
 
 
@@ -93,7 +95,8 @@ def cmd_scan(args) -> int:
     run = run_scan(vae, args.images, args.out, op=args.op, positions=args.positions, mode=args.mode,
                    size=args.size, fit=args.fit, radius=args.radius, measures=measures, batch=args.batch,
                    n_probes=args.probes, seed=args.seed, patch=args.patch, channel=args.channel,
-                   threshold=args.threshold, swap_with=args.swap_with, resume=args.resume, overwrite=args.overwrite,
+                   threshold=args.threshold, swap_with=args.swap_with, keep_images=args.keep_images,
+                   resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet)
     summary = json.loads((run.path / "summary.json").read_text())
     print(f"{summary['n_images']} images scanned ({args.mode}, {args.op}); a position with a global effect "
@@ -116,6 +119,15 @@ def cmd_mechanism(args) -> int:
     print(f"{summary['n_images']} images, {summary['positions']} positions attributed ({args.op}, attention frozen "
           f"by {args.attention}); dominant pathway: {dom}; {summary['decodes']} decodes in {summary['seconds']:.1f} s; "
           f"results in {run.path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    rep = build_report(args.runs, out=args.out, title=args.title)
+    print(f"report: {rep['html']} (Markdown {rep['markdown'].name}, {len(rep['tables'])} tables in "
+          f"{rep['html'].parent / 'tables'})")
     return 0
 
 
@@ -182,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"global-effect ratio that flags a position (default {DEFAULT_GLOBAL_THRESHOLD:g})")
     p.add_argument("--swap-with", default="builtin:photos-train",
                    help="image source whose first image the swap operator takes values from")
+    p.add_argument("--keep-images", type=int, default=8,
+                   help="save the perturbed decode and difference image of the K positions with the largest "
+                        "far-field energy, for reports (default 8; 0: none)")
     _add_run_args(p, quiet="no progress bars", dtype="fp32 (default), fp16 or bf16: half precision decodes faster "
                                                      "but adds ~1-2%% rounding noise to every decode, which floors "
                                                      "the far-field measures")
@@ -209,17 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_mechanism)
 
+    p = sub.add_parser("report", help="one self-contained HTML report (plus Markdown and tables) from run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of vaeprobe latents, scan, mechanism")
+    p.add_argument("--out", default=None, help="report folder (default: report/ beside the first run directory)")
+    p.add_argument("--title", default="vaeprobe report")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
-    p.add_argument("--vae", default="builtin:mini-kl-f8")
+    p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")
+    p.add_argument("--control", default="builtin:planted-groupnorm",
+                   help="a planted-spot control run alongside (default builtin:planted-groupnorm; none: skip)")
+    p.add_argument("--images", default="builtin:photos-heldout")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import rundir
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    rundir.COMMAND = ["vaeprobe", *(sys.argv[1:] if argv is None else argv)]
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

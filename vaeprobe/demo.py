@@ -1,58 +1,53 @@
 """``vaeprobe demo``: the main job end to end on builtin models and held-out builtin photos.
 
-It grows with the toolkit; today: load the VAE, encode the held-out photos, measure reconstruction (PSNR, SSIM,
-LPIPS) and the encoder-side spot signal (max/median latent norm, positions at the log-variance clamp), and write
-a run directory with a parquet table and a JSON summary.
+For the model under test (``builtin:mini-kl-f8``) and one planted-spot control (``builtin:planted-groupnorm``,
+whose answer is known): latent diagnostics, a two-stage perturbation scan, pathway attribution at the largest-norm
+cell, then one report over all six runs. Everything runs offline; the report path is printed at the end.
 """
 
 from __future__ import annotations
 
-import json
-import platform
+import re
 import time
 from pathlib import Path
 
-import pandas as pd
-import torch
 
-from ._io import atomic_path, write_text_atomic
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", spec).strip("-") or "model"
 
 
-def run_demo(out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-f8", size: int = 128,
-             images: str = "builtin:photos-heldout") -> Path:
-    from .images import load_images
-    from .metrics import compare_images
+def run_demo(out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-f8",
+             control: str | None = "builtin:planted-groupnorm", size: int = 128,
+             images: str = "builtin:photos-heldout", progress: bool = True, log=print) -> dict:
+    """Run the main job into ``out`` (earlier demo results there are replaced) and return
+    ``{"report": path of report.html, "runs": [run directories], "seconds": wall time}``.
+
+    >>> import tempfile
+    >>> res = run_demo(tempfile.mkdtemp(), vae_spec="builtin:tiny-random", control=None, size=32,
+    ...                progress=False, log=lambda *a: None)
+    >>> res["report"].name, len(res["runs"])
+    ('report.html', 3)
+    """
+    from .latents import run_latents
+    from .mechanism import run_mechanism
+    from .report import build_report
+    from .scan import run_scan
     from .vae import load_vae
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    vae = load_vae(vae_spec)
-    batch = load_images(images, factor=vae.factor, size=size)
-    rows = []
-    for img in batch:
-        x = img.tensor()
-        post = vae.encode(x)
-        rec = vae.decode(post.mean)
-        rec_np = ((rec[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-        norms = post.mean[0].norm(dim=0)
-        flat = int(torch.argmax(norms))
-        rows.append({
-            "image": img.name, **compare_images(img.array, rec_np),
-            "norm_ratio": float(norms.max() / norms.median()),
-            "max_norm_row": flat // norms.shape[1], "max_norm_col": flat % norms.shape[1],
-            "clamp_hits": int(post.at_clamp_floor()[0].any(dim=0).sum()),
-        })
-        print(f"  {img.name:20s} PSNR {rows[-1]['psnr']:6.2f}  LPIPS {rows[-1]['lpips']:.4f}  "
-              f"norm ratio {rows[-1]['norm_ratio']:.2f}")
-    table = pd.DataFrame(rows)
-    with atomic_path(out / "reconstruction.parquet") as tmp:
-        table.to_parquet(tmp, index=False)
-    summary = {
-        "vae": vae.info(), "images": images, "size": size, "n_images": len(batch),
-        "skipped": [str(s) for s in batch.skipped],
-        "mean": {k: float(table[k].mean()) for k in ("psnr", "ssim", "lpips", "norm_ratio")} if rows else {},
-        "seconds": round(time.time() - t0, 2), "python": platform.python_version(), "torch": torch.__version__,
-    }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    return out
+    runs = []
+    for spec in [vae_spec] + ([control] if control else []):
+        vae = load_vae(spec)
+        base = out / _slug(spec)
+        common = dict(size=size, overwrite=True, progress=progress)
+        log(f"{spec}: latent diagnostics")
+        runs.append(run_latents(vae, images, base / "latents", **common).path)
+        log(f"{spec}: two-stage perturbation scan")
+        runs.append(run_scan(vae, images, base / "scan", mode="two-stage", **common).path)
+        log(f"{spec}: pathway attribution at the largest-norm cell")
+        runs.append(run_mechanism(vae, images, base / "mechanism", positions="top:1", figures=False, **common).path)
+    title = f"vaeprobe demo: {vae_spec}" + (f" and the control {control}" if control else "")
+    report = build_report(runs, out=out / "report", title=title)
+    return {"report": report["html"], "runs": runs, "seconds": time.perf_counter() - t0,
+            "headlines": report["headlines"]}

@@ -23,6 +23,7 @@ trained mini model does that at ordinary positions of some images.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -450,6 +451,7 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
     config = {"job": "latents", "vae": vae.info(), "images": str(images), "size": size, "fit": fit,
               "threshold": threshold, "top_k": top_k, "maps": maps, "positions_table": positions_table}
     config["vae"].pop("device", None)
+    started = time.perf_counter()
     run = RunDir(out, config, resume=resume, overwrite=overwrite)
     skipped: list = []
     stats = LatentStats()
@@ -486,4 +488,5 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
     summary = {**stats.summary(), "threshold": threshold, "vae": config["vae"], "images": str(images),
                "skipped": [str(s) for s in skipped]}
     run.write_json("summary.json", summary)
+    run.finish(time.perf_counter() - started)
     return run

@@ -518,6 +518,7 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
     config = {"job": "mechanism", "vae": info, "images": str(images), "positions": positions, "op": op,
               "attention": attention, "size": size, "fit": fit, "radius": radius, "seed": seed,
               "layers": {k: len(v) for k, v in layers.items()}}
+    started = time.perf_counter()
     run = RunDir(out, config, resume=resume, overwrite=overwrite)
     fig_dir = run.path / "figures"
     skipped: list = []
@@ -581,6 +582,7 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
                    median_max_share=("max_share", "median")).reset_index().to_dict("records")),
                "skipped": [str(s) for s in skipped], "vae": info}
     run.write_json("summary.json", summary)
+    run.finish(time.perf_counter() - started)
     return run
 
 

@@ -47,6 +47,37 @@ def save_latent_maps(path: str | Path, image: np.ndarray, maps, spots: Sequence[
     return path
 
 
+def save_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write an ``[H, W, 3]`` float image in [0, 1] (clipped) as an 8-bit PNG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (np.clip(np.asarray(image, dtype=np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+    return path
+
+
+def tensor_to_unit(x) -> np.ndarray:
+    """A decoded image tensor ``[3, H, W]`` (or ``[1, 3, H, W]``) in [-1, 1] to ``[H, W, 3]`` in [0, 1]."""
+    x = x.detach().float().cpu()
+    if x.dim() == 4:
+        x = x[0]
+    return ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def signed_difference(after, before) -> tuple[np.ndarray, float]:
+    """``(image, gain)``: mid-grey where nothing changed, brighter/darker per channel where ``after`` is
+    above/below ``before``; the difference is multiplied by ``gain`` so that its largest magnitude fills the range."""
+    d = (after.detach().float().cpu() - before.detach().float().cpu())
+    if d.dim() == 4:
+        d = d[0]
+    peak = float(d.abs().max())
+    gain = 1.0 / peak if peak > 0 else 1.0
+    return (0.5 + 0.5 * d * gain).clamp(0, 1).permute(1, 2, 0).numpy(), gain
+
+
 def _save(fig, plt, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,29 @@ from ._io import atomic_path, write_text_atomic
 from .errors import VaeprobeError
 
 
+COMMAND: list[str] | None = None
+"""The command line of the running ``vaeprobe`` CLI invocation (set by :mod:`vaeprobe.cli`), for ``run.json``."""
+
+
+def run_info(seconds: float) -> dict:
+    """What produced a run: command, package versions, host facts, finish time and duration."""
+    import datetime
+    import platform
+    import shlex
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("vaeprobe", "torch", "diffusers", "numpy", "pandas", "lpips"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    command = shlex.join(COMMAND) if COMMAND else f"python API ({shlex.join(sys.argv[:1])})"
+    return {"command": command, "versions": versions, "python": platform.python_version(),
+            "platform": platform.platform(), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), "seconds": round(seconds, 2)}
+
+
 class RunDirError(VaeprobeError):
     pass
 
@@ -133,6 +156,10 @@ class RunDir:
                 self.bar.update(1)
         finally:
             self.bar.close()
+
+    def finish(self, seconds: float) -> Path:
+        """Write ``run.json`` (:func:`run_info`) once the job's final tables are written."""
+        return self.write_json("run.json", run_info(seconds))
 
     def write_table(self, name: str, table: pd.DataFrame) -> Path:
         with atomic_path(self.path / name) as tmp:

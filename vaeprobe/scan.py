@@ -86,6 +86,32 @@ def select_sites(spec: str | Sequence[tuple[int, int]], shape: tuple[int, int], 
 
 # -- exact -------------------------------------------------------------------------------------------------------
 
+class KeptDecodes:
+    """The ``k`` perturbed decodes with the largest score (far-field energy) seen so far, for figures and reports.
+
+    >>> keep = KeptDecodes(2)
+    >>> for score, cell in ((1.0, (0, 0)), (3.0, (0, 1)), (2.0, (1, 1))):
+    ...     keep.offer(score, cell, torch.zeros(3, 8, 8))
+    >>> [cell for cell, _ in keep.items()]
+    [(0, 1), (1, 1)]
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self._items: list[tuple[float, tuple[int, int], torch.Tensor]] = []
+
+    def offer(self, score: float, cell: tuple[int, int], image: torch.Tensor) -> None:
+        if self.k <= 0 or not math.isfinite(score):
+            return
+        self._items.append((float(score), cell, image.detach().float().cpu().clone()))
+        self._items.sort(key=lambda t: -t[0])
+        del self._items[self.k:]
+
+    def items(self) -> list[tuple[tuple[int, int], torch.Tensor]]:
+        """``[(cell, image [3, H, W]), ...]``, the largest score first."""
+        return [(cell, img) for _, cell, img in self._items]
+
+
 @dataclass
 class ScanCost:
     decodes: int = 0          # perturbed images decoded (the reference decode not included)
@@ -97,7 +123,7 @@ class ScanCost:
 def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero",
                measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False,
-               cost: ScanCost | None = None) -> pd.DataFrame:
+               cost: ScanCost | None = None, keep: "KeptDecodes | None" = None) -> pd.DataFrame:
     """Perturb each site of latent ``z`` ``[1, C, h, w]`` with ``op``, decode ``batch`` at a time, measure.
 
     Returns one row per site: ``row, col, size, channel, op``, every measure, and ``global_ratio`` (``far_l2`` over
@@ -125,9 +151,11 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
         zz = apply_batch(z, chunk, op)
         dec = vae.decode(zz)
         values = measure(ref, dec, chunk, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
-        for site, v in zip(chunk, values):
+        for k, (site, v) in enumerate(zip(chunk, values)):
             rows.append({"row": site.row, "col": site.col, "size": site.size,
                          "channel": -1 if site.channel is None else site.channel, "op": op.name, **v})
+            if keep is not None:
+                keep.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), dec[k])
         if cost is not None:
             cost.decodes += len(chunk)
             cost.decode_calls += 1
@@ -181,7 +209,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
                    n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
                    measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
-                   lpips_model=None, cost: ScanCost | None = None) -> pd.DataFrame:
+                   lpips_model=None, cost: ScanCost | None = None, keep: KeptDecodes | None = None) -> pd.DataFrame:
     """Exact ablation of a few candidates and a random control sample.
 
     Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
@@ -211,7 +239,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
     df = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
-                    lpips_model=lpips_model, cost=cost)
+                    lpips_model=lpips_model, cost=cost, keep=keep)
     df["stage"] = [stage[i] for i in order]
     ctrl = df.loc[df.stage == "control", "far_l2"].to_numpy()
     med = float(np.nanmedian(ctrl)) if len(ctrl) else float("nan")
@@ -221,12 +249,26 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
 
 # -- the `vaeprobe scan` job -------------------------------------------------------------------------------------
 
+def _save_kept(folder, array: np.ndarray, ref: torch.Tensor, keep: KeptDecodes) -> list[dict]:
+    from .plots import save_png, signed_difference, tensor_to_unit
+
+    save_png(folder / "input.png", array)
+    save_png(folder / "recon.png", tensor_to_unit(ref))
+    kept = []
+    for (r, c), img in keep.items():
+        diff, gain = signed_difference(img, ref)
+        save_png(folder / f"r{r}_c{c}.png", tensor_to_unit(img))
+        save_png(folder / f"r{r}_c{c}_diff.png", diff)
+        kept.append({"row": r, "col": c, "gain": gain})
+    return kept
+
+
 def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: str = "exact",
              size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
              measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 32, seed: int = 0,
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
-             swap_with: str = "builtin:photos-train", resume: bool = False, overwrite: bool = False,
-             progress: bool = True):
+             swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
+             overwrite: bool = False, progress: bool = True):
     """Scan every image of ``images`` and write a run directory ``out``.
 
     Files: ``config.json`` (every setting and the VAE's description), ``parts/NNNNNN.parquet`` + ``.json`` (one
@@ -238,6 +280,11 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     The ``swap`` operator takes the values of another image's latent at the same place: the first image of
     ``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
     ``mean`` operator and ``noise`` sigma use each image's own per-channel latent mean and std.
+
+    ``keep_images`` (exact and two-stage modes): under ``images/NNNNNN/``, the input (``input.png``), its clean
+    decode (``recon.png``) and, for the ``keep_images`` positions with the largest far-field energy, the perturbed
+    decode (``rR_cC.png``) and the signed difference (``rR_cC_diff.png``, amplified by the ``gain`` recorded in
+    the image's metadata under ``kept``). Reports show them.
     """
     from .rundir import RunDir
     from .vae import load_vae
@@ -254,7 +301,9 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     info.pop("device", None)
     config = {"job": "scan", "vae": info, "images": str(images), "op": op, "positions": positions, "mode": mode,
               "size": size, "fit": fit, "radius": radius, "measures": list(measures), "n_probes": n_probes,
-              "seed": seed, "patch": patch, "channel": channel, "threshold": threshold}
+              "seed": seed, "patch": patch, "channel": channel, "threshold": threshold,
+              "keep_images": keep_images if mode != "linear" else 0}
+    started = time.perf_counter()
     run = RunDir(out, config, resume=resume, overwrite=overwrite)
     skipped: list = []
     keys: list[str] = []
@@ -292,15 +341,17 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
         operator = parse_operator(op, stats=stats, other=other, seed=seed)
         cost = ScanCost()
         ref = vae.decode(z)
+        keep = KeptDecodes(keep_images) if keep_images and mode != "linear" else None
         if mode == "exact":
             sites = select_sites(positions, z.shape[-2:], norm=norm, size=patch, channel=channel)
             df = exact_scan(vae, z, sites, operator, measures=measures, radius=radius, batch=batch, ref=ref,
-                            lpips_model=lpips_model, progress=progress, cost=cost)
+                            lpips_model=lpips_model, progress=progress, cost=cost, keep=keep)
         elif mode == "linear":
             df = linear_scan(vae, z, n_probes=n_probes, radius=radius, seed=seed, cost=cost)
         else:
             df = two_stage_scan(vae, z, operator, norm=norm, radius=radius, seed=seed, measures=measures,
-                                batch=batch, ref=ref, lpips_model=lpips_model, cost=cost)
+                                batch=batch, ref=ref, lpips_model=lpips_model, cost=cost, keep=keep)
+        kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
         df.insert(0, "image", img.name)
         score = "global_ratio" if "global_ratio" in df else "far_ratio"
         df["is_global"] = df[score] >= threshold if score in df else False
@@ -309,7 +360,7 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
                 "top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
                 "top_ratio": float(top[score]) if top is not None else math.nan,
                 "n_global": int(df["is_global"].sum()), "positions": len(df),
-                "decodes": cost.decodes, "backward": cost.backward,
+                "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
                 "seconds": round(time.perf_counter() - t0, 3)}
         run.write_part(key, df, meta)
     run.concat("scan.parquet", keys)
@@ -321,4 +372,5 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
                "decodes": int(sum(r["decodes"] for r in rows)), "seconds": float(sum(r["seconds"] for r in rows)),
                "skipped": [str(s) for s in skipped], "vae": info}
     run.write_json("summary.json", summary)
+    run.finish(time.perf_counter() - started)
     return run

@@ -1,0 +1,162 @@
+"""Reports: content read from the runs, escaping of hostile names, and a real click in headless Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import markupsafe
+import numpy as np
+import pytest
+from PIL import Image
+
+from vaeprobe.latents import run_latents
+from vaeprobe.mechanism import run_mechanism
+from vaeprobe.report import ReportError, build_report, md_escape
+from vaeprobe.scan import run_scan
+
+from conftest import REPO
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "<img src=x onerror=document.title='pwned'>", 'a&b "quoted"']
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory):
+    """latents + two-stage scan + mechanism on images with hostile names, and the report over the three runs."""
+    root = tmp_path_factory.mktemp("report")
+    src = root / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in HOSTILE + ["plain"]:
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / f"{name}.png")
+    spec = "builtin:planted-direct-fixed"
+    runs = [run_latents(spec, str(src), root / "latents", progress=False).path,
+            run_scan(spec, str(src), root / "scan", mode="two-stage", progress=False).path,
+            run_mechanism(spec, str(src), root / "mechanism", positions="top:2", figures=False, progress=False).path]
+    return build_report(runs, out=root / "report", title="report <b>test</b>"), runs
+
+
+def test_report_is_self_contained_and_escapes_every_user_string(hostile_report):
+    rep, runs = hostile_report
+    page = rep["html"].read_text()
+    for name in HOSTILE:
+        assert name not in page                                     # never raw
+        assert str(markupsafe.escape(name)) in page                  # shown, escaped
+    assert "<b>test</b>" not in page and "report &lt;b&gt;test&lt;/b&gt;" in page
+    # data blobs inside <script> carry no markup characters at all
+    for blob in re.findall(r'<script type="application/json"[^>]*>(.*?)</script>', page, re.S):
+        assert "<" not in blob and ">" not in blob
+        json.loads(blob)
+    # nothing is fetched: no URL other than data: URIs and the SVG namespace-free markup
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert "http://" not in page and "https://" not in page
+    md = rep["markdown"].read_text()
+    for name in HOSTILE:
+        assert name not in md
+    assert "<img" not in md
+
+
+def test_report_figures_come_from_the_runs(hostile_report):
+    rep, runs = hostile_report
+    heads = {(h["job"], h["what"]): h for h in rep["headlines"]}
+    latents = json.loads((runs[0] / "summary.json").read_text())
+    spot = heads[("latents", "spot rate (images with a detected spot)")]
+    assert spot["value"].endswith(f"({latents['n_spot_images']}/{latents['n_images']})") and spot["run"] == str(runs[0])
+    scan = json.loads((runs[1] / "summary.json").read_text())
+    glob = [h for (job, what), h in heads.items() if job == "scan" and what.startswith("images with")][0]
+    assert glob["value"].startswith(f"{round(scan['global_rate'] * scan['n_images'])}/{scan['n_images']}")
+    mech = json.loads((runs[2] / "summary.json").read_text())
+    dom = heads[("mechanism", "dominant pathway at the attributed positions")]["value"]
+    for k, v in mech["dominant"].items():
+        assert f"{k} {v}" in dom
+    md = rep["markdown"].read_text()
+    for h in rep["headlines"]:
+        assert md_escape(h["value"]) in md and h["run"] in md      # every headline with the run it came from
+    assert len(rep["tables"]) == 7 and all(p.exists() for p in rep["tables"])
+    run_info = json.loads((runs[1] / "run.json").read_text())
+    assert run_info["versions"]["torch"] and run_info["seconds"] > 0
+
+
+def test_report_bad_input_is_one_line(tmp_path):
+    with pytest.raises(ReportError, match="not a vaeprobe run directory"):
+        build_report([tmp_path])
+    r = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "report", str(tmp_path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "config.json" in r.stderr
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, ("Debian's chromium and chromium-driver are missing: run the README's test "
+                                 "command, which installs them")
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1600"):
+        opts.add_argument(arg)
+    opts.binary_location = chromium
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_click_in_headless_chromium_shows_the_cells_result_and_nothing_executes(hostile_report):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    rep, _ = hostile_report
+    browser = _browser()
+    try:
+        browser.get(rep["html"].as_uri())
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text                             # the alert(1) payload did not run
+        assert browser.title == "report <b>test</b>"                 # nor did the document.title one
+        assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
+        svgs = browser.find_elements(By.CSS_SELECTOR, "svg.heat")
+        assert len(svgs) == len(HOSTILE) + 1
+        svg = svgs[0]
+        card = svg.get_attribute("data-card")
+        data = json.loads(browser.find_element(By.ID, f"data-{card}").get_attribute("textContent"))
+        kept = [k for k, v in data["cells"].items() if v.get("after")]
+        other = [k for k, v in data["cells"].items() if k != kept[0]]
+        after = browser.find_element(By.ID, f"after-{card}")
+        blank = after.get_attribute("src")
+        browser.execute_script("arguments[0].scrollIntoView()", svg)
+        svg.find_element(By.CSS_SELECTOR, f'rect[data-cell="{kept[0]}"]').click()
+        first = after.get_attribute("src")
+        assert first != blank and first.startswith("data:image/")
+        assert first == data["cells"][kept[0]]["after"]
+        label = browser.find_element(By.ID, f"cell-{card}").text
+        assert label == f"Cell ({kept[0]})"
+        rows = browser.find_elements(By.CSS_SELECTOR, f"#measures-{card} tr")
+        assert {r.find_element(By.TAG_NAME, "th").text for r in rows} >= {"global_ratio", "far_l2"}
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "report-click.png"))
+        # another cell changes the panel again
+        second_cell = kept[1] if len(kept) > 1 else other[0]
+        svg.find_element(By.CSS_SELECTOR, f'rect[data-cell="{second_cell}"]').click()
+        assert browser.find_element(By.ID, f"cell-{card}").text == f"Cell ({second_cell})"
+        assert after.get_attribute("src") != first or not data["cells"][second_cell].get("after")
+    finally:
+        browser.quit()
+    with Image.open(ARTIFACTS / "report-click.png") as shot:
+        assert shot.size[0] >= 1000
+
+
+def test_demo_runs_the_main_job_and_reports(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "demo", "--out", str(out), "--size", "64", "--quiet"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = out / "report" / "report.html"
+    assert f"report: {report}" in r.stdout
+    heads = json.loads((out / "report" / "report.json").read_text())["headlines"]
+    rate = {h["model"]: h["value"] for h in heads if h["what"].startswith("spot rate")}
+    assert rate["builtin:planted-groupnorm"] == "1 (7/7)" and rate["builtin:mini-kl-f8"].endswith("(0/7)")
+    glob = {h["model"]: h["value"] for h in heads if h["job"] == "scan" and h["what"].startswith("images with")}
+    assert glob["builtin:planted-groupnorm"].startswith("7/7")
+    dom = {h["model"]: h["value"] for h in heads if h["job"] == "mechanism"}
+    assert dom["builtin:planted-groupnorm"] == "groupnorm 7"
+    page = report.read_text()
+    assert page.count('class="card"') == 14 and "rocket" in page
