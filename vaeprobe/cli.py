@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import VaeprobeError
 from .images import DEFAULT_FIT, FIT_POLICIES
@@ -131,6 +132,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare_vaes
+
+    summary = compare_vaes([args.reference, *args.candidates], args.images, args.out, size=args.size, fit=args.fit,
+                           scan=not args.no_scan, mechanism=not args.no_mechanism, progress=not args.quiet)
+    for c in summary["candidates"]:
+        print(f"{c['model']}: {c['verdict']}")
+    print(f"rFID: {summary['rfid']}")
+    print(f"comparison: {Path(args.out) / 'comparison.html'} (and comparison.md, parquet tables)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -229,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: report/ beside the first run directory)")
     p.add_argument("--title", default="vaeprobe report")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare replacement VAEs with a reference: reconstruction, the spot, "
+                                       "latent compatibility, a verdict each")
+    p.add_argument("reference", help="the reference VAE spec (e.g. the VAE a diffusion model was trained with)")
+    p.add_argument("candidates", nargs="+", help="candidate VAE specs")
+    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=128, help="square crop size in pixels (default 128)")
+    p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT)
+    p.add_argument("--no-scan", action="store_true", help="skip the two-stage scans (global-effect rate)")
+    p.add_argument("--no-mechanism", action="store_true", help="skip the pathway attribution")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")

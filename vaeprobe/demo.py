@@ -23,7 +23,7 @@ def run_demo(out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-f8"
     ``{"report": path of report.html, "runs": [run directories], "seconds": wall time}``.
 
     >>> import tempfile
-    >>> res = run_demo(tempfile.mkdtemp(), vae_spec="builtin:tiny-random", control=None, size=32,
+    >>> res = run_demo(tempfile.mkdtemp(), vae_spec="builtin:tiny-random", control=None, size=64,
     ...                progress=False, log=lambda *a: None)
     >>> res["report"].name, len(res["runs"])
     ('report.html', 3)

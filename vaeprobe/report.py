@@ -144,7 +144,7 @@ def _json_script(obj: Any) -> str:
 
 def md_escape(s: Any) -> str:
     """Escape a user string for Markdown: HTML-escaped and with Markdown's special characters backslashed."""
-    return re.sub(r"([\\`*_\[\]|])", r"\\\1", html.escape(str(s)))
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", html.escape(str(s), quote=False))
 
 
 def _plt():
@@ -405,3 +405,61 @@ def _markdown(title: str, generated: str, headlines: list[dict], models: list[di
         lines.append(f"- `{r['path'].replace('`', '')}` ({r['job']}, `{r['spec'].replace('`', '')}`): "
                      f"`{str(r['command']).replace('`', '')}`, finished {r['finished']}, {r['seconds']} s")
     return "\n".join(lines) + "\n"
+
+
+# -- comparison reports ------------------------------------------------------------------------------------------
+
+def _pm(m: dict, key: str, digits: int = 3) -> str:
+    return f"{_fmt(m[key + '_mean'], digits)} ± {_fmt(m[key + '_std'], digits)}"
+
+
+def build_comparison_report(out: str | Path, summary: dict, title: str = "vaeprobe comparison") -> dict:
+    """Write ``comparison.html`` and ``comparison.md`` into ``out`` from a :func:`~vaeprobe.compare.compare_vaes`
+    summary (verdicts first, then reconstruction, the spot and latent compatibility)."""
+    import jinja2
+
+    from . import __version__
+
+    out = Path(out)
+    models = [{"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
+               "lpips": _pm(m, "lpips"),
+               "rfid": _fmt(m["rfid"]) if m.get("rfid") is not None and np.isfinite(m["rfid"]) else "—", "spot_rate": _fmt(m["spot_rate"]),
+               "norm_ratio": f"{_fmt(m['median_norm_ratio'])} / {_fmt(m['max_norm_ratio'])}",
+               "clamp": _fmt(m["clamp_hits_per_image"]), "global_rate": _fmt(m["global_rate"]),
+               "top_ratio": _fmt(m["median_top_global_ratio"]), "dominant": m["dominant"],
+               "latent_mean": _fmt(m["latent_mean"]), "latent_std": _fmt(m["latent_std"]),
+               "shift": _fmt(m["suggested_shift_factor"]), "scale": _fmt(m["suggested_scaling_factor"]),
+               "configured": _fmt(m["configured_scaling_factor"])} for m in summary["models"]]
+    cands = [{"model": c["model"], "verdict": c["verdict"],
+              "shape": "same" if c["same_latent_shape"] else f"differs: {c['shape_note']}",
+              "encoder_identical": _fmt(c["encoder_identical"]),
+              "encoder_weights_identical": _fmt(c["encoder_weights_identical"]) if c["encoder_weights_identical"]
+              is not None else "not comparable", "max_latent_diff": _fmt(c["max_latent_diff"]),
+              "decoder_change": (f"{_fmt(c['decoder_psnr_on_shared_latents'], 2)} dB / "
+                                 f"{_fmt(c['decoder_lpips_on_shared_latents'])}" if c["encoder_identical"]
+                                 else "— (encoders differ)")} for c in summary["candidates"]]
+    env = jinja2.Environment(loader=jinja2.PackageLoader("vaeprobe", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
+    generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    page = env.get_template("compare.html.j2").render(
+        title=title, generated=generated, version=__version__, n_images=summary["n_images"],
+        images=summary["images"], size=summary.get("size"), reference=summary["reference"], models=models,
+        candidates=cands, rfid_note=summary["rfid"])
+    write_text_atomic(out / "comparison.html", page)
+    lines = [f"# {md_escape(title)}", "", f"{summary['n_images']} images from `{summary['images'].replace('`', '')}`; "
+             f"reference `{summary['reference'].replace('`', '')}`; run `{out}`.", "", "## Verdicts", ""]
+    lines += [f"- `{c['model'].replace('`', '')}`: {md_escape(c['verdict'])}" for c in cands]
+    lines += ["", "## Reconstruction (mean ± std)", "", "| model | PSNR | SSIM | LPIPS | rFID |", "|---|---|---|---|---|"]
+    lines += [f"| `{m['model'].replace('`', '')}` | {m['psnr']} | {m['ssim']} | {m['lpips']} | {m['rfid']} |"
+              for m in models]
+    lines += ["", f"rFID: {md_escape(summary['rfid'])}", "", "## The spot", "",
+              "| model | spot rate | norm ratio median / max | clamp hits / image | global rate | dominant pathway |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| `{m['model'].replace('`', '')}` | {m['spot_rate']} | {m['norm_ratio']} | {m['clamp']} | "
+              f"{m['global_rate']} | {m['dominant']} |" for m in models]
+    lines += ["", "## Latent compatibility", "", "| candidate | latent shape | encoder identical | max dz | "
+              "decoder change PSNR / LPIPS |", "|---|---|---|---|---|"]
+    lines += [f"| `{c['model'].replace('`', '')}` | {md_escape(c['shape'])} | {c['encoder_identical']} | "
+              f"{c['max_latent_diff']} | {c['decoder_change']} |" for c in cands]
+    write_text_atomic(out / "comparison.md", "\n".join(lines) + "\n")
+    return {"html": out / "comparison.html", "markdown": out / "comparison.md"}

@@ -2,6 +2,8 @@
 
 - ``mini-kl-f8``: the project's trained mini VAE (diffusers AutoencoderKL, SD layout at reduced width), shipped
   as fp16 safetensors in ``vaeprobe/builtin/mini-kl-f8`` with its model card.
+- ``mini-kl-f8-ft-mse``: a decoder-only fine-tune of ``mini-kl-f8`` (MSE + 0.1 LPIPS, encoder frozen; made by
+  ``experiments/finetune_decoder.py``): the replacement-VAE example for ``vaeprobe compare``.
 - ``tiny-random``: a seeded, *untrained* tiny AutoencoderKL (factor 8, 4 channels) for unit tests and smoke runs.
 - planted-spot controls (see :mod:`vaeprobe.controls`), built on ``mini-kl-f8``.
 """
@@ -49,6 +51,7 @@ def _registry() -> dict[str, Callable]:
     reg: dict[str, Callable] = {
         "tiny-random": tiny_random,
         "mini-kl-f8": lambda: _folder_model("mini-kl-f8"),
+        "mini-kl-f8-ft-mse": lambda: _folder_model("mini-kl-f8-ft-mse"),
     }
     try:
         from .controls import CONTROLS
