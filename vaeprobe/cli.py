@@ -144,6 +144,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+
+    summary = run_pipeline(args.model, args.prompts, args.seeds, args.out, vaes=args.vae or (), steps=args.steps,
+                           guidance=args.guidance, size=args.size, op=args.op, controls=args.controls,
+                           ablate_from=args.ablate_from or (), step_controls=args.step_controls, radius=args.radius,
+                           lpips=not args.no_lpips, device=args.device, dtype=args.dtype, vae_dtype=args.vae_dtype,
+                           resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    step = summary["median_emergence_step"]
+    print(f"{summary['n_samples']} samples ({summary['n_prompts']} prompts x {len(summary['seeds'])} seeds, "
+          f"{summary['steps']} steps): a spot in the final latent of {summary['final_spot_rate']:.0%}; emerged and "
+          f"stayed in {summary['emerged']}" + (f" (median step {step:g})" if step is not None else ""))
+    for v in summary["vaes"]:
+        swap = (f"swap LPIPS {v['mean_swap_lpips']:.4f}" if v["compatible"] else v["compatibility"])
+        print(f"  {v['vae']}: ablating the strongest cell gives a median global-effect ratio "
+              f"{v['median_spot_global_ratio']:.3g} (beats every random control in {v['spot_beats_every_control']}); "
+              f"{swap}")
+    print(f"results in {args.out} (vaeprobe report {args.out} for the report)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -255,6 +276,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mechanism", action="store_true", help="skip the pathway attribution")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("pipeline", help="the spot through a diffusion pipeline: emergence over the denoising "
+                                        "steps, interventions, VAE swap")
+    p.add_argument("--model", required=True, help="pipeline: hub id, local folder (model_index.json) or "
+                                                  "builtin:tiny-sd / builtin:tiny-sd-planted (offline test pipelines)")
+    p.add_argument("--vae", action="append", help="a VAE to decode the same latents with (repeatable); the "
+                                                  "pipeline's own VAE is always included first")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (# comments), or a JSON list")
+    p.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-7 (default 0)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--op", default="zero", help=f"intervention operator: {', '.join(OPERATORS)} (default zero)")
+    p.add_argument("--controls", type=int, default=8, help="random positions ablated in the final latent for "
+                                                           "comparison (default 8)")
+    p.add_argument("--ablate-from", type=int, action="append", metavar="K",
+                   help="also ablate the spot in the noisy latent after every step from step K on (repeatable; "
+                        "each costs 1 + --step-controls extra generations)")
+    p.add_argument("--step-controls", type=int, default=2, help="random positions per --ablate-from step (default 2)")
+    p.add_argument("--radius", type=int, default=DEFAULT_RADIUS,
+                   help=f"far-field radius in latent cells (default {DEFAULT_RADIUS})")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS in the intervention measures")
+    p.add_argument("--vae-dtype", default="fp32", help="dtype of the decodes that are measured (default fp32)")
+    _add_run_args(p, quiet="no progress bar", dtype="pipeline dtype: fp16 or bf16 on a GPU, fp32 (default)")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")

@@ -155,6 +155,62 @@ def _verdict(ref: dict, cand: dict, compat: dict) -> str:
     return f"{spot}; {cost}; {lat}."
 
 
+def _compat_row(ref, cand, lat_ref: Sequence[torch.Tensor], lat_cand: Sequence[torch.Tensor]) -> dict:
+    """Latent compatibility of ``cand`` with ``ref`` from their encodings of the same images (see
+    :func:`latent_compatibility`)."""
+    from .metrics import compare_images
+    from .plots import tensor_to_unit
+
+    same_shape = all(a.shape == b.shape for a, b in zip(lat_ref, lat_cand))
+    row = {"model": cand.spec, "reference": ref.spec, "same_factor": cand.factor == ref.factor,
+           "same_channels": cand.latent_channels == ref.latent_channels, "same_latent_shape": same_shape,
+           "shape_note": "" if same_shape else
+           (f"latent {ref.latent_channels} ch x /{ref.factor} vs {cand.latent_channels} ch x /{cand.factor}"),
+           "encoder_weights_identical": _encoder_weights_identical(ref, cand),
+           "encoder_identical": False, "max_latent_diff": math.nan, "differing_positions": math.nan,
+           "decoder_psnr_on_shared_latents": math.nan, "decoder_lpips_on_shared_latents": math.nan}
+    if same_shape:
+        diffs = [(a - b).abs() for a, b in zip(lat_ref, lat_cand)]
+        row["max_latent_diff"] = float(max(float(d.max()) for d in diffs))
+        row["differing_positions"] = float(np.mean([float((d.amax(1) > ENCODER_TOL).float().mean()) for d in diffs]))
+        row["encoder_identical"] = row["max_latent_diff"] <= ENCODER_TOL
+    if row["encoder_identical"]:
+        pairs = [compare_images(tensor_to_unit(ref.decode(z)), tensor_to_unit(cand.decode(z))) for z in lat_ref]
+        row["decoder_psnr_on_shared_latents"] = float(np.mean([p["psnr"] for p in pairs]))
+        row["decoder_lpips_on_shared_latents"] = float(np.mean([p["lpips"] for p in pairs]))
+    if row["encoder_identical"]:
+        row["compatibility"] = "latent-compatible (identical encoder: a drop-in decoder replacement)"
+    elif not same_shape:
+        row["compatibility"] = f"not latent-compatible ({row['shape_note']})"
+    else:
+        row["compatibility"] = (f"not latent-compatible (same latent shape, different encoder output: max |dz| "
+                                f"{row['max_latent_diff']:.3g} on {row['differing_positions']:.1%} of positions)")
+    return row
+
+
+def latent_compatibility(ref, cand, images="builtin:photos-heldout", size: int | None = 64) -> dict:
+    """Whether ``cand`` decodes ``ref``'s latent space: both encode the same ``images`` (default: the builtin
+    held-out photos at ``size`` px) and the encoders count as identical when every latent agrees within
+    ``ENCODER_TOL`` (max |dz|). Returns the row of ``compatibility.parquet``: ``encoder_identical`` (the verdict),
+    ``compatibility`` (one sentence), ``max_latent_diff``, ``differing_positions``, shape facts and, for identical
+    encoders, the two decoders compared on the shared latents.
+
+    >>> from vaeprobe.vae import load_vae
+    >>> row = latent_compatibility(load_vae("builtin:tiny-random"), load_vae("builtin:tiny-random"), size=32)
+    >>> row["encoder_identical"], row["compatibility"].split(" (")[0]
+    (True, 'latent-compatible')
+    """
+    from .images import load_images
+
+    factor = int(np.lcm(ref.factor, cand.factor))
+    batch = load_images(images, factor=factor, size=size)
+    if not len(batch):
+        raise CompareError(f"{images}: no readable image for the compatibility check")
+    lat_ref = [ref.encode(img.tensor()).mean for img in batch]
+    lat_cand = [cand.encode(img.tensor()).mean for img in batch]
+    return _compat_row(ref, cand, lat_ref, lat_cand)
+
+
 # -- the job -------------------------------------------------------------------------------------------------------
 
 def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str = "crop", scan: bool = True,
@@ -246,24 +302,7 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
     compat_rows = []
     for k in range(1, len(vaes)):
         cand = vaes[k]
-        same_shape = all(a.shape == b.shape for a, b in zip(latents[0], latents[k]))
-        row = {"model": cand.spec, "reference": ref.spec, "same_factor": cand.factor == ref.factor,
-               "same_channels": cand.latent_channels == ref.latent_channels, "same_latent_shape": same_shape,
-               "shape_note": "" if same_shape else
-               (f"latent {ref.latent_channels} ch x /{ref.factor} vs {cand.latent_channels} ch x /{cand.factor}"),
-               "encoder_weights_identical": _encoder_weights_identical(ref, cand),
-               "encoder_identical": False, "max_latent_diff": math.nan, "differing_positions": math.nan,
-               "decoder_psnr_on_shared_latents": math.nan, "decoder_lpips_on_shared_latents": math.nan}
-        if same_shape:
-            diffs = [(a - b).abs() for a, b in zip(latents[0], latents[k])]
-            row["max_latent_diff"] = float(max(float(d.max()) for d in diffs))
-            row["differing_positions"] = float(np.mean([float((d.amax(1) > ENCODER_TOL).float().mean()) for d in diffs]))
-            row["encoder_identical"] = row["max_latent_diff"] <= ENCODER_TOL
-        if row["encoder_identical"]:
-            pairs = [compare_images(tensor_to_unit(ref.decode(z)), tensor_to_unit(cand.decode(z)))
-                     for z in latents[0]]
-            row["decoder_psnr_on_shared_latents"] = float(np.mean([p["psnr"] for p in pairs]))
-            row["decoder_lpips_on_shared_latents"] = float(np.mean([p["lpips"] for p in pairs]))
+        row = _compat_row(ref, cand, latents[0], latents[k])
         row["verdict"] = _verdict(models[0], models[k], row)
         compat_rows.append(row)
     rec_table, model_table, compat_table = pd.DataFrame(rec_rows), pd.DataFrame(models), pd.DataFrame(compat_rows)

@@ -35,7 +35,7 @@ import pandas as pd
 from ._io import write_text_atomic
 from .errors import VaeprobeError
 
-JOBS = ("latents", "scan", "mechanism")
+JOBS = ("latents", "scan", "mechanism", "pipeline")
 BLANK = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw=="
 
 
@@ -56,6 +56,8 @@ class Run:
 
     @property
     def spec(self) -> str:
+        if self.job == "pipeline":
+            return str(self.config.get("model", {}).get("spec", "?"))
         return str(self.config.get("vae", {}).get("spec", "?"))
 
     def table(self, name: str) -> pd.DataFrame:
@@ -235,6 +237,32 @@ def _headlines_and_summary(run: Run) -> tuple[list[dict], dict]:
                  ("global rate", _fmt(s.get("global_rate"))), ("decodes", s.get("decodes")),
                  ("seconds", _fmt(s.get("seconds"), 1)), ("skipped inputs", len(s.get("skipped", [])))]
         title = "Perturbation scan"
+    elif run.job == "pipeline":
+        n = int(s.get("n_samples", 0))
+        head("samples with a spot in the final latent (x0 norm / median >= threshold)",
+             f"{int(round((s.get('final_spot_rate') or 0) * n))}/{n}; emerged and stayed in {s.get('emerged')}"
+             + (f", median step {_fmt(s.get('median_emergence_step'))} of {s.get('steps')}"
+                if s.get("median_emergence_step") is not None else ""))
+        for v in s.get("vaes", []):
+            heads.append({"model": str(v.get("vae")), "job": run.job,
+                          "what": "ablating the final latent's strongest cell: median global-effect ratio "
+                                  "(far field vs random cells)",
+                          "value": f"{_fmt(v.get('median_spot_global_ratio'))} (beats every control in "
+                                   f"{v.get('spot_beats_every_control')})", "run": str(run.path)})
+        uri = _file_uri(run.path / "figures" / "emergence.png", 1024)
+        if uri:
+            figures.append({"src": uri, "caption": "spot emergence over the denoising steps", "width": 480})
+        table = [("pipeline", run.config.get("model", {}).get("class")),
+                 ("scheduler", run.config.get("model", {}).get("scheduler")),
+                 ("prompts x seeds", f"{s.get('n_prompts')} x {len(s.get('seeds', []))}"), ("steps", s.get("steps")),
+                 ("guidance", run.config.get("guidance")), ("operator", run.config.get("op")),
+                 ("dtype (pipeline / measured decodes)", f"{run.config.get('dtype')} / {run.config.get('vae_dtype')}")]
+        for v in s.get("vaes", []):
+            table.append((f"VAE {v.get('vae')}", (f"swap LPIPS {_fmt(v.get('mean_swap_lpips'))}, mean luma shift "
+                                                  f"{_fmt(v.get('mean_swap_d_luma'))}") if v.get("compatible")
+                          else str(v.get("compatibility"))))
+        table.append(("seconds", _fmt(s.get("seconds"), 1)))
+        title = "Diffusion pipeline (emergence, interventions, VAE swap)"
     else:
         dom = s.get("dominant", {})
         head("dominant pathway at the attributed positions",
@@ -295,6 +323,34 @@ def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -
                                   "ratio": _fmt(getattr(row[0], score)) if row else "—"})
 
 
+def _pipeline_cards(run: Run, model: dict) -> None:
+    """One card per (prompt, seed): each VAE's decode, the final-latent spot ablation and its difference, and the
+    ablations from step k."""
+    vaes = run.config.get("vaes", [])
+    for name, (key, meta) in run.metas.items():
+        label = f"{meta.get('prompt', name)} (seed {meta.get('seed', '?')})"
+        card = model["images"].setdefault(label, {"id": 0, "name": label, "figures": [], "heat": None,
+                                                  "data_json": "{}", "strongest": [], "mechanism": [], "thumb": 128,
+                                                  "op": ""})
+        folder = run.path / "images" / key
+        step = meta.get("emergence_step")
+        for k, spec in enumerate(vaes):
+            for suffix, what in (("generated", "generated"), ("final-spot", f"cell ({meta.get('spot_row')}, "
+                                 f"{meta.get('spot_col')}) ablated in the final latent"),
+                                 ("final-spot-diff", "difference (grey: none)")):
+                uri = _file_uri(folder / f"vae{k}-{suffix}.png")
+                if uri:
+                    card["figures"].append({"src": uri, "caption": f"{spec}: {what}", "width": 160})
+            for k_step in run.config.get("ablate_from", []):
+                uri = _file_uri(folder / f"vae{k}-from{k_step}-spot.png")
+                if uri:
+                    card["figures"].append({"src": uri, "caption": f"{spec}: spot ablated from step {k_step} on",
+                                            "width": 160})
+        card["note"] = ((f"Spot emerged at step {step} and stayed" if step is not None else
+                         "No spot in the final x0 prediction") +
+                        f"; final largest norm / median {_fmt(meta.get('final_norm_ratio'))}.")
+
+
 def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
                  title: str = "vaeprobe report") -> dict:
     """Write ``report.html``, ``report.md``, ``report.json`` and ``tables/`` into ``out`` (default: ``report``
@@ -318,15 +374,18 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     out = Path(out) if out is not None else Path(run_dirs[0]).parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     headlines, models, tables = [], {}, []
-    order = {"latents": 0, "scan": 1, "mechanism": 2}
+    order = {"latents": 0, "scan": 1, "mechanism": 2, "pipeline": 3}
     for run in sorted(runs, key=lambda r: order[r.job]):
         heads, summary = _headlines_and_summary(run)
         headlines += heads
         model = models.setdefault(run.spec, {"spec": run.spec, "summaries": [], "images": {}, "scan_done": set()})
         model["summaries"].append(summary)
-        main = {"latents": "images.parquet", "scan": "scan.parquet", "mechanism": "mechanism.parquet"}[run.job]
+        main = {"latents": "images.parquet", "scan": "scan.parquet", "mechanism": "mechanism.parquet",
+                "pipeline": "interventions.parquet"}[run.job]
         frames = {"latents": ("images.parquet", "spots.parquet"), "scan": ("scan.parquet", "images.parquet"),
-                  "mechanism": ("mechanism.parquet", "attention.parquet", "groupnorm.parquet")}[run.job]
+                  "mechanism": ("mechanism.parquet", "attention.parquet", "groupnorm.parquet"),
+                  "pipeline": ("emergence.parquet", "interventions.parquet", "swap.parquet",
+                               "compatibility.parquet")}[run.job]
         for name in frames:
             df = run.table(name)
             if len(df):
@@ -335,6 +394,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
                 write_text_atomic(target, df.to_csv(index=False))
                 tables.append(target)
         table = run.table(main)
+        if run.job == "pipeline":
+            _pipeline_cards(run, model)
+            continue
         for name, (key, meta) in run.metas.items():
             card = model["images"].setdefault(name, {"id": 0, "name": name, "figures": [], "heat": None,
                                                      "data_json": "{}", "strongest": [], "mechanism": [],

@@ -100,11 +100,16 @@ class RunDir:
     def meta(self, key: str) -> dict:
         return json.loads((self.parts_dir / f"{key}.json").read_text())
 
-    def write_part(self, key: str, table: pd.DataFrame | None, meta: dict) -> None:
-        """Write item ``key``: its table (optional) then its metadata, each atomically."""
+    def write_part(self, key: str, table: pd.DataFrame | None, meta: dict,
+                   extra: dict[str, pd.DataFrame] | None = None) -> None:
+        """Write item ``key``: its table (optional), its ``extra`` tables (``KEY.NAME.parquet``, read back with
+        ``concat(..., part=NAME)``), then its metadata, each atomically."""
         if table is not None:
             with atomic_path(self.parts_dir / f"{key}.parquet") as tmp:
                 table.to_parquet(tmp, index=False)
+        for name, df in (extra or {}).items():
+            with atomic_path(self.parts_dir / f"{key}.{name}.parquet") as tmp:
+                df.to_parquet(tmp, index=False)
         write_text_atomic(self.parts_dir / f"{key}.json", json.dumps(meta, default=_json_default))
 
     def keys(self) -> list[str]:
@@ -115,13 +120,14 @@ class RunDir:
         for key in self.keys():
             yield key, self.meta(key)
 
-    def concat(self, name: str, keys: list[str] | None = None) -> pd.DataFrame | None:
-        """Concatenate the parts' tables into ``name`` (streamed, one part in memory at a time); return it read
-        back only when it is small (< 2 million rows), else ``None``."""
+    def concat(self, name: str, keys: list[str] | None = None, part: str | None = None) -> pd.DataFrame | None:
+        """Concatenate the parts' tables (their ``extra`` table ``part`` if given) into ``name`` (streamed, one part
+        in memory at a time); return it read back only when it is small (< 2 million rows), else ``None``."""
         import pyarrow.parquet as pq
 
         keys = self.keys() if keys is None else keys
-        files = [self.parts_dir / f"{k}.parquet" for k in keys if (self.parts_dir / f"{k}.parquet").exists()]
+        suffix = f".{part}.parquet" if part else ".parquet"
+        files = [self.parts_dir / f"{k}{suffix}" for k in keys if (self.parts_dir / f"{k}{suffix}").exists()]
         target = self.path / name
         with atomic_path(target) as tmp:
             writer = None
