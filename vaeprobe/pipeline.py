@@ -533,7 +533,7 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
     model_spec = model if isinstance(model, str) else type(model).__name__
     pipe = load_pipeline(model, device=device, dtype=dtype)
     own = VAE(pipe.vae, spec=f"{model_spec} (pipeline VAE)", dtype=vae_dtype)
-    tested = [own] + [v if isinstance(v, VAE) else load_vae(v, dtype=vae_dtype) for v in vaes]
+    tested = [own] + [v if isinstance(v, VAE) else load_vae(v, device=own.device, dtype=vae_dtype) for v in vaes]
     to_raw = own.from_diffusion
     config = {"job": "pipeline", "model": {"spec": model_spec, "class": type(pipe).__name__,
                                            "scheduler": type(pipe.scheduler).__name__},
@@ -634,7 +634,7 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
             swap_rows.append(row)
         ident = {"key": key, "prompt_index": pi, "prompt": prompt, "seed": seed}
         em = em.assign(**ident)
-        inter = inter.assign(**ident)
+        inter = inter.assign(spot_detected=bool(final.spot), **ident)
         swap = pd.DataFrame(swap_rows).assign(**ident)
         fin = inter[(inter.when == "final")]
         spot_gain = {}
