@@ -20,5 +20,17 @@ __all__ = [
     "compare_images", "psnr", "ssim", "VaeprobeError", "VAELoadError", "ImageLoadError", "SetupError",
     "latent_maps", "find_spots", "LatentStats", "score_localisation", "Site", "apply_batch", "parse_operator",
     "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan", "attribute_pathways",
-    "record_pathways", "decode_frozen", "attention_mass", "groupnorm_droplets",
+    "record_pathways", "decode_frozen", "attention_mass", "groupnorm_droplets", "compare_vaes", "load_pipeline",
+    "run_pipeline", "build_report",
 ]
+
+_LAZY = {"compare_vaes": "compare", "load_pipeline": "pipeline", "run_pipeline": "pipeline", "build_report": "report"}
+
+
+def __getattr__(name: str):
+    """Heavier stages (the diffusion pipeline imports transformers) load on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'vaeprobe' has no attribute {name!r}")

@@ -18,6 +18,9 @@ field of ``p`` (pixels whose latent cell is more than ``radius`` cells away, Che
 - :func:`sensitivity_map` estimates ``S_p`` for every position at once from a few random reverse-mode products
   ``g = J^T v``: for Gaussian ``v``, ``E[g_{p,ch}^2] = ||J e_{p,ch}||^2``. The cost is one forward pass plus
   ``n_probes`` backward passes whatever the size of the latent grid (times the number of blocks for far fields).
+- :func:`shrink_map` lowers the estimate's noise with a limited-translation empirical-Bayes shrinkage towards the
+  neighbouring cells (the map of a decoder is spatially smooth while the probe noise is independent per cell);
+  large isolated deviations such as a spot move by at most one standard error.
 - :func:`agreement` compares an estimate with the exact values (Spearman rank correlation, top-k overlap).
 """
 
@@ -33,7 +36,7 @@ import torch
 
 from .spotcheck import far_field_mask
 
-__all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "agreement", "block_far_field_mask"]
+__all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "shrink_map", "agreement", "block_far_field_mask"]
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -223,6 +226,9 @@ class SensitivityMap:
     plain map).
     ``n_forward`` decodes with the graph kept and ``n_backward`` backward passes (vector-Jacobian products) were
     used; a backward pass costs roughly two decodes, so a benchmark can express the cost in decode-equivalents.
+    ``rel_se``: the estimated relative standard error of each cell's value (the spread of its per-probe values over
+    ``sqrt(n_probes)``, divided by the value; NaN with one probe). ``shrunk``: whether :func:`shrink_map` was
+    applied (then ``raw`` holds the unbiased map it started from).
     """
 
     map: torch.Tensor
@@ -231,6 +237,9 @@ class SensitivityMap:
     blocks: tuple[int, int] | None
     n_backward: int
     n_forward: int
+    rel_se: torch.Tensor | None = None
+    shrunk: bool = False
+    raw: torch.Tensor | None = None
 
 
 def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None = None,
@@ -274,6 +283,7 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     _, _, h, w = z.shape
     gen = torch.Generator().manual_seed(int(seed))
     est = torch.zeros(h, w, dtype=torch.float64)
+    est_sq = torch.zeros(h, w, dtype=torch.float64)  # mean over probes of the squared per-probe value
     n_backward = 0
 
     if radius is None:
@@ -311,10 +321,63 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
                 (r0, r1), (c0, c1) = cells[b]
                 energy = g[0].detach().double().pow(2).sum(0).cpu()
                 est[r0:r1, c0:c1] += energy[r0:r1, c0:c1] / n_probes
+                est_sq[r0:r1, c0:c1] += energy[r0:r1, c0:c1] ** 2 / n_probes
         finally:
             del out  # releases the graph if a backward pass raised before the last one
+    if n_probes > 1:
+        var = (est_sq - est ** 2).clamp(min=0) * n_probes / (n_probes - 1)
+        rel_se = (var / n_probes).sqrt() / est
+    else:
+        rel_se = torch.full_like(est, float("nan"))
     return SensitivityMap(map=est.float(), n_probes=n_probes, radius=radius, blocks=grid,
-                          n_backward=n_backward, n_forward=1)
+                          n_backward=n_backward, n_forward=1, rel_se=rel_se.float())
+
+
+def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> SensitivityMap:
+    """Shrink a noisy sensitivity map towards each cell's neighbours (limited-translation empirical Bayes).
+
+    Work in logs: ``l_p = log S_p`` has standard error ``s_p`` (``est.rel_se``); ``n_p`` is the mean log of the
+    other cells of the ``size x size`` window around ``p`` (those inside the grid). The spread of ``l_p - n_p``
+    beyond the noise estimates the true local variation ``tau^2 = mean((l - n)^2) - mean(s^2) (1 + 1/m)`` (``m``
+    neighbours); each cell moves towards ``n_p`` by the posterior weight ``s_p^2 / (tau^2 + s_p^2)`` of the
+    prior, but by at most ``limit`` standard errors (Efron and Morris's limited translation), so a real isolated
+    peak such as a spot keeps its rank while noise-level wiggles are smoothed. Needs ``n_probes >= 2`` and a map
+    without NaN (the whole-image map, not a far-field one). On the SD-sized benchmark model it raised the Spearman
+    rho against an independent estimate from 0.864 to 0.903 at 32 probes (docs/scan.md).
+
+    >>> from vaeprobe.vae import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    >>> raw = sensitivity_map(vae, z, n_probes=4)
+    >>> out = shrink_map(raw)
+    >>> out.shrunk, bool(((out.map.log() - raw.map.log()).abs() <= raw.rel_se + 1e-6).all())
+    (True, True)
+    """
+    import torch.nn.functional as F
+
+    if est.rel_se is None or est.n_probes < 2:
+        raise ValueError("shrink_map needs a map from at least 2 probes (its per-cell standard error)")
+    if est.radius is not None or not bool(torch.isfinite(est.map).all()) or not bool((est.map > 0).all()):
+        raise ValueError("shrink_map works on a whole-image map with positive finite values (not a far-field map)")
+    size = int(size)
+    if size < 3 or size % 2 == 0:
+        raise ValueError(f"size must be an odd window of at least 3; got {size}")
+    log = est.map.double().log()[None, None]
+    se2 = (est.rel_se.double() ** 2).nan_to_num(0.0)
+    kernel = torch.ones(1, 1, size, size, dtype=torch.float64)
+    pad = size // 2
+    total = F.conv2d(F.pad(log, (pad,) * 4), kernel)[0, 0] - log[0, 0]
+    count = F.conv2d(F.pad(torch.ones_like(log), (pad,) * 4), kernel)[0, 0] - 1
+    neigh = total / count
+    diff = log[0, 0] - neigh
+    m = float(count.mean())
+    tau2 = max(float((diff ** 2).mean() - se2.mean() * (1 + 1 / m)), 1e-12)
+    weight = se2 / (tau2 + se2)
+    bound = limit * se2.sqrt()
+    shift = torch.maximum(torch.minimum(weight * diff, bound), -bound)
+    out = (log[0, 0] - shift).exp()
+    return SensitivityMap(map=out.float(), n_probes=est.n_probes, radius=None, blocks=None, n_backward=est.n_backward,
+                          n_forward=est.n_forward, rel_se=est.rel_se, shrunk=True, raw=est.map)
 
 
 # -- comparison ------------------------------------------------------------------------------------------------

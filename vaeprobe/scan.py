@@ -173,14 +173,16 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
 
 def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = DEFAULT_RADIUS,
                 blocks: tuple[int, int] = (2, 2), far_probes: int = 8, seed: int = 0,
-                cost: ScanCost | None = None) -> pd.DataFrame:
+                cost: ScanCost | None = None, shrink: bool = True) -> pd.DataFrame:
     """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image, ``n_probes`` probes) and,
     when ``radius`` is given, ``far_sensitivity`` (the far field relative to each position's block, ``far_probes``
     probes per block; see :func:`vaeprobe.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far
-    sensitivity over its median. ``n_probes=0`` skips the whole-image map. 32 probes keep the whole-image map within the 40-decode budget of the benchmark
-    (one backward pass costs about one decode there) at Spearman rho >= 0.9 against exact Jacobian norms
-    (docs/scan.md)."""
-    from .linear import sensitivity_map
+    sensitivity over its median. ``n_probes=0`` skips the whole-image map. ``sensitivity`` is the whole-image map
+    after :func:`vaeprobe.linear.shrink_map` (``shrink=False``: not shrunk); ``sensitivity_raw`` is the unbiased
+    map and ``sensitivity_rel_se`` its relative standard error per cell. 32 probes keep the whole-image map within
+    the 40-decode budget of the benchmark (one backward pass costs about one decode there); docs/scan.md has its
+    agreement with exact Jacobian norms."""
+    from .linear import sensitivity_map, shrink_map
 
     t0 = time.perf_counter()
     h, w = z.shape[-2:]
@@ -189,6 +191,10 @@ def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = D
     n_back = 0
     if n_probes:
         total = sensitivity_map(vae, z, n_probes=n_probes, radius=None, seed=seed)
+        df["sensitivity_raw"] = total.map.flatten().numpy()
+        df["sensitivity_rel_se"] = total.rel_se.flatten().numpy()
+        if shrink and n_probes >= 2 and bool((total.map > 0).all()):
+            total = shrink_map(total)
         df["sensitivity"] = total.map.flatten().numpy()
         n_back += total.n_backward
     if radius is not None and far_probes:
