@@ -1,12 +1,20 @@
-"""Agreement of the linearised sensitivity map with exact Jacobian norms on more positions (issue 5).
+"""Agreement of the linearised sensitivity map with exact Jacobian norms (issue 5), raw and shrunk.
 
-    python benchmarks/linear_agreement.py [--model sd|mini] [--size 256] [--probes 32] [--positions 48]
-        [--out benchmarks/results/linear_agreement_sd.json]
+    python benchmarks/linear_agreement.py [--model sd|mini] [--size 256] [--probes 32,36] [--max-probes 96]
+        [--positions 48] [--out benchmarks/results/linear_agreement_sd.json]
 
-``scan_bench.py`` could afford exact JVP norms on only 16 positions of the SD-sized model, where a Spearman rho
-is itself uncertain. This computes the same 32-probe map and exact norms on ``--positions`` random cells
-(seeded; written after every 8, so a killed run keeps what it finished), and reports Spearman rho with a
-bootstrap 90 % interval, the top-k overlap and the relative error of the estimates.
+On one held-out photo (rocket, as scan_bench.py) this keeps ``--max-probes`` per-probe maps of the randomised
+estimator (``sensitivity_map(..., keep_probes=True)``, seed 0: its first K probes are exactly the map a user gets
+with ``n_probes=K``) and computes exact JVP norms on ``--positions`` random cells (seeded). Both are cached
+beside ``--out`` (``.npz`` and the JSON, written after every 8 cells, so a killed run keeps what it finished and
+a rerun only evaluates). For each K of ``--probes`` it reports, against the exact norms:
+
+- ``raw_first`` / ``shrunk_first``: Spearman rho of the seed-0 map of K probes, unbiased and after
+  :func:`vaeprobe.linear.shrink_map` (what ``linear_scan`` returns as ``sensitivity``), with a bootstrap 90 %
+  interval over cells and the top-k overlap;
+- ``raw_resampled`` / ``shrunk_resampled``: mean and 10th percentile of rho over 200 random K-subsets of the kept
+  probes, i.e. what another seed would give;
+- the cost in decode-equivalents: (time of the K_max-probe map / K_max x K + one forward) / one plain decode.
 """
 
 from __future__ import annotations
@@ -14,59 +22,99 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vaeprobe._io import write_text_atomic
+from vaeprobe._io import atomic_path, write_text_atomic
 from vaeprobe.images import load_images
-from vaeprobe.linear import agreement, jacobian_norms
-from vaeprobe.scan import linear_scan
+from vaeprobe.linear import SensitivityMap, agreement, jacobian_norms, sensitivity_map, shrink_map
 from vaeprobe.vae import load_vae
 
 from scan_bench import sd_sized  # noqa: E402  (same directory)
+
+
+def _rho_ci(est: np.ndarray, ex: np.ndarray, rng, n: int = 2000) -> list[float]:
+    boot = []
+    for _ in range(n):
+        idx = rng.integers(0, len(ex), len(ex))
+        boot.append(agreement(est[idx], ex[idx], k=1)["spearman"])
+    return [float(np.nanquantile(boot, 0.05)), float(np.nanquantile(boot, 0.95))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("sd", "mini"), default="sd")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--probes", type=int, default=32)
+    ap.add_argument("--probes", default="32,36")
+    ap.add_argument("--max-probes", type=int, default=96)
     ap.add_argument("--positions", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/linear_agreement_sd.json")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    out = Path(args.out or f"benchmarks/results/linear_agreement_{args.model}.json")
+    cache = out.with_suffix(".npz")
     torch.set_num_threads(2)
     vae = sd_sized() if args.model == "sd" else load_vae("builtin:mini-kl-f8")
     x = load_images("builtin:photos-heldout", size=args.size)[2].tensor()  # rocket, as scan_bench
     z = vae.encode(x).mean
     h, w = z.shape[-2:]
+    res: dict = json.loads(out.read_text()) if out.exists() else {}
     t0 = time.perf_counter()
-    lin = linear_scan(vae, z, n_probes=args.probes, radius=None)
-    t_lin = time.perf_counter() - t0
-    est_all = lin.sensitivity.to_numpy()
+    vae.decode(z)  # warm-up
+    t_dec = time.perf_counter()
+    vae.decode(z)
+    t_dec = time.perf_counter() - t_dec
+    if cache.exists():
+        probes = torch.from_numpy(np.load(cache)["probes"])
+    else:
+        t_map = time.perf_counter()
+        probes = sensitivity_map(vae, z, n_probes=args.max_probes, seed=0, keep_probes=True).probes
+        res["map_seconds"] = time.perf_counter() - t_map
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, probes=probes.numpy())
     rng = np.random.default_rng(args.seed)
     cells = [divmod(int(i), w) for i in rng.choice(h * w, size=min(args.positions, h * w), replace=False)]
-    exact: list[float] = []
-    res: dict = {"model": vae.spec, "size": args.size, "probes": args.probes, "linear_seconds": t_lin}
-    for start in range(0, len(cells), 8):
-        chunk = cells[start:start + 8]
-        exact += jacobian_norms(vae, z, positions=chunk).tolist()
-        done = cells[:len(exact)]
-        est = np.array([est_all[r * w + c] for r, c in done])
-        ex = np.array(exact)
-        res.update(agreement(est, ex, k=max(1, len(done) // 10)))
-        boot = []
-        for _ in range(2000):
-            idx = rng.integers(0, len(done), len(done))
-            boot.append(agreement(est[idx], ex[idx], k=1)["spearman"])
-        res["spearman_90ci"] = [float(np.nanquantile(boot, 0.05)), float(np.nanquantile(boot, 0.95))]
-        res["median_relative_error"] = float(np.median(np.abs(est / ex - 1)))
-        res["exact_spread_q90_over_q10"] = float(np.quantile(ex, 0.9) / np.quantile(ex, 0.1))
-        res["cells"] = [list(c) for c in done]
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        write_text_atomic(args.out, json.dumps(res, indent=1))
-        print(json.dumps({k: v for k, v in res.items() if k != "cells"}), flush=True)
+    if res.get("cells") != [list(c) for c in cells[:len(res.get("exact", []))]]:
+        res["exact"] = []
+    res.update(model=vae.spec, size=args.size, image="rocket (builtin:photos-heldout[2])",
+               max_probes=int(probes.shape[0]), decode_seconds=t_dec)
+    exact: list[float] = list(res.get("exact", []))
+    while len(exact) < len(cells):
+        exact += jacobian_norms(vae, z, positions=cells[len(exact):len(exact) + 8]).tolist()
+        res["exact"], res["cells"] = exact, [list(c) for c in cells[:len(exact)]]
+        write_text_atomic(out, json.dumps(res, indent=1))
+        print(f"exact norms: {len(exact)}/{len(cells)} cells, {time.perf_counter() - t0:.0f} s", flush=True)
+    ex = np.array(exact)
+    flat = [r * w + c for r, c in cells]
+    k_top = max(1, len(cells) // 10)
+    res["exact_spread_q90_over_q10"] = float(np.quantile(ex, 0.9) / np.quantile(ex, 0.1))
+    res["estimates"] = {}
+    for K in (int(k) for k in args.probes.split(",")):
+        entry: dict = {}
+        first = SensitivityMap.from_probes(probes[:K])
+        for name, m in (("raw", first), ("shrunk", shrink_map(first))):
+            est = m.map.flatten().double().numpy()[flat]
+            a = agreement(est, ex, k=k_top)
+            entry[f"{name}_first"] = {"spearman": a["spearman"], "topk": a["topk"], "k": a["k"],
+                                      "spearman_90ci": _rho_ci(est, ex, rng),
+                                      "median_relative_error": float(np.median(np.abs(est / ex - 1)))}
+        draws = {"raw": [], "shrunk": []}
+        for _ in range(200):
+            sub = SensitivityMap.from_probes(probes[torch.from_numpy(rng.choice(probes.shape[0], K, replace=False))])
+            for name, m in (("raw", sub), ("shrunk", shrink_map(sub))):
+                draws[name].append(agreement(m.map.flatten().double().numpy()[flat], ex, k=1)["spearman"])
+        for name, vals in draws.items():
+            entry[f"{name}_resampled"] = {"mean": float(np.mean(vals)), "q10": float(np.quantile(vals, 0.1)),
+                                          "q90": float(np.quantile(vals, 0.9))}
+        if "map_seconds" in res:
+            per_probe = res["map_seconds"] / probes.shape[0]
+            entry["decode_equivalents"] = (per_probe * K + t_dec) / t_dec
+        res["estimates"][str(K)] = entry
+    write_text_atomic(out, json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("cells", "exact")}, indent=1))
 
 
 if __name__ == "__main__":

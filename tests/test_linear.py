@@ -334,3 +334,37 @@ def test_agreement_skips_non_finite_and_flags_constant():
     assert math.isnan(agreement(torch.ones(5), torch.arange(5.0))["spearman"])
     with pytest.raises(ValueError):
         agreement(torch.ones(3), torch.ones(4))
+
+
+def test_kept_probes_reproduce_the_map_and_its_standard_error(tiny):
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    est = sensitivity_map(tiny, z, n_probes=6, seed=4, keep_probes=True)
+    again = SensitivityMap.from_probes(est.probes)
+    assert est.probes.shape == (6, 4, 4)
+    assert torch.allclose(again.map, est.map, rtol=1e-5) and torch.allclose(again.rel_se, est.rel_se, rtol=1e-4)
+    with pytest.raises(ValueError, match="whole-image"):
+        sensitivity_map(tiny, z, n_probes=2, radius=0, keep_probes=True)
+
+
+def test_shrinkage_keeps_an_isolated_peak_and_moves_cells_by_at_most_one_standard_error():
+    """A smooth map plus independent probe noise, with one cell 50x above its neighbours (a spot): shrinking
+    lowers the error against the truth, moves no cell by more than its standard error, and the peak stays first."""
+    from vaeprobe.linear import shrink_map
+
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    truth = torch.exp(0.15 * torch.sin(yy / 4) + 0.15 * torch.cos(xx / 5) + 0.02 * yy)
+    truth[7, 15] *= 50
+    K = 16
+    probes = truth * torch.randn(K, 24, 24, generator=gen).pow(2)  # E = truth, like one-channel Hutchinson
+    raw = SensitivityMap.from_probes(probes)
+    out = shrink_map(raw)
+    move = (out.map.log() - raw.map.log()).abs()
+    assert bool((move <= raw.rel_se + 1e-6).all())
+    err_raw = (raw.map.log() - truth.log()).pow(2).mean()
+    err_out = (out.map.log() - truth.log()).pow(2).mean()
+    assert err_out < 0.6 * err_raw
+    assert agreement(out, truth)["spearman"] > agreement(raw, truth)["spearman"]
+    assert int(out.map.flatten().argmax()) == 7 * 24 + 15
+    with pytest.raises(ValueError, match="whole-image"):
+        shrink_map(SensitivityMap(raw.map, K, radius=1, blocks=(2, 2), n_backward=K, n_forward=1, rel_se=raw.rel_se))

@@ -211,6 +211,26 @@ def test_bad_inputs_give_one_clear_line(tmp_path, monkeypatch):
     assert res.stderr.startswith("vaeprobe: error: unknown operator 'blur'")
 
 
+def test_a_failing_sample_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    import vaeprobe.pipeline as vp
+
+    real = vp.generate
+
+    def flaky(pipe, prompt, seed, **kw):
+        if prompt == "boom":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(pipe, prompt, seed, **kw)
+
+    monkeypatch.setattr(vp, "generate", flaky)
+    summary = run_pipeline("builtin:tiny-sd", ["a cat", "boom", "a dog"], "0", tmp_path / "r", steps=3, controls=2,
+                           lpips=False, progress=False)
+    assert summary["n_samples"] == 2
+    assert [(f["prompt"], f["error"]) for f in summary["failed"]] == [("boom", "CUDA out of memory (simulated)")]
+    assert set(pd.read_parquet(tmp_path / "r" / "emergence.parquet").prompt) == {"a cat", "a dog"}
+    with pytest.raises(PipelineError, match="multiple of the VAE factor 8"):
+        run_pipeline("builtin:tiny-sd", ["x"], "0", tmp_path / "s", size=60, progress=False)
+
+
 def test_cli_resume_after_kill(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na lighthouse\na red fox\n")

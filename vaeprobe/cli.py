@@ -161,6 +161,8 @@ def cmd_pipeline(args) -> int:
         print(f"  {v['vae']}: ablating the strongest cell gives a median global-effect ratio "
               f"{v['median_spot_global_ratio']:.3g} (beats every random control in {v['spot_beats_every_control']}); "
               f"{swap}")
+    for f in summary.get("failed", []):
+        print(f"  failed: {f['key']} ({f['prompt'][:40]!r}, seed {f['seed']}): {f['error']}")
     print(f"results in {args.out} (vaeprobe report {args.out} for the report)")
     return 0
 

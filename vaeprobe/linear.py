@@ -240,10 +240,27 @@ class SensitivityMap:
     rel_se: torch.Tensor | None = None
     shrunk: bool = False
     raw: torch.Tensor | None = None
+    probes: torch.Tensor | None = None
+
+    @classmethod
+    def from_probes(cls, energies: torch.Tensor, n_backward: int | None = None) -> "SensitivityMap":
+        """The whole-image map (mean and relative standard error) from per-probe values ``[K, h, w]`` (e.g. a
+        subset of the ``probes`` kept by ``sensitivity_map(..., keep_probes=True)``).
+
+        >>> m = SensitivityMap.from_probes(torch.tensor([[[1.0]], [[3.0]]]))
+        >>> m.map.item(), round(m.rel_se.item(), 4)  # mean 2, sample std sqrt(2), over sqrt(2), over 2
+        (2.0, 0.5)
+        """
+        e = energies.double()
+        k = e.shape[0]
+        mean = e.mean(0)
+        rel_se = (e.var(0, unbiased=True) / k).sqrt() / mean if k > 1 else torch.full_like(mean, float("nan"))
+        return cls(map=mean.float(), n_probes=k, radius=None, blocks=None,
+                   n_backward=k if n_backward is None else n_backward, n_forward=1, rel_se=rel_se.float())
 
 
 def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None = None,
-                    blocks: int | tuple[int, int] = (2, 2), seed: int = 0) -> SensitivityMap:
+                    blocks: int | tuple[int, int] = (2, 2), seed: int = 0, keep_probes: bool = False) -> SensitivityMap:
     """Randomised estimate of ``S_p`` (or of a far-field sensitivity) for all positions of latent ``z`` at once.
 
     One decode keeps the autograd graph; then for each of ``n_probes`` Gaussian images ``v`` (seeded) one backward
@@ -275,6 +292,9 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     True
     >>> sensitivity_map(vae, z, n_probes=2, radius=0, blocks=(2, 2)).n_backward  # 2 probes x 4 blocks
     8
+
+    ``keep_probes=True`` (whole-image map only) also returns each probe's values, ``probes`` ``[n_probes, h, w]``,
+    for resampling studies (:meth:`SensitivityMap.from_probes`).
     """
     n_probes = int(n_probes)
     if n_probes < 1:
@@ -284,7 +304,10 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     gen = torch.Generator().manual_seed(int(seed))
     est = torch.zeros(h, w, dtype=torch.float64)
     est_sq = torch.zeros(h, w, dtype=torch.float64)  # mean over probes of the squared per-probe value
+    kept: list[torch.Tensor] = []
     n_backward = 0
+    if keep_probes and radius is not None:
+        raise ValueError("keep_probes is for the whole-image map (radius=None)")
 
     if radius is None:
         grid = None
@@ -322,6 +345,8 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
                 energy = g[0].detach().double().pow(2).sum(0).cpu()
                 est[r0:r1, c0:c1] += energy[r0:r1, c0:c1] / n_probes
                 est_sq[r0:r1, c0:c1] += energy[r0:r1, c0:c1] ** 2 / n_probes
+                if keep_probes:
+                    kept.append(energy.float())
         finally:
             del out  # releases the graph if a backward pass raised before the last one
     if n_probes > 1:
@@ -330,7 +355,8 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     else:
         rel_se = torch.full_like(est, float("nan"))
     return SensitivityMap(map=est.float(), n_probes=n_probes, radius=radius, blocks=grid,
-                          n_backward=n_backward, n_forward=1, rel_se=rel_se.float())
+                          n_backward=n_backward, n_forward=1, rel_se=rel_se.float(),
+                          probes=torch.stack(kept) if kept else None)
 
 
 def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> SensitivityMap:

@@ -532,6 +532,9 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
     operator = parse_operator(op)  # fails early on a bad spec
     model_spec = model if isinstance(model, str) else type(model).__name__
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    if size is not None and (int(size) % factor or int(size) < 3 * factor):
+        raise PipelineError(f"size {size} must be a multiple of the VAE factor {factor} and at least {3 * factor}")
     own = VAE(pipe.vae, spec=f"{model_spec} (pipeline VAE)", dtype=vae_dtype)
     tested = [own] + [v if isinstance(v, VAE) else load_vae(v, device=own.device, dtype=vae_dtype) for v in vaes]
     to_raw = own.from_diffusion
@@ -556,6 +559,7 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
     compatible = [bool(r["encoder_identical"]) for r in compat_rows]
 
     items = [(pi, seed) for pi in range(len(prompts)) for seed in seeds]
+    failed: list[dict] = []
     bar = tqdm(total=len(items), desc="pipeline", unit="sample", disable=not progress)
     for pi, seed in items:
         key = f"p{pi:04d}-s{seed}"
@@ -563,7 +567,15 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
             bar.update(1)
             continue
         prompt = prompts[pi]
-        gen = generate(pipe, prompt, seed, steps=steps, guidance=guidance, size=size)
+        try:
+            gen = generate(pipe, prompt, seed, steps=steps, guidance=guidance, size=size)
+            if not bool(torch.isfinite(gen.latents).all()):
+                raise PipelineError("the generated latents are not finite (fp16 overflow? try --dtype bf16 or fp32)")
+        except (RuntimeError, PipelineError) as exc:  # one bad sample (e.g. out of memory) does not end the run
+            failed.append({"key": key, "prompt": prompt, "seed": seed, "error": str(exc).splitlines()[0][:300]})
+            bar.write(f"vaeprobe pipeline: sample {key} failed: {failed[-1]['error']}")
+            bar.update(1)
+            continue
         em = emergence_table(gen, to_raw, threshold)
         z = to_raw(gen.latents).float()
         h, w = z.shape[-2:]
@@ -654,7 +666,11 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
     run.write_table("compatibility.parquet", pd.DataFrame(compat_rows))
     metas = [m for _, m in run.metas()]
     _emergence_figure(emergence, run.path / "figures" / "emergence.png", threshold)
+    if not metas:
+        raise PipelineError(f"no sample finished ({len(failed)} failed; first error: "
+                            f"{failed[0]['error'] if failed else 'none'})")
     summary = _summary(config, metas, emergence, interventions, swap, compat_rows)
+    summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     run.write_json("summary.json", summary)
     run.finish(time.perf_counter() - t_start)
