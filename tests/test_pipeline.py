@@ -5,7 +5,6 @@ a known timestep on (:class:`vaeprobe.pipeline.ContentUNet`); ``builtin:tiny-sd`
 """
 
 import json
-import math
 import subprocess
 import sys
 
