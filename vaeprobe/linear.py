@@ -217,6 +217,14 @@ def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | No
 
 
 # -- randomised estimate ---------------------------------------------------------------------------------------
+def _rel_se(mean: torch.Tensor, mean_sq: torch.Tensor, k: int) -> torch.Tensor:
+    """Relative standard error of a mean of ``k`` probe values from their mean and mean square (NaN if k < 2)."""
+    if k < 2:
+        return torch.full_like(mean, float("nan"))
+    var = (mean_sq - mean ** 2).clamp(min=0) * k / (k - 1)
+    return (var / k).sqrt() / mean
+
+
 @dataclass
 class SensitivityMap:
     """Estimated sensitivity of every latent position, with what it cost.
@@ -254,7 +262,7 @@ class SensitivityMap:
         e = energies.double()
         k = e.shape[0]
         mean = e.mean(0)
-        rel_se = (e.var(0, unbiased=True) / k).sqrt() / mean if k > 1 else torch.full_like(mean, float("nan"))
+        rel_se = _rel_se(mean, e.pow(2).mean(0), k)
         return cls(map=mean.float(), n_probes=k, radius=None, blocks=None,
                    n_backward=k if n_backward is None else n_backward, n_forward=1, rel_se=rel_se.float())
 
@@ -349,11 +357,7 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
                     kept.append(energy.float())
         finally:
             del out  # releases the graph if a backward pass raised before the last one
-    if n_probes > 1:
-        var = (est_sq - est ** 2).clamp(min=0) * n_probes / (n_probes - 1)
-        rel_se = (var / n_probes).sqrt() / est
-    else:
-        rel_se = torch.full_like(est, float("nan"))
+    rel_se = _rel_se(est, est_sq, n_probes)
     return SensitivityMap(map=est.float(), n_probes=n_probes, radius=radius, blocks=grid,
                           n_backward=n_backward, n_forward=1, rel_se=rel_se.float(),
                           probes=torch.stack(kept) if kept else None)

@@ -323,15 +323,19 @@ def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -
                                   "ratio": _fmt(getattr(row[0], score)) if row else "—"})
 
 
+def _new_card(name: str) -> dict:
+    """An empty per-image card of the report template."""
+    return {"id": 0, "name": name, "figures": [], "heat": None, "data_json": "{}", "strongest": [], "mechanism": [],
+            "thumb": 128, "op": ""}
+
+
 def _pipeline_cards(run: Run, model: dict) -> None:
     """One card per (prompt, seed): each VAE's decode, the final-latent spot ablation and its difference, and the
     ablations from step k."""
     vaes = run.config.get("vaes", [])
     for name, (key, meta) in run.metas.items():
         label = f"{meta.get('prompt', name)} (seed {meta.get('seed', '?')})"
-        card = model["images"].setdefault(label, {"id": 0, "name": label, "figures": [], "heat": None,
-                                                  "data_json": "{}", "strongest": [], "mechanism": [], "thumb": 128,
-                                                  "op": ""})
+        card = model["images"].setdefault(label, _new_card(label))
         folder = run.path / "images" / key
         step = meta.get("emergence_step")
         for k, spec in enumerate(vaes):
@@ -398,9 +402,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
             _pipeline_cards(run, model)
             continue
         for name, (key, meta) in run.metas.items():
-            card = model["images"].setdefault(name, {"id": 0, "name": name, "figures": [], "heat": None,
-                                                     "data_json": "{}", "strongest": [], "mechanism": [],
-                                                     "thumb": 128, "op": ""})
+            card = model["images"].setdefault(name, _new_card(name))
             if run.job == "latents":
                 maps = sorted((run.path / "maps").glob(f"{key}-*.png"))
                 if maps:
