@@ -40,8 +40,8 @@ def test_info_and_demo_on_tiny_model(tmp_path):
     proc = run("info", "--vae", "builtin:tiny-random")
     assert proc.returncode == 0 and json.loads(proc.stdout)["factor"] == 8
     out = tmp_path / "demo"
-    proc = run("demo", "--vae", "builtin:tiny-random", "--control", "none", "--out", str(out), "--size", "32",
-               "--quiet")
+    proc = run("demo", "--vae", "builtin:tiny-random", "--control", "none", "--extra", "none", "--out", str(out),
+               "--size", "32", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert (out / "report" / "report.html").exists() and "report:" in proc.stdout
     for job, table in (("latents", "images.parquet"), ("scan", "scan.parquet"), ("mechanism", "mechanism.parquet")):

@@ -11,12 +11,13 @@ from .mechanism import attention_mass, attribute_pathways, decode_frozen, groupn
 from .perturb import Site, apply_batch, parse_operator
 from .response import measure
 from .scan import exact_scan, linear_scan, select_sites, two_stage_scan
+from .taesd import TAESD, load_taesd
 from .vae import VAE, Posterior, load_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "VAE", "Posterior", "load_vae", "load_images", "iter_images", "ImageBatch", "LoadedImage", "LPIPS",
+    "VAE", "Posterior", "load_vae", "TAESD", "load_taesd", "load_images", "iter_images", "ImageBatch", "LoadedImage", "LPIPS",
     "compare_images", "psnr", "ssim", "VaeprobeError", "VAELoadError", "ImageLoadError", "SetupError",
     "latent_maps", "find_spots", "LatentStats", "score_localisation", "Site", "apply_batch", "parse_operator",
     "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan", "attribute_pathways",

@@ -31,6 +31,13 @@ def _add_run_args(p: argparse.ArgumentParser, quiet: str = "no progress bar",
     p.add_argument("--dtype", default=None, help=dtype)
 
 
+def _print_failed(summary: dict) -> None:
+    failed = summary.get("failed") or []
+    if failed:
+        print(f"{len(failed)} image(s) failed and were left out (listed in summary.json; --resume retries them): "
+              + "; ".join(f"{f['image']}: {f['error']}" for f in failed[:3]) + (" ..." if len(failed) > 3 else ""))
+
+
 def cmd_setup(args) -> int:
     from .lpips_weights import prepare_lpips_weights
 
@@ -65,8 +72,9 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     control = None if args.control.lower() in ("", "none") else args.control
+    extra = [e for e in (args.extra or ["builtin:taef2"]) if e.lower() not in ("", "none")]
     res = run_demo(out=args.out, vae_spec=args.vae, control=control, size=args.size, images=args.images,
-                   progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                   progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr, flush=True), extra=extra)
     for h in res["headlines"]:
         print(f"  {h['model']} ({h['job']}): {h['what']}: {h['value']}")
     print(f"demo finished in {res['seconds']:.1f} s; report: {res['report']}")
@@ -84,6 +92,7 @@ def cmd_latents(args) -> int:
     summary = json.loads((run.path / "summary.json").read_text())
     print(f"{summary['n_images']} images, spot rate {summary['spot_rate']:.2f} (threshold {args.threshold:g}x "
           f"median norm or an isolated logvar clamp hit), {len(summary['skipped'])} skipped; results in {run.path}")
+    _print_failed(summary)
     return 0
 
 
@@ -103,6 +112,7 @@ def cmd_scan(args) -> int:
     print(f"{summary['n_images']} images scanned ({args.mode}, {args.op}); a position with a global effect "
           f"(>= {args.threshold:g}x the median far-field energy) on {summary['global_rate']:.0%} of them; "
           f"{summary['decodes']} decodes in {summary['seconds']:.1f} s; results in {run.path}")
+    _print_failed(summary)
     return 0
 
 
@@ -120,6 +130,7 @@ def cmd_mechanism(args) -> int:
     print(f"{summary['n_images']} images, {summary['positions']} positions attributed ({args.op}, attention frozen "
           f"by {args.attention}); dominant pathway: {dom}; {summary['decodes']} decodes in {summary['seconds']:.1f} s; "
           f"results in {run.path}")
+    _print_failed(summary)
     return 0
 
 
@@ -309,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")
     p.add_argument("--control", default="builtin:planted-groupnorm",
                    help="a planted-spot control run alongside (default builtin:planted-groupnorm; none: skip)")
+    p.add_argument("--extra", action="append", metavar="SPEC",
+                   help="another model run beside it (repeatable; default builtin:taef2, the published taef2 "
+                        "weights: a real autoencoder trained elsewhere; none: skip)")
     p.add_argument("--images", default="builtin:photos-heldout")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", type=int, default=128)
@@ -331,6 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     except VaeprobeError as exc:
         print(f"vaeprobe: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # an internal error still ends in one line; VAEPROBE_DEBUG=1 shows the traceback
+        import os
+
+        if os.environ.get("VAEPROBE_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"vaeprobe: internal error: {type(exc).__name__}: {text} (rerun with VAEPROBE_DEBUG=1 for the "
+              f"traceback, and please report it)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vaeprobe: interrupted", file=sys.stderr)
         return 130

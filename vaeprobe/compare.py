@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -250,7 +251,7 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
         "not computed: no Inception-v3 weights on disk (set VAEPROBE_INCEPTION to a torchvision inception_v3 "
         "state dict, or put it in torch hub's checkpoints folder); with only a few images it would be unreliable "
         "anyway")
-    rec_rows, models, latents = [], [], []
+    rec_rows, models, latents, failed = [], [], [], []
     real_feats = inception(torch.cat([img.tensor() for img in batch])) if inception else None
     bar = tqdm(total=len(vaes) * len(batch), desc="compare", unit="img", disable=not progress)
     for k, vae in enumerate(vaes):
@@ -258,31 +259,45 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
         spot_images = clamp_hits = global_images = 0
         ratios, top_ratios, dominant = [], [], []
         for img in batch:
-            x = img.tensor()
-            post = vae.encode(x)
-            z = post.mean
-            means.append(z)
-            rec = vae.decode(z)
-            recons.append(rec)
-            rec_rows.append({"model": vae.spec, "image": img.name, **compare_images(img.array, tensor_to_unit(rec))})
-            m = latent_maps(post, [img.name])[0]
-            spots = find_spots(m)
-            spot_images += bool(spots.is_spot.any())
-            ratios.append(float(m.norm_ratio.max()))
-            clamp_hits += int(m.at_clamp.sum()) if m.clamp_channels is not None else 0
-            if scan:
-                df = two_stage_scan(vae, z, "zero", ref=rec)
-                top = float(df.global_ratio.max())
-                top_ratios.append(top)
-                global_images += top >= DEFAULT_GLOBAL_THRESHOLD
-            if mechanism:
-                r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
-                dominant.append(str(attribute_pathways(vae, z, [Site(r, c)]).dominant[0]))
+            try:
+                x = img.tensor()
+                post = vae.encode(x)
+                z = post.mean
+                rec = vae.decode(z)
+                rec_row = {"model": vae.spec, "image": img.name, **compare_images(img.array, tensor_to_unit(rec))}
+                m = latent_maps(post, [img.name])[0]
+                top = dom = None
+                if scan:
+                    top = float(two_stage_scan(vae, z, "zero", ref=rec).global_ratio.max())
+                if mechanism:
+                    r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
+                    dom = str(attribute_pathways(vae, z, [Site(r, c)]).dominant[0])
+                # the image counts only once all of it worked
+                means.append(z)
+                recons.append(rec)
+                rec_rows.append(rec_row)
+                spot_images += bool(find_spots(m).is_spot.any())
+                ratios.append(float(m.norm_ratio.max()))
+                clamp_hits += int(m.at_clamp.sum()) if m.clamp_channels is not None else 0
+                if top is not None:
+                    top_ratios.append(top)
+                    global_images += top >= DEFAULT_GLOBAL_THRESHOLD
+                if dom is not None:
+                    dominant.append(dom)
+            except Exception as exc:  # one bad image must not lose the comparison
+                text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                error = text if isinstance(exc, VaeprobeError) else f"{type(exc).__name__}: {text}"
+                failed.append({"model": vae.spec, "image": img.name, "error": error})
+                tqdm.write(f"vaeprobe: {vae.spec} on {img.name}: failed ({error}); going on", file=sys.stderr)
+                means.append(None)
             bar.update(1)
         latents.append(means)
         rec_df = pd.DataFrame([r for r in rec_rows if r["model"] == vae.spec])
-        n = len(batch)
-        zs = torch.cat([z.flatten() for z in means])
+        n = len(rec_df)
+        if n == 0:
+            raise CompareError(f"{vae.spec}: every image failed; the first, {failed[-1]['image']}: "
+                               f"{failed[-1]['error']}")
+        zs = torch.cat([z.flatten() for z in means if z is not None])
         row = {"model": vae.spec, "role": "reference" if k == 0 else "candidate", "channels": vae.latent_channels,
                "factor": vae.factor, "n_images": n,
                **{f"{m}_{s}": float(getattr(rec_df[m], s)()) for m in ("psnr", "ssim", "lpips") for s in ("mean", "std")},
@@ -302,7 +317,8 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
     compat_rows = []
     for k in range(1, len(vaes)):
         cand = vaes[k]
-        row = _compat_row(ref, cand, latents[0], latents[k])
+        both = [(a, b) for a, b in zip(latents[0], latents[k]) if a is not None and b is not None]
+        row = _compat_row(ref, cand, [a for a, _ in both], [b for _, b in both])
         row["verdict"] = _verdict(models[0], models[k], row)
         compat_rows.append(row)
     rec_table, model_table, compat_table = pd.DataFrame(rec_rows), pd.DataFrame(models), pd.DataFrame(compat_rows)
@@ -313,7 +329,7 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
         with atomic_path(out / name) as tmp:
             table.to_parquet(tmp, index=False)
     summary = {"reference": ref.spec, "images": str(images), "n_images": len(batch), "size": size,
-               "skipped": [str(s) for s in batch.skipped], "rfid": rfid_note,
+               "skipped": [str(s) for s in batch.skipped], "failed": failed, "rfid": rfid_note,
                "models": model_table.to_dict("records"), "candidates": compat_table.to_dict("records"),
                "seconds": round(time.perf_counter() - t0, 1)}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))

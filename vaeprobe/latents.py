@@ -458,23 +458,26 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
     keys: list[str] = []
     for key, img, done in run.items(images, vae.factor, fit, size, skipped, "latents", progress):
         keys.append(key)
-        if done:
-            meta = run.meta(key)
-        else:
-            post = vae.encode(img.tensor())
-            m = latent_maps(post, [img.name])[0]
-            spots = find_spots(m, threshold=threshold, top_k=top_k)
-            cells = [(int(r), int(c)) for r, c in spots.loc[spots.is_spot, ["row", "col"]].values]
-            summary = {**m.summary(), "n_spots": len(cells), "source": img.source}
-            meta = {"image": img.name, "summary": summary, "moments": image_moments(post.mean[0], cells),
-                    "spots": cells, "spot_table": spots.to_dict(orient="list")}
-            if maps:
-                from .plots import save_latent_maps
+        if not done:
+            with run.guard(key, img.name):
+                post = vae.encode(img.tensor())
+                m = latent_maps(post, [img.name])[0]
+                spots = find_spots(m, threshold=threshold, top_k=top_k)
+                cells = [(int(r), int(c)) for r, c in spots.loc[spots.is_spot, ["row", "col"]].values]
+                summary = {**m.summary(), "n_spots": len(cells), "source": img.source}
+                meta = {"image": img.name, "summary": summary, "moments": image_moments(post.mean[0], cells),
+                        "spots": cells, "spot_table": spots.to_dict(orient="list")}
+                if maps:
+                    from .plots import save_latent_maps
 
-                save_latent_maps(run.path / "maps" / f"{key}-{_safe(img.name)}.png", img.array, m, cells)
-            run.write_part(key, m.table() if positions_table else None, meta)
+                    save_latent_maps(run.path / "maps" / f"{key}-{_safe(img.name)}.png", img.array, m, cells)
+                run.write_part(key, m.table() if positions_table else None, meta)
+        if not run.is_done(key):
+            continue
+        meta = run.meta(key)
         stats.add_summary(meta["summary"], meta["moments"], [tuple(c) for c in meta["spots"]])
         run.bar.set_postfix(spots=stats.n_spot_images)
+    keys = run.finished(keys)
     if positions_table:
         run.concat("positions.parquet", keys)
     image_rows, spot_frames = [], []
@@ -486,7 +489,7 @@ def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", th
     spot_table = pd.concat(spot_frames, ignore_index=True) if spot_frames else pd.DataFrame(columns=SPOT_COLUMNS)
     run.write_table("spots.parquet", spot_table.astype({"image": str}))
     summary = {**stats.summary(), "threshold": threshold, "vae": config["vae"], "images": str(images),
-               "skipped": [str(s) for s in skipped]}
+               "skipped": [str(s) for s in skipped], "failed": run.failed}
     run.write_json("summary.json", summary)
     run.finish(time.perf_counter() - started)
     return run

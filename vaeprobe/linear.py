@@ -34,9 +34,41 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import VaeprobeError
 from .spotcheck import far_field_mask
 
-__all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "shrink_map", "agreement", "block_far_field_mask"]
+__all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "shrink_map", "agreement", "block_far_field_mask",
+           "NotDifferentiableError", "check_differentiable"]
+
+
+class NotDifferentiableError(VaeprobeError):
+    """Autograd cannot give the decoder's vector-Jacobian products (in-place writes into tensors autograd needs, a
+    decoder that runs under ``no_grad`` or detaches, integer or rounding ops with zero gradient)."""
+
+
+def _autograd_reason(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "inplace" in first or "in-place" in first:
+        return "it writes in place into a tensor that autograd needs for the backward pass"
+    if "does not require grad" in first or "does not have a grad_fn" in first:
+        return "its output is cut off from the latent's graph (it runs under no_grad, detaches or casts to integers)"
+    return f"autograd cannot go through it ({first[:160]})"
+
+
+def check_differentiable(vae, z: torch.Tensor) -> str | None:
+    """``None`` when one vector-Jacobian product through the decoder at ``z`` works and is informative, else the
+    reason in a few words (what :class:`NotDifferentiableError` would say). Costs one decode and one backward pass.
+
+    >>> from vaeprobe.vae import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> check_differentiable(vae, torch.randn(1, 4, 4, 4)) is None
+    True
+    """
+    try:
+        sensitivity_map(vae, z, n_probes=1)
+    except NotDifferentiableError as exc:
+        return str(exc)
+    return None
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -328,7 +360,13 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     out = None
     with _frozen_parameters(vae.model):
         try:
-            out = vae.decode(zz, grad=True)
+            try:
+                out = vae.decode(zz, grad=True)
+            except RuntimeError as exc:  # e.g. an in-place write into the leaf latent
+                raise NotDifferentiableError(_autograd_reason(exc)) from None
+            if not out.requires_grad:
+                raise NotDifferentiableError("its output is cut off from the latent's graph (it runs under no_grad, "
+                                             "detaches or casts to integers)")
             if radius is None:
                 masks = [None]
             else:
@@ -347,7 +385,14 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
                 v = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
                 if masks[b] is not None:
                     v = v * masks[b]
-                (g,) = torch.autograd.grad(out, zz, v, retain_graph=j < len(work) - 1)
+                try:
+                    (g,) = torch.autograd.grad(out, zz, v, retain_graph=j < len(work) - 1, allow_unused=True)
+                except RuntimeError as exc:
+                    raise NotDifferentiableError(_autograd_reason(exc)) from None
+                if j == 0 and (g is None or not bool(g.any()) or not bool(torch.isfinite(g).all())):
+                    raise NotDifferentiableError(
+                        "its gradient with respect to the latent is " + ("not finite" if g is not None and bool(
+                            g.any()) else "zero everywhere (rounding, quantisation or integer ops)"))
                 n_backward += 1
                 (r0, r1), (c0, c1) = cells[b]
                 energy = g[0].detach().double().pow(2).sum(0).cpu()

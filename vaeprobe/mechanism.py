@@ -527,39 +527,41 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
         keys.append(key)
         if done:
             continue
-        t0 = time.perf_counter()
-        x = img.tensor()
-        z = vae.encode(x).mean
-        norm = z[0].norm(dim=0)
-        top = divmod(int(norm.argmax()), z.shape[-1])
-        stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
-        operator = parse_operator(op, stats=stats, seed=seed)
-        sites = select_sites(positions, z.shape[-2:], norm=norm)
-        cost = MechanismCost()
-        df = attribute_pathways(vae, z, sites, operator, radius=radius, attention=attention, batch=batch, cost=cost)
-        df.insert(0, "image", img.name)
-        att_rows = []
-        for part, arg in (("decoder", z), ("encoder", x)):
-            for m in attention_mass(vae, arg, part):
-                h, w = m.mass.shape
-                cell = (min(h - 1, top[0] * h // z.shape[-2]), min(w - 1, top[1] * w // z.shape[-1]))
-                am = m.argmax()
-                att_rows.append({"part": part, "layer": m.layer, "call": m.call, "top_norm_row": top[0],
-                                 "top_norm_col": top[1], "sink_score": m.sink_score(cell),
-                                 "max_mass": float(m.mass.max()), "max_row": am[0], "max_col": am[1],
-                                 "max_over_median": m.sink_score(am)})
-                if figures:
-                    _save_mass(fig_dir / f"{key}_attention_{part}_{m.call}_{_slug(m.layer)}.png", m, img.name)
-        drops = droplet_layers(groupnorm_droplets(vae, z))
-        if figures:
-            _save_shares(fig_dir / f"{key}_shares.png", df, img.name)
-            _save_droplets(fig_dir / f"{key}_groupnorm.png", drops, img.name)
-        meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
-                "top_norm": list(top), "positions": len(df), "decodes": cost.decodes,
-                "dominant": df.dominant.value_counts().to_dict() if len(df) else {},
-                "attention": att_rows, "groupnorm": drops.to_dict("records"),
-                "seconds": round(time.perf_counter() - t0, 3)}
-        run.write_part(key, df, meta)
+        with run.guard(key, img.name):
+            t0 = time.perf_counter()
+            x = img.tensor()
+            z = vae.encode(x).mean
+            norm = z[0].norm(dim=0)
+            top = divmod(int(norm.argmax()), z.shape[-1])
+            stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
+            operator = parse_operator(op, stats=stats, seed=seed)
+            sites = select_sites(positions, z.shape[-2:], norm=norm)
+            cost = MechanismCost()
+            df = attribute_pathways(vae, z, sites, operator, radius=radius, attention=attention, batch=batch, cost=cost)
+            df.insert(0, "image", img.name)
+            att_rows = []
+            for part, arg in (("decoder", z), ("encoder", x)):
+                for m in attention_mass(vae, arg, part):
+                    h, w = m.mass.shape
+                    cell = (min(h - 1, top[0] * h // z.shape[-2]), min(w - 1, top[1] * w // z.shape[-1]))
+                    am = m.argmax()
+                    att_rows.append({"part": part, "layer": m.layer, "call": m.call, "top_norm_row": top[0],
+                                     "top_norm_col": top[1], "sink_score": m.sink_score(cell),
+                                     "max_mass": float(m.mass.max()), "max_row": am[0], "max_col": am[1],
+                                     "max_over_median": m.sink_score(am)})
+                    if figures:
+                        _save_mass(fig_dir / f"{key}_attention_{part}_{m.call}_{_slug(m.layer)}.png", m, img.name)
+            drops = droplet_layers(groupnorm_droplets(vae, z))
+            if figures:
+                _save_shares(fig_dir / f"{key}_shares.png", df, img.name)
+                _save_droplets(fig_dir / f"{key}_groupnorm.png", drops, img.name)
+            meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
+                    "top_norm": list(top), "positions": len(df), "decodes": cost.decodes,
+                    "dominant": df.dominant.value_counts().to_dict() if len(df) else {},
+                    "attention": att_rows, "groupnorm": drops.to_dict("records"),
+                    "seconds": round(time.perf_counter() - t0, 3)}
+            run.write_part(key, df, meta)
+    keys = run.finished(keys)
     table = run.concat("mechanism.parquet", keys)
     metas = [run.meta(k) for k in keys]
     att = pd.DataFrame([{"image": m["image"], **r} for m in metas for r in m["attention"]])
@@ -580,7 +582,7 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
                    .reset_index().to_dict("records")),
                "groupnorm_layers": ([] if gn.empty else gn.groupby(["order", "layer"]).agg(
                    median_max_share=("max_share", "median")).reset_index().to_dict("records")),
-               "skipped": [str(s) for s in skipped], "vae": info}
+               "skipped": [str(s) for s in skipped], "failed": run.failed, "vae": info}
     run.write_json("summary.json", summary)
     run.finish(time.perf_counter() - started)
     return run

@@ -16,6 +16,7 @@ flat in the number of items.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -88,6 +89,45 @@ class RunDir:
                                   f"or --overwrite to start again")
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg_file, json.dumps(config, indent=1, sort_keys=True, default=str))
+        self.failed: list[dict] = []
+        self._notes: set[str] = set()
+
+    def say(self, message: str, once: bool = False) -> None:
+        """Print one line to stderr without breaking the progress bar (``once``: only the first time)."""
+        if once and message in self._notes:
+            return
+        self._notes.add(message)
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    @contextlib.contextmanager
+    def guard(self, key: str, name: str) -> Iterator[None]:
+        """Run one item's work: if it raises, the error is printed in one line, recorded in ``failed`` (key, image,
+        error) and the run goes on with the next item; no part is written for it, so ``--resume`` retries it.
+
+        >>> import tempfile
+        >>> run = RunDir(tempfile.mkdtemp(), {"job": "demo"})
+        >>> with run.guard("000000", "a.png"):
+        ...     raise RuntimeError("out of memory")
+        >>> run.failed
+        [{'key': '000000', 'image': 'a.png', 'error': 'RuntimeError: out of memory'}]
+        """
+        try:
+            yield
+        except Exception as exc:  # one bad item must not lose the run (KeyboardInterrupt still stops it)
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            error = text if isinstance(exc, VaeprobeError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+            self.failed.append({"key": key, "image": name, "error": error})
+            self.say(f"vaeprobe: {name}: failed ({error}); going on with the next image")
+
+    def finished(self, keys: list[str]) -> list[str]:
+        """The keys of ``keys`` whose part exists (drops items that failed); an error when every item failed."""
+        done = [k for k in keys if self.is_done(k)]
+        if keys and not done and self.failed:
+            raise RunDirError(f"every image failed ({len(self.failed)}); the first, {self.failed[0]['image']}: "
+                              f"{self.failed[0]['error']}")
+        return done
 
     @property
     def parts_dir(self) -> Path:

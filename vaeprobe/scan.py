@@ -223,15 +223,27 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
     ``n_linear`` is 0). Controls: ``n_control`` other positions drawn at random (seeded). ``global_ratio`` is
     each position's far-field energy over the median of the controls. Column ``stage``: ``norm``, ``linear``,
     ``norm+linear`` or ``control``.
+
+    A decoder that autograd cannot go through (:class:`~vaeprobe.linear.NotDifferentiableError`) has no linear
+    map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls, and
+    ``df.attrs["linear_fallback"]`` holds the reason (absent otherwise).
     """
+    from .linear import NotDifferentiableError
+
     h, w = z.shape[-2:]
     if norm is None:
         norm = z[0].norm(dim=0)
-    by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
     by_lin: list[int] = []
+    fallback = None
     if n_linear:
-        lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed, cost=cost)
-        by_lin = lin["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
+        try:
+            lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed,
+                              cost=cost)
+            by_lin = lin["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
+        except NotDifferentiableError as exc:
+            fallback = str(exc)
+            n_norm, n_control = n_norm + n_linear, 2 * n_control
+    by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
     stage = {}
     for i in by_norm:
         stage[i] = "norm"
@@ -250,6 +262,8 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
     ctrl = df.loc[df.stage == "control", "far_l2"].to_numpy()
     med = float(np.nanmedian(ctrl)) if len(ctrl) else float("nan")
     df["global_ratio"] = df["far_l2"] / med if med > 0 else np.nan
+    if fallback is not None:
+        df.attrs["linear_fallback"] = fallback
     return df
 
 
@@ -303,6 +317,14 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
         vae = load_vae(vae)
     parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels},
                    other=torch.zeros(1, vae.latent_channels, 1, 1), seed=seed)  # fail fast on a bad spec
+    if mode == "linear":
+        from .linear import check_differentiable
+
+        side = 8 * vae.factor
+        reason = check_differentiable(vae, vae.encode(torch.zeros(1, 3, side, side)).mean)
+        if reason:
+            raise ScanError(f"{vae.spec}: --mode linear needs a decoder that autograd can go through, but {reason}; "
+                            f"use --mode exact or --mode two-stage")
     info = vae.info()
     info.pop("device", None)
     config = {"job": "scan", "vae": info, "images": str(images), "op": op, "positions": positions, "mode": mode,
@@ -338,37 +360,44 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
         names.append(img.name)
         if done:
             continue
-        t0 = time.perf_counter()
-        post = vae.encode(img.tensor())
-        z = post.mean
-        norm = z[0].norm(dim=0)
-        stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
-        other = swap_latent(tuple(img.array.shape[:2])) if "swap" in op else None
-        operator = parse_operator(op, stats=stats, other=other, seed=seed)
-        cost = ScanCost()
-        ref = vae.decode(z)
-        keep = KeptDecodes(keep_images) if keep_images and mode != "linear" else None
-        if mode == "exact":
-            sites = select_sites(positions, z.shape[-2:], norm=norm, size=patch, channel=channel)
-            df = exact_scan(vae, z, sites, operator, measures=measures, radius=radius, batch=batch, ref=ref,
-                            lpips_model=lpips_model, progress=progress, cost=cost, keep=keep)
-        elif mode == "linear":
-            df = linear_scan(vae, z, n_probes=n_probes, radius=radius, seed=seed, cost=cost)
-        else:
-            df = two_stage_scan(vae, z, operator, norm=norm, radius=radius, seed=seed, measures=measures,
-                                batch=batch, ref=ref, lpips_model=lpips_model, cost=cost, keep=keep)
-        kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
-        df.insert(0, "image", img.name)
-        score = "global_ratio" if "global_ratio" in df else "far_ratio"
-        df["is_global"] = df[score] >= threshold if score in df else False
-        top = df.loc[df[score].idxmax()] if score in df and df[score].notna().any() else None
-        meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
-                "top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
-                "top_ratio": float(top[score]) if top is not None else math.nan,
-                "n_global": int(df["is_global"].sum()), "positions": len(df),
-                "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
-                "seconds": round(time.perf_counter() - t0, 3)}
-        run.write_part(key, df, meta)
+        with run.guard(key, img.name):
+            t0 = time.perf_counter()
+            post = vae.encode(img.tensor())
+            z = post.mean
+            norm = z[0].norm(dim=0)
+            stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
+            other = swap_latent(tuple(img.array.shape[:2])) if "swap" in op else None
+            operator = parse_operator(op, stats=stats, other=other, seed=seed)
+            cost = ScanCost()
+            ref = vae.decode(z)
+            keep = KeptDecodes(keep_images) if keep_images and mode != "linear" else None
+            if mode == "exact":
+                sites = select_sites(positions, z.shape[-2:], norm=norm, size=patch, channel=channel)
+                df = exact_scan(vae, z, sites, operator, measures=measures, radius=radius, batch=batch, ref=ref,
+                                lpips_model=lpips_model, progress=progress, cost=cost, keep=keep)
+            elif mode == "linear":
+                df = linear_scan(vae, z, n_probes=n_probes, radius=radius, seed=seed, cost=cost)
+            else:
+                df = two_stage_scan(vae, z, operator, norm=norm, radius=radius, seed=seed, measures=measures,
+                                    batch=batch, ref=ref, lpips_model=lpips_model, cost=cost, keep=keep)
+                if df.attrs.get("linear_fallback"):
+                    run.say(f"vaeprobe: note: {vae.spec}: no linear map, since the decoder is not differentiable "
+                            f"({df.attrs['linear_fallback']}); two-stage takes latent-norm candidates and a larger "
+                            f"random control sample instead", once=True)
+            kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
+            df.insert(0, "image", img.name)
+            score = "global_ratio" if "global_ratio" in df else "far_ratio"
+            df["is_global"] = df[score] >= threshold if score in df else False
+            top = df.loc[df[score].idxmax()] if score in df and df[score].notna().any() else None
+            meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
+                    "top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
+                    "top_ratio": float(top[score]) if top is not None else math.nan,
+                    "n_global": int(df["is_global"].sum()), "positions": len(df),
+                    "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
+                    "linear_fallback": df.attrs.get("linear_fallback"),
+                    "seconds": round(time.perf_counter() - t0, 3)}
+            run.write_part(key, df, meta)
+    keys = run.finished(keys)
     run.concat("scan.parquet", keys)
     rows = [run.meta(k) for k in keys]
     images_df = pd.DataFrame(rows)
@@ -376,7 +405,8 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     summary = {"n_images": len(rows), "mode": mode, "op": op, "threshold": threshold,
                "global_rate": float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan,
                "decodes": int(sum(r["decodes"] for r in rows)), "seconds": float(sum(r["seconds"] for r in rows)),
-               "skipped": [str(s) for s in skipped], "vae": info}
+               "linear_fallback": sorted({r["linear_fallback"] for r in rows if r.get("linear_fallback")}),
+               "skipped": [str(s) for s in skipped], "failed": run.failed, "vae": info}
     run.write_json("summary.json", summary)
     run.finish(time.perf_counter() - started)
     return run

@@ -128,8 +128,8 @@ class VAE:
     # -- geometry and latent scaling ---------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        cfg = getattr(self.model, "config", None)
-        return dict(cfg) if cfg is not None else {}
+        """The model's configuration as a plain dict, whatever form it has (see :func:`config_dict`)."""
+        return config_dict(getattr(self.model, "config", None))
 
     def _geometry(self) -> tuple[int, int]:
         if self._probe is None:
@@ -158,7 +158,11 @@ class VAE:
     def _config_value(self, key: str, default: float) -> float:
         cfg = self.config
         value = cfg[key] if key in cfg else getattr(self.model, key, default)
-        return float(value if value is not None else default)
+        try:
+            return float(value if value is not None else default)
+        except (TypeError, ValueError):
+            raise VAELoadError(f"{self.spec}: config {key}={value!r} is not a number; fix the model's config or "
+                               f"remove the key") from None
 
     def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latent to the diffusion model's space: ``(z - shift) * scale``."""
@@ -173,7 +177,7 @@ class VAE:
         return self._encode_raw(x)[0]
 
     def _encode_raw(self, x: torch.Tensor):
-        out = self.model.encode(x.to(self.device, self.dtype))
+        out = self.model.encode(x.to(self.device, self.dtype, copy=True))  # a copy: models may write into inputs
         dist = getattr(out, "latent_dist", None)
         if dist is None and isinstance(out, (tuple, list)) and out and hasattr(out[0], "mean"):
             dist = out[0]
@@ -219,7 +223,7 @@ class VAE:
         return out.float()
 
     def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.model.decode(z.to(self.device, self.dtype))
+        out = self.model.decode(z.to(self.device, self.dtype, copy=True))  # a copy: models may write into inputs
         sample = getattr(out, "sample", None)
         if sample is None:
             sample = out[0] if isinstance(out, (tuple, list)) else out
@@ -254,6 +258,31 @@ class VAE:
         return f"VAE({self.spec!r}, {type(self.model).__name__}, device={self.device}, dtype={self.dtype})"
 
 
+def config_dict(cfg: Any) -> dict:
+    """A model configuration as a plain dict: a diffusers ``FrozenDict`` or any mapping, a dataclass, a
+    ``types.SimpleNamespace`` or any object with attributes (its public, non-callable ones), or ``None``.
+
+    >>> from types import SimpleNamespace
+    >>> config_dict(SimpleNamespace(latent_channels=32, scaling_factor=1.0))
+    {'latent_channels': 32, 'scaling_factor': 1.0}
+    >>> config_dict(None), config_dict(42)
+    ({}, {})
+    """
+    import dataclasses
+    from collections.abc import Mapping
+
+    if cfg is None:
+        return {}
+    if isinstance(cfg, Mapping):
+        return {str(k): v for k, v in cfg.items()}
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    attrs = getattr(cfg, "__dict__", None)
+    if isinstance(attrs, dict):
+        return {k: v for k, v in attrs.items() if not k.startswith("_") and not callable(v)}
+    return {}
+
+
 def _finite(*tensors) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -264,9 +293,12 @@ def load_vae(spec: Any, device: str | torch.device | None = None, dtype: str | t
     """Load a VAE from any supported spec and wrap it in a :class:`VAE` adapter.
 
     ``spec``: a hub id (``stabilityai/sd-vae-ft-mse``; a pipeline repo's ``vae`` subfolder is found by itself),
-    a local diffusers folder (model or whole pipeline), an LDM single file (``.safetensors``/``.ckpt``; give
-    ``config`` or it is inferred from shapes), ``builtin:NAME``, ``package.module:factory``, an ``nn.Module``
-    with the diffusers interface, or a :class:`VAE` (moved to ``device``/``dtype``).
+    a local diffusers folder (model or whole pipeline, ``AutoencoderKL`` or ``AutoencoderTiny``), an LDM single
+    file (``.safetensors``/``.ckpt``; give ``config`` or it is inferred from shapes), a published TAESD-family
+    pair (a folder holding ``NAME_encoder.pth`` and ``NAME_decoder.pth``, one of those files, or the pair as a
+    tuple; :mod:`vaeprobe.taesd`), ``builtin:NAME``, ``package.module:factory``, an ``nn.Module`` with the
+    diffusers interface (``encode(x)`` giving ``.latent_dist`` or ``.latents``, ``decode(z)`` giving ``.sample``;
+    any ``config``: a dict, a dataclass, a namespace or none), or a :class:`VAE` (moved to ``device``/``dtype``).
 
     >>> load_vae("builtin:tiny-random", dtype="fp32").dtype
     torch.float32
@@ -276,6 +308,14 @@ def load_vae(spec: Any, device: str | torch.device | None = None, dtype: str | t
         return spec.to(device=device, dtype=dtype)
     if isinstance(spec, nn.Module):
         return VAE(spec, spec=type(spec).__name__, device=device, dtype=dtype)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(p, (str, os.PathLike)) for p in spec):
+        from .taesd import load_taesd
+
+        missing = [str(p) for p in spec if not Path(p).expanduser().is_file()]
+        if missing:
+            raise VAELoadError(f"{', '.join(missing)}: no such file (an encoder/decoder pair needs both)")
+        model = load_taesd(*(Path(p).expanduser() for p in spec))
+        return VAE(model, spec=" + ".join(str(p) for p in spec), device=device, dtype=dtype)
     if not isinstance(spec, (str, os.PathLike)):
         raise VAELoadError(f"cannot load a VAE from a {type(spec).__name__}; pass a path, hub id or builtin:NAME")
     s = str(spec)
@@ -327,8 +367,14 @@ def _load_folder(folder: Path, subfolder: str | None):
 
 
 def _load_path(path: Path, config, subfolder):
+    from .taesd import find_pair, load_taesd
+
+    if path.is_dir() and not subfolder and not (path / "config.json").exists() and (pair := find_pair(path)):
+        return load_taesd(*pair)
     if path.is_dir():
         return _load_folder(path, subfolder)
+    if (pair := find_pair(path)) is not None:
+        return load_taesd(*pair)
     if path.suffix not in _WEIGHT_SUFFIXES:
         raise VAELoadError(f"{path}: expected a diffusers folder or a weights file ({', '.join(sorted(_WEIGHT_SUFFIXES))})")
     from .ldm import load_ldm_vae

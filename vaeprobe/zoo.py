@@ -4,6 +4,9 @@
   as fp16 safetensors in ``vaeprobe/builtin/mini-kl-f8`` with its model card.
 - ``mini-kl-f8-ft-mse``: a decoder-only fine-tune of ``mini-kl-f8`` (MSE + 0.1 LPIPS, encoder frozen; made by
   ``experiments/finetune_decoder.py``): the replacement-VAE example for ``vaeprobe compare``.
+- ``taef2``: the published taef2 weights (a TAESD-family autoencoder for FLUX.2's 32-channel latents, trained and
+  released under MIT by its author, not by this project), converted to safetensors in ``vaeprobe/builtin/taef2``
+  with its LICENSE and a model card; built by :mod:`vaeprobe.taesd`.
 - ``tiny-random``: a seeded, *untrained* tiny AutoencoderKL (factor 8, 4 channels) for unit tests and smoke runs.
 - planted-spot controls (see :mod:`vaeprobe.controls`), built on ``mini-kl-f8``.
 """
@@ -47,11 +50,22 @@ def _folder_model(name: str):
     return _load_folder(folder, None)
 
 
+def _taesd_model(name: str):
+    from .taesd import find_pair, load_taesd
+
+    folder = BUILTIN_DIR / name
+    pair = find_pair(folder) if folder.is_dir() else None
+    if pair is None:
+        raise VAELoadError(f"builtin:{name} is not installed in {folder}; reinstall vaeprobe")
+    return load_taesd(*pair)
+
+
 def _registry() -> dict[str, Callable]:
     reg: dict[str, Callable] = {
         "tiny-random": tiny_random,
         "mini-kl-f8": lambda: _folder_model("mini-kl-f8"),
         "mini-kl-f8-ft-mse": lambda: _folder_model("mini-kl-f8-ft-mse"),
+        "taef2": lambda: _taesd_model("taef2"),
     }
     try:
         from .controls import CONTROLS

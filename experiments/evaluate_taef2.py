@@ -1,0 +1,129 @@
+"""What vaeprobe finds on taef2 (or any VAE given in the config): the numbers of its model card and docs/taef2.md.
+
+    python experiments/evaluate_taef2.py experiments/configs/taef2.json   # writes experiments/results/taef2.json
+
+1. Reconstruction (posterior mean) of every ``recon_images`` photo at each ``recon_sizes``: PSNR, SSIM, LPIPS
+   (mean, std, min, max), the per-channel mean colour error (image means, in [-1, 1]), and a bicubic down-by-8-and-up
+   baseline on the same crops.
+2. Latent norms: the largest norm / median norm per image (vaeprobe's spot rule is >= 10).
+3. Spread: zeroing every cell of ``spread_positions`` (an 8x8 grid at 256 px) on ``spread_n_images`` photos, the
+   share of the change energy beyond ``radius`` cells (``far_fraction``), the radius holding 90 % of it, and how
+   much of the far-field energy is kept when every GroupNorm uses the clean decode's statistics (taef2's GroupNorms
+   are its pool branches) — with the Shapley GroupNorm share of :func:`vaeprobe.attribute_pathways`.
+4. The same attribution at each image's largest-norm cell of ``top_images``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vaeprobe import attribute_pathways, exact_scan, load_images, load_vae, select_sites  # noqa: E402
+from vaeprobe._io import write_text_atomic  # noqa: E402
+from vaeprobe.metrics import compare_images  # noqa: E402
+from vaeprobe.plots import tensor_to_unit  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stats(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "min": float(v.min()),
+            "max": float(v.max()), "n": int(v.size)}
+
+
+def bicubic(arr: np.ndarray, factor: int = 8) -> np.ndarray:
+    h, w = arr.shape[:2]
+    img = Image.fromarray((arr * 255).round().astype(np.uint8))
+    small = img.resize((w // factor, h // factor), Image.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255
+
+
+def reconstruction(vae, images: str, size: int) -> dict:
+    rows, base, colour = [], [], []
+    for img in load_images(images, factor=vae.factor, size=size):
+        rec = tensor_to_unit(vae.reconstruct(img.tensor()))
+        rows.append(compare_images(img.array, rec))
+        base.append(compare_images(img.array, bicubic(img.array))["psnr"])
+        colour.append(np.abs((rec.mean(axis=(0, 1)) - img.array.mean(axis=(0, 1))) * 2))  # in [-1, 1] units
+    out = {m: stats([r[m] for r in rows]) for m in ("psnr", "ssim", "lpips")}
+    out["bicubic_x8_psnr"] = stats(base)
+    out["mean_abs_colour_error_rgb"] = [float(c) for c in np.mean(colour, axis=0)]
+    return out
+
+
+def norm_ratios(vae, images: str, size: int) -> dict:
+    ratios = []
+    for img in load_images(images, factor=vae.factor, size=size):
+        n = vae.encode(img.tensor()).mean[0].norm(dim=0)
+        ratios.append(float(n.max() / n.median()))
+    return stats(ratios)
+
+
+def spread(vae, cfg: dict) -> dict:
+    imgs = load_images(cfg["spread_images"], factor=vae.factor, size=cfg["spread_size"])[:cfg["spread_n_images"]]
+    per_image = []
+    for img in imgs:
+        z = vae.encode(img.tensor()).mean
+        sites = select_sites(cfg["spread_positions"], z.shape[-2:])
+        ref = vae.decode(z)
+        df = attribute_pathways(vae, z, sites, "zero", radius=cfg["radius"], batch=1)
+        scan = exact_scan(vae, z, sites, "zero", measures=("far_fraction", "radius90"), radius=cfg["radius"],
+                          batch=1, ref=ref)
+        far, r90 = scan.far_fraction.to_numpy(), scan.radius90.to_numpy()
+        kept = (df.far_l2_groupnorm_frozen / df.far_l2_live).to_numpy()
+        per_image.append({"image": img.name, "cells": len(sites), "far_fraction": stats(far),
+                          "radius90": stats(r90), "groupnorm_frozen_kept": stats(kept),
+                          "kept_pooled": float(df.far_l2_groupnorm_frozen.sum() / df.far_l2_live.sum()),
+                          "share_groupnorm": stats(df.share_groupnorm)})
+    return {"images": per_image}
+
+
+def top_cells(vae, cfg: dict) -> dict:
+    rows = []
+    for img in load_images(cfg["top_images"], factor=vae.factor, size=cfg["top_size"]):
+        z = vae.encode(img.tensor()).mean
+        n = z[0].norm(dim=0)
+        site = select_sites("top:1", z.shape[-2:], norm=n)
+        df = attribute_pathways(vae, z, site, "zero", radius=cfg["radius"], batch=1)
+        rows.append({"image": img.name, "row": site[0].row, "col": site[0].col,
+                     "norm_ratio": float(n.max() / n.median()), "far_fraction": float(df.far_fraction_live[0]),
+                     "share_groupnorm": float(df.share_groupnorm[0]),
+                     "kept": float(df.far_l2_groupnorm_frozen[0] / df.far_l2_live[0])})
+    return {"per_image": rows, "share_groupnorm": stats([r["share_groupnorm"] for r in rows]),
+            "kept": stats([r["kept"] for r in rows]), "far_fraction": stats([r["far_fraction"] for r in rows])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--out", default=None, help="results file (default experiments/results/<config name>.json)")
+    args = ap.parse_args()
+    cfg = json.loads(Path(args.config).read_text())
+    torch.manual_seed(0)
+    t0 = time.time()
+    vae = load_vae(cfg["vae"])
+    res = {"config": cfg, "vae": vae.info(), "command": " ".join(["python", *sys.argv])}
+    res["reconstruction"] = {str(s): reconstruction(vae, cfg["recon_images"], s) for s in cfg["recon_sizes"]}
+    print("reconstruction", json.dumps({s: round(r["psnr"]["mean"], 2) for s, r in res["reconstruction"].items()}))
+    res["norm_ratio"] = {str(s): norm_ratios(vae, cfg["recon_images"], s) for s in cfg["recon_sizes"]}
+    res["spread"] = spread(vae, cfg)
+    print("spread", json.dumps([(r["image"], round(r["kept_pooled"], 3)) for r in res["spread"]["images"]]))
+    res["top_cells"] = top_cells(vae, cfg)
+    res["seconds"] = round(time.time() - t0, 1)
+    out = Path(args.out) if args.out else RESULTS / f"{Path(args.config).stem}.json"
+    write_text_atomic(out, json.dumps(res, indent=1))
+    print(f"wrote {out} in {res['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
