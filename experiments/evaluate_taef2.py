@@ -11,6 +11,10 @@
    much of the far-field energy is kept when every GroupNorm uses the clean decode's statistics (taef2's GroupNorms
    are its pool branches) — with the Shapley GroupNorm share of :func:`vaeprobe.attribute_pathways`.
 4. The same attribution at each image's largest-norm cell of ``top_images``.
+5. For a TAESD model: the reconstruction PSNR of ``wiring_images`` at 128 px with the pool branch wired four ways
+   (the key names do not say how), which is how :class:`vaeprobe.taesd.Block`'s wiring was chosen.
+
+``--only wiring`` (or any section name) recomputes that section and keeps the others of an existing results file.
 """
 
 from __future__ import annotations
@@ -103,26 +107,62 @@ def top_cells(vae, cfg: dict) -> dict:
             "kept": stats([r["kept"] for r in rows]), "far_fraction": stats([r["far_fraction"] for r in rows])}
 
 
+def wiring(vae, cfg: dict) -> dict:
+    """Mean PSNR with the pool branch added to the block input (the shipped wiring), after the convolutions, into
+    the convolutions only, or left out."""
+    from vaeprobe.taesd import Block
+
+    variants = {
+        "input (shipped)": None,
+        "after the convolutions": lambda b, x: b.fuse(b.conv(x) + b.skip(x) + b.pool(x)),
+        "convolutions only": lambda b, x: b.fuse(b.conv(x + b.pool(x)) + b.skip(x)),
+        "left out": lambda b, x: b.fuse(b.conv(x) + b.skip(x)),
+    }
+    imgs = load_images(cfg["wiring_images"], factor=vae.factor, size=128)[:cfg["wiring_n_images"]]
+    shipped, out = Block.forward, {}
+    try:
+        for name, fn in variants.items():
+            Block.forward = shipped if fn is None else (lambda b, x, fn=fn: fn(b, x) if b.pool is not None
+                                                        else shipped(b, x))
+            out[name] = float(np.mean([compare_images(i.array, tensor_to_unit(vae.reconstruct(i.tensor())))["psnr"]
+                                       for i in imgs]))
+    finally:
+        Block.forward = shipped
+    return {"images": [i.name for i in imgs], "mean_psnr_128": out}
+
+
+SECTIONS = ("reconstruction", "norm_ratio", "spread", "top_cells", "wiring")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
     ap.add_argument("--out", default=None, help="results file (default experiments/results/<config name>.json)")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to (re)compute")
     args = ap.parse_args()
     cfg = json.loads(Path(args.config).read_text())
+    out = Path(args.out) if args.out else RESULTS / f"{Path(args.config).stem}.json"
     torch.manual_seed(0)
     t0 = time.time()
     vae = load_vae(cfg["vae"])
-    res = {"config": cfg, "vae": vae.info(), "command": " ".join(["python", *sys.argv])}
-    res["reconstruction"] = {str(s): reconstruction(vae, cfg["recon_images"], s) for s in cfg["recon_sizes"]}
-    print("reconstruction", json.dumps({s: round(r["psnr"]["mean"], 2) for s, r in res["reconstruction"].items()}))
-    res["norm_ratio"] = {str(s): norm_ratios(vae, cfg["recon_images"], s) for s in cfg["recon_sizes"]}
-    res["spread"] = spread(vae, cfg)
-    print("spread", json.dumps([(r["image"], round(r["kept_pooled"], 3)) for r in res["spread"]["images"]]))
-    res["top_cells"] = top_cells(vae, cfg)
-    res["seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out) if args.out else RESULTS / f"{Path(args.config).stem}.json"
+    res = json.loads(out.read_text()) if out.exists() and set(args.only) != set(SECTIONS) else {}
+    res.update({"config": cfg, "vae": vae.info()})
+    res.pop("command", None)
+    if "reconstruction" in args.only:
+        res["reconstruction"] = {str(s): reconstruction(vae, cfg["recon_images"], s) for s in cfg["recon_sizes"]}
+    if "norm_ratio" in args.only:
+        res["norm_ratio"] = {str(s): norm_ratios(vae, cfg["recon_images"], s) for s in cfg["recon_sizes"]}
+    if "spread" in args.only:
+        res["spread"] = spread(vae, cfg)
+    if "top_cells" in args.only:
+        res["top_cells"] = top_cells(vae, cfg)
+    if "wiring" in args.only and type(vae.model).__name__ == "TAESD" and vae.model.config["pool"]:
+        res["wiring"] = wiring(vae, cfg)
+    seconds = round(time.time() - t0, 1)
+    res.setdefault("runs", []).append({"command": " ".join(["python", *sys.argv]), "sections": args.only,
+                                       "seconds": seconds})
     write_text_atomic(out, json.dumps(res, indent=1))
-    print(f"wrote {out} in {res['seconds']} s")
+    print(f"wrote {out} in {seconds} s")
 
 
 if __name__ == "__main__":

@@ -260,3 +260,15 @@ def test_frozen_groupnorm_of_taef2_matches_a_brute_force_reference(taef2):
         assert e_fixed < 0.95 * e_live  # freezing the pool branches removes part of the far field
         assert df.far_l2_live[i] == pytest.approx(e_live, rel=1e-4)
         assert df.far_l2_groupnorm_frozen[i] == pytest.approx(e_fixed, rel=1e-3)
+
+
+def test_an_internal_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+    from vaeprobe import cli
+
+    rc = cli.main(["info", "--vae", "vae_factories:broken_encoder"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.strip().count("\n") == 0
+    assert "internal error: ValueError: shapes do not match (rerun with VAEPROBE_DEBUG=1" in err
+    monkeypatch.setenv("VAEPROBE_DEBUG", "1")
+    with pytest.raises(ValueError, match="shapes do not match"):
+        cli.main(["info", "--vae", "vae_factories:broken_encoder"])

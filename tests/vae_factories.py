@@ -133,3 +133,14 @@ class FailsOnWide(DuckTiny):
 
 def fails_on_wide():
     return FailsOnWide({"latent_channels": 32})
+
+
+class BrokenEncoder(DuckTiny):
+    """Its encode always raises a plain Python error (not one of vaeprobe's)."""
+
+    def encode(self, x):
+        raise ValueError("shapes do not match\nsecond line of detail")
+
+
+def broken_encoder():
+    return BrokenEncoder({"latent_channels": 32})

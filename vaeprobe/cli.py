@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import VaeprobeError
+from .errors import VaeprobeError, one_line
 from .images import DEFAULT_FIT, FIT_POLICIES
 
 
@@ -350,9 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("VAEPROBE_DEBUG"):
             raise
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        print(f"vaeprobe: internal error: {type(exc).__name__}: {text} (rerun with VAEPROBE_DEBUG=1 for the "
-              f"traceback, and please report it)", file=sys.stderr)
+        print(f"vaeprobe: internal error: {one_line(exc)} (rerun with VAEPROBE_DEBUG=1 for the traceback, and "
+              f"please report it)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vaeprobe: interrupted", file=sys.stderr)

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from ._io import write_text_atomic
-from .errors import VaeprobeError
+from .errors import VaeprobeError, one_line
 
 ENCODER_TOL = 1e-5        # max |difference| of the latent means below which two encoders count as identical
 SPOT_PRESENT = 0.5        # a VAE "has the spot" when the spot rate or the global rate reaches this share of images
@@ -285,8 +285,7 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
                 if dom is not None:
                     dominant.append(dom)
             except Exception as exc:  # one bad image must not lose the comparison
-                text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                error = text if isinstance(exc, VaeprobeError) else f"{type(exc).__name__}: {text}"
+                error = one_line(exc)
                 failed.append({"model": vae.spec, "image": img.name, "error": error})
                 tqdm.write(f"vaeprobe: {vae.spec} on {img.name}: failed ({error}); going on", file=sys.stderr)
                 means.append(None)

@@ -19,3 +19,17 @@ class ImageLoadError(VaeprobeError):
 
 class SetupError(VaeprobeError):
     """An offline asset (e.g. LPIPS weights) is missing and could not be prepared."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for a user: our own errors by their message, others prefixed with their type.
+
+    >>> one_line(RuntimeError("out of memory\\nCUDA details"))
+    'RuntimeError: out of memory'
+    >>> one_line(VAELoadError("no such file"))
+    'no such file'
+    """
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    if isinstance(exc, VaeprobeError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from ._io import atomic_path, write_text_atomic
-from .errors import VaeprobeError
+from .errors import VaeprobeError, one_line
 
 
 COMMAND: list[str] | None = None
@@ -116,8 +116,7 @@ class RunDir:
         try:
             yield
         except Exception as exc:  # one bad item must not lose the run (KeyboardInterrupt still stops it)
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            error = text if isinstance(exc, VaeprobeError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+            error = one_line(exc)
             self.failed.append({"key": key, "image": name, "error": error})
             self.say(f"vaeprobe: {name}: failed ({error}); going on with the next image")
 
