@@ -30,6 +30,25 @@ from vaeprobe.images import IMAGE_SUFFIXES, read_image  # noqa: E402
 from vaeprobe.metrics import LPIPS  # noqa: E402
 
 
+def wallpaper_files(spec: dict) -> list[Path]:
+    """The images of one split of the set written by ``experiments/fetch_wallpapers.py`` (from its manifest)."""
+    import csv
+
+    from vaeprobe._io import cache_dir
+
+    root = Path(spec.get("dir") or cache_dir() / "wallpapers").expanduser()
+    manifest = root / "manifest.csv"
+    if not manifest.exists():
+        print(f"warning: {manifest} missing (run experiments/fetch_wallpapers.py); training without the wallpapers",
+              file=sys.stderr)
+        return []
+    split = spec.get("split", "train")
+    if split == "reserved-eval":
+        raise SystemExit("the reserved-eval split (ukui-wallpapers) must never be used for training")
+    with manifest.open() as fh:
+        return [root / row["file"] for row in csv.DictReader(fh) if row["split"] == split]
+
+
 def load_pool(cfg: dict, smoke: bool) -> list[np.ndarray]:
     """Training images as float32 arrays, shorter side scaled to ``base_short_side``."""
     from vaeprobe.images import _resize
@@ -39,15 +58,17 @@ def load_pool(cfg: dict, smoke: bool) -> list[np.ndarray]:
     names = SETS["builtin:photos-train"][:2] if smoke else SETS["builtin:photos-train"]
     arrays = [photo(n) for n in names]
     if not smoke:
+        files: list[Path] = []
         for d in cfg["data"].get("extra_dirs", []):
             p = Path(d)
             if not p.is_dir():
                 print(f"warning: extra data folder {d} missing (see the module docstring); training without it",
                       file=sys.stderr)
                 continue
-            for f in sorted(p.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    arrays.append(read_image(f, factor=1).array)
+            files += [f for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if "wallpapers" in cfg["data"]:
+            files += wallpaper_files(cfg["data"]["wallpapers"])
+        arrays += [read_image(f, factor=1).array for f in files]
     for arr in arrays:
         h, w = arr.shape[:2]
         s = base / min(h, w)
@@ -57,11 +78,56 @@ def load_pool(cfg: dict, smoke: bool) -> list[np.ndarray]:
     return pool
 
 
-def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, min_scale: float) -> torch.Tensor:
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32)
+_RGB = np.linalg.inv(_YIQ).astype(np.float32)
+
+
+def jitter_colour(patch: np.ndarray, rng: np.random.Generator, hue: float, sat: tuple[float, float]) -> np.ndarray:
+    """Rotate the hue by up to ``hue`` turns (a rotation of the chroma plane in YIQ) and scale the saturation by a
+    factor drawn from ``sat`` (around the luma); the result is clipped to [0, 1]."""
+    angle = rng.uniform(-hue, hue) * 2 * np.pi
+    c, s_ = np.cos(angle), np.sin(angle)
+    k = rng.uniform(*sat)
+    rot = np.array([[1, 0, 0], [0, c * k, -s_ * k], [0, s_ * k, c * k]], dtype=np.float32)
+    return np.clip(patch @ (_RGB @ rot @ _YIQ).T, 0, 1)
+
+
+def colour_field(rng: np.random.Generator, crop: int) -> np.ndarray:
+    """A synthetic, saturated colour image: a two-colour gradient with discs, bars and stripes of other saturated
+    colours (the kind of graphic the wallpaper sets hold and photos rarely do)."""
+    import colorsys
+
+    def colour():
+        return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)),
+                        dtype=np.float32)
+
+    yy, xx = np.mgrid[0:crop, 0:crop].astype(np.float32) / crop
+    t = np.clip(np.cos(rng.uniform(0, 2 * np.pi)) * xx + np.sin(rng.uniform(0, 2 * np.pi)) * yy, 0, 1)[..., None]
+    img = colour() * (1 - t) + colour() * t
+    for _ in range(rng.integers(1, 6)):
+        cy, cx, r = rng.random(), rng.random(), rng.uniform(0.05, 0.4)
+        kind = rng.integers(3)
+        if kind == 0:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        elif kind == 1:
+            mask = (np.abs(yy - cy) < r / 2) & (np.abs(xx - cx) < r)
+        else:
+            mask = np.sin((xx * np.cos(cy * 6) + yy * np.sin(cy * 6)) * (4 + 20 * r) * np.pi) > 0.3
+        img[mask] = colour()
+    return img.astype(np.float32)
+
+
+def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, min_scale: float,
+                 colour: dict | None = None) -> torch.Tensor:
+    """Random crops at random scales with flips; with ``colour`` (``hue``, ``saturation``, ``jitter_p``,
+    ``synthetic_p``) some crops get a hue/saturation jitter and some are replaced by a synthetic colour field."""
     from vaeprobe.images import _resize
 
     out = []
     for _ in range(batch):
+        if colour and rng.random() < colour.get("synthetic_p", 0.0):
+            out.append(colour_field(rng, crop))
+            continue
         arr = pool[rng.integers(len(pool))]
         h, w = arr.shape[:2]
         scale = rng.uniform(max(min_scale, crop / min(h, w)), 1.0)
@@ -71,7 +137,9 @@ def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, min_scal
         patch = _resize(arr[top:top + side, left:left + side], crop, crop)
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
-        out.append(np.ascontiguousarray(patch))
+        if colour and rng.random() < colour.get("jitter_p", 0.0):
+            patch = jitter_colour(patch, rng, colour["hue"], tuple(colour["saturation"]))
+        out.append(np.ascontiguousarray(patch, dtype=np.float32))
     x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
     return x * 2 - 1
 
@@ -112,6 +180,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg)
+    init = cfg.get("init_from")
+    if init and not (out / "checkpoint.pt").exists():  # a warm start; a checkpoint of this run takes precedence
+        from vaeprobe.vae import load_vae
+
+        model.load_state_dict(load_vae(init).model.float().state_dict())
+        print(f"initialised from {init}")
     opt = torch.optim.Adam(model.parameters(), lr=tr["lr"], betas=(0.9, 0.99))
     lpips = LPIPS()
     step, elapsed, log = 0, 0.0, []
@@ -136,7 +210,8 @@ def main(argv=None) -> int:
     budget = tr["max_minutes"] * 60
     while step < tr["steps"] and (time.time() - t_start) < budget:
         rng = np.random.default_rng([cfg["seed"], step])
-        x = sample_batch(pool, rng, tr["batch_size"], cfg["data"]["crop"], cfg["data"]["min_scale"])
+        x = sample_batch(pool, rng, tr["batch_size"], cfg["data"]["crop"], cfg["data"]["min_scale"],
+                         cfg["data"].get("colour"))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr["bf16_autocast"]):
             moments = model.quant_conv(model.encoder(x))
             mean, logvar = moments.float().chunk(2, dim=1)
