@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
 BLOB_SECTION = [
     "## A real, unplanted finding: a decoder-made droplet at the bottom-left corner", "",
-    "Every reconstruction has a small bright blob at the bottom-left corner. `experiments/corner_blob.py` "
+    "The faithful-mini issue reports a small bright blob near the bottom-left corner of every reconstruction. `experiments/corner_blob.py` "
     "(results for these weights: `experiments/results/corner_blob_mini_step3691.json`) finds that it is a "
     "GroupNorm droplet that the *decoder* writes at its border: the worst-reconstructed 8x8 cell is the corner "
     "cell (31, 0) on 11 of 13 test images at 256 px (greys, synthetic colour fields, held-out photos), also when the "

@@ -1,12 +1,19 @@
 """Train the builtin mini KL-f8 VAE (diffusers AutoencoderKL, SD layout at reduced width) on CPU.
 
 Recipe of the LDM autoencoders: L1 + LPIPS reconstruction loss summed over pixels, KL to N(0, I) with weight
-1e-6, Adam. Data: the training split of ``builtin:photos`` (scikit-image) plus the nature photos of Debian's
-``mate-backgrounds`` package, random crops with flips at random scales. Seeded; resumes from its checkpoint.
+1e-6, Adam. Data: the training split of ``builtin:photos`` (scikit-image) plus, per the config, image folders
+(``extra_dirs``) and a split of the Debian wallpaper set written by ``experiments/fetch_wallpapers.py``
+(``"wallpapers": {"split": "train"}``; the ``reserved-eval`` split is refused); random crops with flips at random
+scales. ``"colour"`` adds a hue rotation / saturation jitter to some crops and replaces some by synthetic saturated
+colour fields (:func:`colour_field`). ``"init_from"`` warm-starts from a VAE spec. Seeded (the batch of step k
+depends only on the seed and k); resumes from its checkpoint.
 
     apt-get download mate-backgrounds && dpkg-deb -x mate-backgrounds_*.deb /tmp/mate
     python experiments/train_mini_vae.py --config experiments/configs/mini_kl_f8.json --out runs/train-mini
     python experiments/train_mini_vae.py ... --export vaeprobe/builtin/mini-kl-f8   # write the shipped weights
+
+    python experiments/fetch_wallpapers.py       # the colour recipe's data, then:
+    python experiments/train_mini_vae.py --config experiments/configs/mini_kl_f8_colour.json --out runs/train-colour
 
 ``--smoke`` runs 3 tiny steps (used by the test suite).
 """
