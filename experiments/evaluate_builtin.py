@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-full-scan", action="store_true", help="skip the every-cell scan of the clean model")
     ap.add_argument("--out", default=str(CARD_DIR))
+    ap.add_argument("--mini-results", help="results.json of experiments/evaluate_mini.py for these weights")
+    ap.add_argument("--blob-results", help="the JSON of experiments/corner_blob.py for these weights")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
@@ -120,63 +122,117 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     write_text_atomic(out / "eval.json", json.dumps(result, indent=1))
-    write_text_atomic(out / "MODEL_CARD.md", render_card(result, out))
+    mini = json.loads(Path(args.mini_results).read_text()) if args.mini_results else None
+    blob = json.loads(Path(args.blob_results).read_text()) if args.blob_results else None
+    write_text_atomic(out / "MODEL_CARD.md", render_card(result, out, mini, blob))
     print(f"wrote {out / 'eval.json'} and MODEL_CARD.md in {result['seconds']} s")
     return 0
 
 
-BLOB_SECTION = [
-    "## A real, unplanted finding: a decoder-made droplet at the bottom-left corner", "",
-    "The faithful-mini issue reports a small bright blob near the bottom-left corner of every reconstruction. `experiments/corner_blob.py` "
-    "(results for these weights: `experiments/results/corner_blob_mini_step3691.json`) finds that it is a "
-    "GroupNorm droplet that the *decoder* writes at its border: the worst-reconstructed 8x8 cell is the corner "
-    "cell (31, 0) on 11 of 13 test images at 256 px (greys, synthetic colour fields, held-out photos), also when the "
-    "latent is spatially constant (13/13) or flipped left-right (10/13), so it is anchored to the border, not to "
-    "the content or the encoder. In 15-24 of the decoder's 30 GroupNorm layers the position that dominates a "
-    "group's variance sits in that cell (up to 61 % of a group's variance from one position). The decoder reads it "
-    "globally: leaving only that cell's pixels out of the GroupNorm statistics changes the image beyond 3 cells by "
-    "an RMS of 0.09-0.58 (in [-1, 1]) on those 11 images. vaeprobe's latent spot detector does not see it (the "
-    "latent norm ratio at the cell is 0.6-6.1, an ordinary cell), but `vaeprobe mechanism`'s GroupNorm droplet "
-    "table (`groupnorm.parquet`) locates it, and a perturbation scan feels it: on the 6 held-out photos whose worst cell is the corner, zeroing "
-    "the latent at the corner cell moves the image beyond 3 cells 9-1856x more than the median of 16 cells on a "
-    "grid (every 8th cell; rocket: 1856x, beyond the global-effect threshold of 1000), because disturbing the "
-    "corner's latent disturbs the droplet. So the clean model has a 'global' cell that is neither a large latent "
-    "nor an encoder artefact. Details: `docs/mini-corner-blob.md`.",
-]
+def fmt_stat(d: dict, digits: int = 2) -> str:
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
-def render_card(r: dict, folder: Path) -> str:
+def blob_section(b: dict | None) -> list[str]:
+    """The corner-droplet paragraph, from ``experiments/corner_blob.py``'s results for these weights."""
+    head = "## A real, unplanted finding: a decoder-made droplet at the bottom-left corner"
+    if not b:
+        return [head, "", "(run `python experiments/corner_blob.py` and pass `--blob-results`)"]
+    rows = b["images"]
+    cell = tuple(b["most_common_worst_cell"])
+    corner = (b["size"] // 8 - 1, 0)
+    at = [r for r in rows if tuple(r["worst_cell"]) == corner]
+    n = len(rows)
+    const = sum(tuple(r["constant_latent_worst_cell"]) == corner for r in rows)
+    flip = sum(tuple(r["flipped_latent_worst_cell"]) == corner for r in rows)
+    lines = [head, "",
+             "The faithful-mini issue reported a small bright blob near the bottom-left corner of every "
+             "reconstruction of the earlier weights. `docs/mini-corner-blob.md` traces it, on those weights, to a "
+             "GroupNorm droplet that the *decoder* writes at its border. `experiments/corner_blob.py` repeats the "
+             f"measurement on these weights ({b['size']} px, {n} test images: greys, synthetic colour fields, "
+             f"held-out photos; `{b['command']}`):", "",
+             f"- the worst-reconstructed 8x8 cell is the corner cell {corner} on {len(at)} of {n} images "
+             f"(most common worst cell: {cell}, on {b['images_with_that_cell']});",
+             f"- with a spatially constant latent, whose decode can only show what the decoder makes itself, the "
+             f"corner cell is the worst on {const} of {n}; with the latent flipped left-right, on {flip} of {n};"]
+    if at:
+        layers = [r["droplet_layers_at_worst_cell"] for r in at]
+        share = max(r["max_droplet_share_at_worst_cell"] for r in at)
+        rms = [r["stats_without_cell_far_rms"] for r in at]
+        norm = [r["latent_norm_ratio_at_cell"] for r in at]
+        zero = {r["image"]: r["zeroing_far_over_grid_median"] for r in at}
+        top = max(zero, key=zero.get)
+        lines += [
+            f"- on the {len(at)} images whose worst cell is the corner, the position dominating a GroupNorm group's "
+            f"variance sits in that cell in {min(layers)}-{max(layers)} of the decoder's "
+            f"{at[0]['droplet_layers']} GroupNorm layers (up to {share:.0%} of a group's variance from one position);",
+            f"- leaving only that cell's pixels out of the GroupNorm statistics changes the image beyond "
+            f"{b['radius']} cells by an RMS of {min(rms):.2f}-{max(rms):.2f} (in [-1, 1]);",
+            f"- the latent norm ratio at the cell is {min(norm):.1f}-{max(norm):.1f}, so vaeprobe's latent spot "
+            f"detector (ratio >= 10) does not see it, while `vaeprobe mechanism`'s GroupNorm droplet table "
+            f"(`groupnorm.parquet`) locates it;",
+            f"- zeroing the latent at the corner cell moves the image beyond {b['radius']} cells "
+            f"{min(zero.values()):.3g}-{max(zero.values()):.3g}x more than the median of a grid of cells "
+            f"({top}: {zero[top]:.3g}x; the global-effect threshold is 1000)."]
+    else:
+        lines += ["- no image has its worst cell at the corner: the blob is not visible in these weights' "
+                  "reconstructions."]
+    return lines
+
+
+def render_card(r: dict, folder: Path, mini: dict | None, blob: dict | None) -> str:
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
-    cfg = training.get("config", {})
+    stages, t = [], training
+    while t:
+        stages.append(t)
+        t = t.get("init_from_training")
+    stages = stages[::-1]
     lines = ["# builtin:mini-kl-f8 — model card", "",
              "A diffusers `AutoencoderKL` with Stable Diffusion's layout (four resolution levels, factor 8, 4 latent",
              "channels, GroupNorm, self-attention in the encoder and decoder mid-blocks) at reduced width, trained",
-             "on CPU by `experiments/train_mini_vae.py`. Weights: `diffusion_pytorch_model.safetensors` (fp16).", "",
+             "on 2 CPU cores by `experiments/train_mini_vae.py`. Weights: `diffusion_pytorch_model.safetensors` "
+             "(fp16). Everything below is rebuilt by `python experiments/rebuild_mini.py`.", "",
              "## Training", "",
-             f"- config: `experiments/configs/mini_kl_f8.json` (model {json.dumps(cfg.get('model', {}).get('block_out_channels'))}"
-             f" widths, layers_per_block {cfg.get('model', {}).get('layers_per_block')})",
-             f"- data: `builtin:photos-train` (scikit-image) + the 12 nature photos of Debian's `mate-backgrounds`;"
-             f" random {cfg.get('data', {}).get('crop')} px crops at random scales, horizontal flips",
-             f"- loss: L1 + LPIPS (summed over pixels, LDM convention) + {cfg.get('train', {}).get('kl_weight')} x KL;"
-             f" Adam lr {cfg.get('train', {}).get('lr')}, batch {cfg.get('train', {}).get('batch_size')},"
-             f" bf16 autocast on CPU, seed {cfg.get('seed')}",
-             f"- steps: {training.get('steps')}; wall time: {training.get('wall_minutes')} min on 2 CPU cores",
-             f"- final logged losses: `{json.dumps(training.get('final_log', [])[-1:])}`", "",
-             "Retrain (the same command; `--smoke` runs 3 steps):", "", "```bash",
-             "apt-get download mate-backgrounds && dpkg-deb -x mate-backgrounds_*.deb /tmp/mate",
-             "python experiments/train_mini_vae.py --config experiments/configs/mini_kl_f8.json "
-             "--out runs/train-mini-kl-f8 --export vaeprobe/builtin/mini-kl-f8",
-             "python experiments/evaluate_builtin.py", "```", "",
-             f"## Reconstruction on held-out images ({r['heldout']}, {r['recon_size']} px, posterior mean)", "",
-             "| model | PSNR | SSIM | LPIPS |", "|---|---|---|---|",
-             f"| mini-kl-f8 | {mean_std(r['mini'], 'psnr')} | {mean_std(r['mini'], 'ssim')} | {mean_std(r['mini'], 'lpips')} |",
-             f"| bicubic down-8-up | {mean_std(r['bicubic'], 'psnr')} | {mean_std(r['bicubic'], 'ssim')} | "
-             f"{mean_std(r['bicubic'], 'lpips')} |"]
+             "Three stages, each warm-started from the previous one (the commands are in the docstring of "
+             "`experiments/train_mini_vae.py`; the full settings and logs in `training.json`):", "",
+             "| stage | init | data | loss | lr | precision | steps | minutes | last logged L1 / LPIPS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, st in enumerate(stages, 1):
+        cfg, tr = st.get("config", {}), st.get("config", {}).get("train", {})
+        data = cfg.get("data", {})
+        src = "builtin photos" + (" + mate-backgrounds" if data.get("extra_dirs") else "") + \
+            (f" + wallpapers ({data['wallpapers'].get('split')} split)" if data.get("wallpapers") else "")
+        if data.get("colour"):
+            c = data["colour"]
+            src += f"; hue/saturation jitter p={c.get('jitter_p')}, synthetic colour fields p={c.get('synthetic_p')}"
+        loss = f"L1 + {tr.get('lpips_weight')} LPIPS + {tr.get('kl_weight')} KL"
+        if tr.get("lowfreq_weight"):
+            loss += f" + {tr['lowfreq_weight']} low-frequency L1"
+        lr = f"{tr.get('lr')}" + (f", cosine to {tr.get('lr_min')}" if tr.get("lr_schedule") == "cosine" else "")
+        last = (st.get("final_log") or [{}])[-1]
+        init = "random" if i == 1 else f"stage {i - 1}"
+        lines.append(f"| {i} | {init} | {src} | {loss} | {lr} | {'bf16 autocast' if tr.get('bf16_autocast') else 'fp32'}"
+                     f" | {st.get('steps')} | {st.get('wall_minutes')} | {last.get('l1', float('nan')):.3f} / "
+                     f"{last.get('lpips', float('nan')):.3f} |")
+    lines += ["", f"Model: widths {json.dumps(stages[-1]['config']['model']['block_out_channels'])}, "
+              f"layers_per_block {stages[-1]['config']['model']['layers_per_block']}, random {stages[-1]['config']['data']['crop']} px crops "
+              "at random scales with horizontal flips, batch 4, Adam. The patch discriminator of SD's recipe was "
+              "not used. The training curve (losses per pixel of single batches, smoothed; stage 1 logged only its "
+              "last steps): `experiments/results/mini_kl_f8/training_curve.png`.", "",
+              "![training curve](../../../experiments/results/mini_kl_f8/training_curve.png)", ""]
+    if mini:
+        lines += mini_sections(mini)
+    lines += ["## Planted-spot controls: reconstruction", "",
+              f"{r['heldout']}, {r['recon_size']} px, posterior mean (per image: `eval.json`; SSIM is "
+              "scikit-image's on RGB):", "",
+              "| model | PSNR | SSIM | LPIPS |", "|---|---|---|---|",
+              f"| mini-kl-f8 | {mean_std(r['mini'], 'psnr')} | {mean_std(r['mini'], 'ssim')} | {mean_std(r['mini'], 'lpips')} |",
+              f"| bicubic down-8-up | {mean_std(r['bicubic'], 'psnr')} | {mean_std(r['bicubic'], 'ssim')} | "
+              f"{mean_std(r['bicubic'], 'lpips')} |"]
     for name, c in r["controls"].items():
         rec = c["reconstruction"]
         lines.append(f"| {name} | {mean_std(rec, 'psnr')} | {mean_std(rec, 'ssim')} | {mean_std(rec, 'lpips')} |")
-    lines += ["", f"Per image: `eval.json`. SSIM is scikit-image's on RGB.", "",
-              f"## Did an SD-like spot emerge? ({r['spot_size']} px, held-out images)", "",
+    lines += ["", f"## Did an SD-like spot emerge? ({r['spot_size']} px, held-out photos)", "",
               "| image | max/median norm | cells at logvar clamp | strongest cell | its far-field effect / median "
               "random cell | every-cell scan: max far-field / max of 20 random |", "|---|---|---|---|---|---|"]
     for name, s in r["spot"].items():
@@ -185,7 +241,7 @@ def render_card(r: dict, folder: Path) -> str:
     n_pass = sum(s.get("any_cell_passes_10x", False) for s in r["spot"].values())
     lines += ["", f"Zeroing test (a cell whose zeroing moves pixels more than 3 cells away >= 10x more than any of "
               f"20 random cells): some cell passes on {n_pass} of {len(r['spot'])} held-out images.", "",
-              *BLOB_SECTION, "",
+              *blob_section(blob), "", "Details of the mechanism: `docs/mini-corner-blob.md`.", "",
               "## Planted-spot controls (`vaeprobe/controls.py`)", "",
               "| control | mechanism | zeroing test passed at the declared spot |", "|---|---|---|"]
     for name, c in r["controls"].items():
@@ -193,8 +249,69 @@ def render_card(r: dict, folder: Path) -> str:
         ok = sum(v["passes_10x"] for v in z.values())
         worst = min(v["ratio"] for v in z.values())
         lines.append(f"| {name} | {c['mechanism']} | {ok}/{len(z)} (lowest ratio {worst:.1f}) |")
-    lines += ["", f"Evaluation took {r['seconds']} s (`python experiments/evaluate_builtin.py`).", ""]
+    lines += ["", f"This evaluation took {r['seconds']} s (`python experiments/evaluate_builtin.py`).", ""]
     return "\n".join(lines)
+
+
+def mini_sections(m: dict) -> list[str]:
+    """Held-out reconstruction, colour fidelity, latent statistics and spot rates from ``evaluate_mini.py``."""
+    models = list(m["models"])
+    ours = models[0]
+    names = {ours: "mini-kl-f8 (these weights)"}
+    for spec in models[1:]:
+        names[spec] = "stage 1 (previous weights)" if "train-mini-kl-f8" in spec else spec
+    lines = ["## Reconstruction on held-out sources", "",
+             "Posterior mean (the mode), images centre-cropped to a square and resized. Sources never used in "
+             "training: `builtin:photos-heldout` (7 scikit-image photos) and the `heldout` split of the Debian "
+             "wallpaper set (whole packages: gnome-backgrounds, sway-backgrounds; docs/data.md). Colour error: "
+             "mean over images of |mean channel value of the reconstruction - of the original|, in [-1, 1]. "
+             f"Command: `{m['command']}`.", "",
+             "| model | source | px | n | PSNR median | PSNR mean ± std | SSIM | LPIPS | colour error R / G / B |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for spec in models:
+        for src, per in m["models"][spec].items():
+            for size, v in per.items():
+                rec = v["reconstruction"]
+                ce = " / ".join(f"{c:.3f}" for c in rec["mean_abs_colour_error_rgb"])
+                lines.append(f"| {names[spec]} | {src} | {size} | {rec['psnr']['n']} | {rec['psnr']['median']:.2f} | "
+                             f"{fmt_stat(rec['psnr'])} | {fmt_stat(rec['ssim'], 3)} | {fmt_stat(rec['lpips'], 3)} | "
+                             f"{ce} |")
+    first = m["models"][ours][next(iter(m["models"][ours]))]["256"]["reconstruction"]
+    if "bicubic_x8_psnr" in first:
+        lines += ["", "Bicubic down-by-8-and-up on the same crops (PSNR median, 256 px): " + ", ".join(
+            f"{src} {per['256']['reconstruction']['bicubic_x8_psnr']['median']:.2f} dB"
+            for src, per in m["models"][ours].items()) + "."]
+    lines += ["", "The faithful-mini issue's target at 256 px on held-out sources is a median PSNR >= 22 dB and a "
+              "colour error <= 0.05 per channel:", ""]
+    for src, per in m["models"][ours].items():
+        rec = per["256"]["reconstruction"]
+        ok_p = rec["psnr"]["median"] >= 22
+        ok_c = max(rec["mean_abs_colour_error_rgb"]) <= 0.05
+        lines.append(f"- {src}: median PSNR {rec['psnr']['median']:.2f} dB ({'met' if ok_p else 'NOT met'}); "
+                     f"largest channel colour error {max(rec['mean_abs_colour_error_rgb']):.3f} "
+                     f"({'met' if ok_c else 'NOT met'}).")
+    lines += ["", "![colour error](../../../experiments/results/mini_kl_f8/colour_error.png)", "",
+              "## Latent statistics", "",
+              "Posterior means of the held-out images at 256 px, all positions pooled. SD 1.x's `scaling_factor` "
+              "0.18215 is 1 / the std of its latents; this model's config keeps the diffusers default, the column "
+              "gives the value that would whiten it.", "",
+              "| model | source | channel means | channel stds | 1 / std | lowest raw log-variance | cells at the -30 clamp "
+              "| largest norm / median: median (max) over images | spot rate (vaeprobe detector) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for spec in models:
+        for src, per in m["models"][spec].items():
+            lat = per["256"]["latents"]
+            if "channel_mean" not in lat:
+                continue
+            lv = lat["raw_logvar_min"]
+            lines.append(f"| {names[spec]} | {src} | {', '.join(f'{v:.2f}' for v in lat['channel_mean'])} | "
+                         f"{', '.join(f'{v:.2f}' for v in lat['channel_std'])} | {lat['scaling_factor_1_over_std']:.3f} "
+                         f"| {'—' if lv == float('inf') else f'{lv:.1f}'} | {lat['cells_at_logvar_clamp']} | "
+                         f"{lat['norm_ratio_median']:.2f} ({lat['norm_ratio_max']:.2f}) | {lat['spot_rate']:.2f} |")
+    drop = {src: per["256"]["latents"].get("strongest_droplet_in_corner_cell") for src, per in m["models"][ours].items()}
+    lines += ["", "Strongest GroupNorm droplet of the decoder in the bottom-left cell (256 px): " + ", ".join(
+        f"{src} {k} of {m['models'][ours][src]['256']['latents']['n']}" for src, k in drop.items()) + ".", ""]
+    return lines
 
 
 if __name__ == "__main__":

@@ -46,10 +46,15 @@ def sources(wallpapers: Path) -> dict[str, str]:
 
 
 def latents_and_droplet(vae, images: str, size: int, droplet: bool) -> dict:
-    ratios, spots, corner = [], 0, 0
+    ratios, spots, corner, means, clamp = [], 0, 0, [], 0
+    raw_min = float("inf")
     imgs = load_images(images, factor=vae.factor, size=size)
     for img in imgs:
         post = vae.encode(img.tensor())
+        means.append(post.mean[0].flatten(1).float())
+        if post.raw_logvar is not None:
+            raw_min = min(raw_min, float(post.raw_logvar.min()))
+            clamp += int(post.at_clamp_floor()[0].any(0).sum())
         m = latent_maps(post, [img.name])[0]
         ratios.append(float(m.norm_ratio.max()))
         spots += bool(find_spots(m).is_spot.any())
@@ -59,16 +64,37 @@ def latents_and_droplet(vae, images: str, size: int, droplet: bool) -> dict:
             corner += int(top.lat_row) == post.mean.shape[-2] - 1 and int(top.lat_col) == 0
     out = {"n": len(imgs), "spot_rate": spots / max(len(imgs), 1), "norm_ratio_median": float(np.median(ratios)),
            "norm_ratio_max": float(np.max(ratios))}
+    allz = torch.cat(means, dim=1)  # [C, positions of all images]
+    out.update(channel_mean=allz.mean(1).tolist(), channel_std=allz.std(1).tolist(), std_all=float(allz.std()),
+               scaling_factor_1_over_std=float(1 / allz.std()), raw_logvar_min=raw_min,
+               cells_at_logvar_clamp=clamp)
     if droplet:
         out["strongest_droplet_in_corner_cell"] = corner
     return out
+
+
+def training_stages(path: Path) -> list[dict]:
+    """The training log of a run, oldest stage first: ``path`` is a ``log.json`` (one stage) or an exported
+    ``training.json``, whose ``init_from_training`` chain gives the earlier stages."""
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return [{"steps": data[-1]["step"], "minutes": data[-1]["minutes"], "log": data, "logged": len(data),
+                 "last": data[-1]}]
+    stages = []
+    while data:
+        log = data.get("log") or data.get("final_log", [])
+        stages.append({"steps": data["steps"], "minutes": data["wall_minutes"], "log": log, "logged": len(log),
+                       "last": log[-1] if log else None})
+        data = data.get("init_from_training")
+    return stages[::-1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vae", required=True)
     ap.add_argument("--compare", action="append", default=[], help="other VAEs evaluated the same way")
-    ap.add_argument("--log", help="the training run's log.json, for the training curve")
+    ap.add_argument("--log", help="the training run's log.json, or an exported training.json (with the stages it "
+                                  "continued), for the training curve")
     ap.add_argument("--wallpapers", default=None, help="the set of fetch_wallpapers.py (default: the cache)")
     ap.add_argument("--out", required=True, help="folder for results.json and the figures")
     args = ap.parse_args()
@@ -92,10 +118,23 @@ def main() -> None:
                 series.setdefault(ch, []).append(v)
     save_bars(out / "colour_error.png", labels, series, "mean |colour error| of the image means, [-1, 1], 256 px")
     if args.log:
-        log = json.loads(Path(args.log).read_text())
-        save_lines(out / "training_curve.png", {"L1": [e["l1"] for e in log], "LPIPS": [e["lpips"] for e in log]},
-                   f"training log ({log[-1]['step']} steps, one point per logged step)", xlabel="log entry")
-        res["training"] = {"steps": log[-1]["step"], "minutes": log[-1]["minutes"], "last": log[-3:]}
+        stages = training_stages(Path(args.log))
+        steps, l1, lp, marks, offset = [], [], [], {}, 0
+        for i, st in enumerate(stages):
+            marks[f"stage {i + 1}"] = offset
+            for e in st["log"]:
+                steps.append(offset + e["step"])
+                l1.append(e["l1"])
+                lp.append(e["lpips"])
+            offset += st["steps"]
+        smooth = max(1, len(l1) // 40)  # a running mean: single batches of 4 crops are noisy
+        kernel = np.ones(smooth) / smooth
+        save_lines(out / "training_curve.png",
+                   {"L1": np.convolve(l1, kernel, "same"), "LPIPS": np.convolve(lp, kernel, "same")},
+                   f"training loss per pixel (running mean of {smooth} logged steps)", xlabel="step", x=steps,
+                   marks=marks)
+        res["training"] = {"stages": [{k: st[k] for k in ("steps", "minutes", "logged", "last")} for st in stages],
+                           "steps": offset, "minutes": round(sum(st["minutes"] for st in stages), 1)}
     write_text_atomic(out / "results.json", json.dumps(res, indent=1))
     print(f"wrote {out / 'results.json'}")
 

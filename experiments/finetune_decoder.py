@@ -5,8 +5,8 @@
 Stability's sd-vae-ft-mse fine-tuned only the decoder of SD's VAE, on a loss of MSE + 0.1 x LPIPS, so its latent
 space is the original one: a drop-in replacement. This script does the same to the project's mini VAE: the
 encoder and ``quant_conv`` stay frozen (their weights are byte-identical afterwards), the decoder and
-``post_quant_conv`` train on random 128 px crops of the builtin training photos (the same sampler as the mini
-VAE's training, seeded). The exported folder is ``builtin:mini-kl-f8-ft-mse``, the replacement-VAE example of
+``post_quant_conv`` train on random 128 px crops of the builtin training photos and the training split of the Debian
+wallpaper set (the same sampler as the mini VAE's training, seeded; ``--wallpapers none`` for photos only). The exported folder is ``builtin:mini-kl-f8-ft-mse``, the replacement-VAE example of
 ``vaeprobe compare``.
 """
 
@@ -28,7 +28,7 @@ from train_mini_vae import load_pool, sample_batch  # noqa: E402
 
 from vaeprobe._io import write_text_atomic  # noqa: E402
 from vaeprobe.metrics import LPIPS  # noqa: E402
-from vaeprobe.zoo import load_builtin  # noqa: E402
+from vaeprobe.vae import load_vae  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,18 +39,24 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--lpips-weight", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default="builtin:mini-kl-f8", help="the VAE whose decoder is fine-tuned")
+    ap.add_argument("--wallpapers", default="train",
+                    help="also train on this split of experiments/fetch_wallpapers.py's set ('none': photos only)")
     ap.add_argument("--export", default=None, help="write the fine-tuned model here (diffusers folder, fp16)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = load_builtin("mini-kl-f8").float()
+    model = load_vae(args.base).model.float()
     for p in list(model.encoder.parameters()) + list(model.quant_conv.parameters()):
         p.requires_grad_(False)
     params = list(model.decoder.parameters()) + list(model.post_quant_conv.parameters())
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.99))
     lpips = LPIPS()
-    pool = load_pool({"data": {"base_short_side": 512}}, smoke=False)
+    data = {"base_short_side": 512}
+    if args.wallpapers != "none":
+        data["wallpapers"] = {"split": args.wallpapers}
+    pool = load_pool({"data": data}, smoke=False)
     log = []
     t0 = time.time()
     model.train()
@@ -73,9 +79,11 @@ def main(argv=None) -> int:
         out = Path(args.export)
         model.half().save_pretrained(out, safe_serialization=True)
         write_text_atomic(out / "training.json", json.dumps({
-            "recipe": "decoder-only fine-tune of builtin:mini-kl-f8 (encoder and quant_conv frozen)",
+            "recipe": f"decoder-only fine-tune of {args.base} (encoder and quant_conv frozen)",
             "loss": f"MSE + {args.lpips_weight} * LPIPS", "steps": args.steps, "batch": args.batch,
-            "crop": args.crop, "lr": args.lr, "seed": args.seed, "data": "builtin:photos-train, random crops",
+            "crop": args.crop, "lr": args.lr, "seed": args.seed,
+            "data": "builtin:photos-train" + ("" if args.wallpapers == "none" else f" + wallpapers {args.wallpapers} split")
+                    + ", random crops",
             "seconds": round(time.time() - t0, 1), "log": log,
             "command": "python experiments/finetune_decoder.py " + " ".join(argv or sys.argv[1:])}, indent=1))
         card = evaluate(out)
@@ -108,9 +116,11 @@ def evaluate(folder: Path) -> str:
 A decoder-only fine-tune of `builtin:mini-kl-f8`, made by `experiments/finetune_decoder.py` (settings and loss log
 in `training.json`). The encoder and `quant_conv` are frozen, so the latent space is the base model's: a drop-in
 decoder replacement, as Stability's sd-vae-ft-mse is for SD's VAE. Loss: MSE + 0.1 LPIPS on posterior samples of
-random 128 px crops of the builtin training photos. It exists to exercise `vaeprobe compare`; it is not a good VAE.
+random 128 px crops of the builtin training photos and the training split of the Debian wallpaper set
+(`experiments/fetch_wallpapers.py`). It exists to exercise `vaeprobe compare`; it is not a good VAE.
 
-Held-out reconstruction (7 builtin held-out photos, 128 px, posterior mean; `eval.json`):
+Held-out reconstruction (7 builtin held-out photos, 128 px, posterior mean; `eval.json`). The base model's
+card has its numbers on more held-out sources and sizes.
 
 | model | PSNR (dB) | SSIM | LPIPS |
 |---|---|---|---|

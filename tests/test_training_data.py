@@ -50,3 +50,25 @@ def test_wallpaper_splits_refuse_the_reserved_evaluation_set(train, tmp_path):
     assert [p.name for p in train.wallpaper_files({"dir": str(tmp_path), "split": "heldout"})] == ["y.png"]
     with pytest.raises(SystemExit, match="never be used for training"):
         train.wallpaper_files({"dir": str(tmp_path), "split": "reserved-eval"})
+
+
+def test_cosine_schedule_is_a_function_of_the_step(train):
+    tr = {"lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 10, "lr_min": 1e-5, "steps": 110}
+    lrs = [train.lr_at(tr, s) for s in range(111)]
+    assert lrs[0] == pytest.approx(2e-5) and lrs[9] == pytest.approx(2e-4)  # linear warm-up
+    assert lrs[10] == pytest.approx(2e-4) and lrs[110] == pytest.approx(1e-5)
+    assert lrs[60] == pytest.approx(1e-5 + (2e-4 - 1e-5) / 2)  # half-way down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically after the warm-up
+    assert train.lr_at({"lr": 3e-4}, 5000) == 3e-4  # constant by default
+
+
+def test_low_frequency_l1_sees_colour_shifts_not_zero_mean_texture(train):
+    import torch
+
+    x = torch.zeros(1, 3, 32, 32)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.4 - 0.2  # zero mean in every 8x8 block
+    assert train.low_frequency_l1(x + checker, x).item() == pytest.approx(0.0, abs=1e-7)
+    shifted = x.clone()
+    shifted[:, 0] += 0.3  # red up by 0.3 everywhere: one channel of three
+    assert train.low_frequency_l1(shifted, x).item() == pytest.approx(0.1, rel=1e-5)
+    assert (shifted - x).abs().mean().item() == pytest.approx(0.1, rel=1e-5)

@@ -116,12 +116,19 @@ def save_bars(path: str | Path, labels: Sequence[str], series: dict, title: str)
     return _save(fig, plt, path)
 
 
-def save_lines(path: str | Path, series: dict, title: str, xlabel: str = "", log: bool = False) -> Path:
-    """Save a PNG line plot of one or more series against their index."""
+def save_lines(path: str | Path, series: dict, title: str, xlabel: str = "", log: bool = False, *,
+               x=None, marks: dict | None = None) -> Path:
+    """Save a PNG line plot of one or more series against their index (or against ``x``, shared by all series);
+    ``marks`` maps labels to x positions drawn as dashed vertical lines."""
     plt, fig, axes = _figure(1, width=4.5)
     ax = axes[0]
     for name, values in series.items():
-        ax.plot(np.asarray(values, float), marker=".", label=name)
+        values = np.asarray(values, float)
+        ax.plot(np.arange(len(values)) if x is None else np.asarray(x, float), values,
+                marker="." if x is None else None, label=name)
+    for label, pos in (marks or {}).items():
+        ax.axvline(pos, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(label, (pos, 1.0), xycoords=("data", "axes fraction"), fontsize=6, ha="left", va="top")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel, fontsize=8)
