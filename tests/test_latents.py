@@ -220,3 +220,30 @@ def test_cli_latents_kill_and_resume(tmp_path):
 
     other = _cli(*args, "--out", str(out), "--resume", "--threshold", "5")
     assert other.returncode == 2 and "threshold" in other.stderr
+
+
+# -- robust operator statistics --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["planted-direct", "planted-groupnorm"])
+def test_operator_statistics_ignore_the_spot(spec):
+    """The `mean`/`noise` statistics match those of the image without its (ground-truth) spot; the plain std
+    with the spot, which a wrong method would use, is off by more than 2x."""
+    from vaeprobe.latents import robust_channel_stats
+
+    vae = load_vae(f"builtin:{spec}")
+    for img in load_images("builtin:photos-heldout", factor=8, size=128)[:3]:
+        x = img.tensor()
+        z = vae.encode(x).mean[0]
+        gt = vae.ground_truth(x)[0]
+        s = robust_channel_stats(z)
+        assert s["excluded"] == [(gt["row"], gt["col"])]
+        keep = torch.ones(z.shape[1:], dtype=torch.bool)
+        keep[gt["row"], gt["col"]] = False
+        rest = z[:, keep]
+        # brute force: median and scaled MAD of the ordinary positions, per channel
+        med = rest.median(dim=1).values
+        mad = (rest - med[:, None]).abs().median(dim=1).values * 1.4826
+        assert torch.allclose(s["mean"], med) and torch.allclose(s["std"], mad)
+        ratio = s["std"] / rest.std(dim=1)  # trained latents are heavy-tailed: the MAD spread sits below the std
+        assert ((ratio > 0.3) & (ratio < 1.2)).all()
+        assert (z.std(dim=(1, 2)) / rest.std(dim=1)).max() > 2  # the plain std is dominated by the spot

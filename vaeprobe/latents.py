@@ -336,6 +336,50 @@ def image_moments(mean: torch.Tensor, exclude: Sequence[tuple[int, int]] = ()) -
             "pooled_ordinary": Moments.of(v[:, keep].reshape(1, -1)).to_dict()}
 
 
+def robust_channel_stats(z: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """Per-channel centre and spread of one latent for the ``mean`` and ``noise`` operators, robust to a spot.
+
+    Positions whose norm is at least ``threshold`` times the median norm (the spot detector's rule) are left
+    out; over the rest, ``mean`` is each channel's median and ``std`` is 1.4826 x its median absolute deviation
+    (the std of a normal distribution), or the plain std where the MAD is 0. A plain mean and std include the
+    spot: on ``builtin:planted-direct`` at 128 px the std with the spot is 3.5x the std without it.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        One latent, ``[C, h, w]`` or ``[1, C, h, w]``.
+    threshold : float, keyword-only
+        Norm ratio at or above which a position is excluded.
+
+    Returns
+    -------
+    dict
+        ``mean`` and ``std`` (``[C]`` tensors) and ``excluded``, the ``(row, col)`` cells left out.
+
+    Examples
+    --------
+    >>> z = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> z[:, 3, 5] = 200.0
+    >>> s = robust_channel_stats(z)
+    >>> s["excluded"], bool((s["std"] < 1.5).all()), bool((z.std(dim=(1, 2)) > 10).all())
+    ([(3, 5)], True, True)
+    """
+    if z.dim() == 4:
+        z = z[0]
+    z = z.detach().float()
+    norm = z.norm(dim=0)
+    keep = norm < threshold * norm.median().clamp_min(1e-12)
+    if not keep.any():
+        keep = torch.ones_like(keep)
+    v = z[:, keep]  # [C, kept positions]
+    med = v.median(dim=1).values
+    mad = (v - med[:, None]).abs().median(dim=1).values * _MAD_SCALE
+    std = torch.where(mad > 0, mad, v.std(dim=1) if v.shape[1] > 1 else torch.zeros_like(mad))
+    w = z.shape[-1]
+    excluded = [divmod(int(i), w) for i in torch.nonzero(~keep.flatten()).flatten()]
+    return {"mean": med, "std": std, "excluded": excluded}
+
+
 class LatentStats:
     """Dataset statistics accumulated one image at a time (memory flat in the number of images).
 

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .errors import VaeprobeError
+from .latents import robust_channel_stats
 from .perturb import Operator, Site, apply_batch, parse_operator
 from .response import DEFAULT_RADIUS, measure
 
@@ -533,7 +534,7 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
             z = vae.encode(x).mean
             norm = z[0].norm(dim=0)
             top = divmod(int(norm.argmax()), z.shape[-1])
-            stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
+            stats = robust_channel_stats(z)
             operator = parse_operator(op, stats=stats, seed=seed)
             sites = select_sites(positions, z.shape[-2:], norm=norm)
             cost = MechanismCost()

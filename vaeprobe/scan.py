@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from .errors import VaeprobeError
+from .latents import robust_channel_stats
 from .perturb import Operator, Site, apply_batch, parse_operator
 from .response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
 
@@ -365,7 +366,7 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
             post = vae.encode(img.tensor())
             z = post.mean
             norm = z[0].norm(dim=0)
-            stats = {"mean": z[0].mean(dim=(1, 2)), "std": z[0].std(dim=(1, 2))}
+            stats = robust_channel_stats(z)
             other = swap_latent(tuple(img.array.shape[:2])) if "swap" in op else None
             operator = parse_operator(op, stats=stats, other=other, seed=seed)
             cost = ScanCost()
