@@ -65,7 +65,10 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
         "corner-blob": [[py, "experiments/corner_blob.py", "--out", f"{RESULTS}/corner_blob_mini.json"]],
         "card": [[py, "experiments/evaluate_builtin.py", "--mini-results", f"{RESULTS}/mini_kl_f8/results.json",
                   "--blob-results", f"{RESULTS}/corner_blob_mini.json"]],
-        "latent-norms": [[py, "experiments/latent_norm_ratios.py", "--out", f"{RESULTS}/latent_norm_ratios.json"]],
+        "latent-norms": [[py, "experiments/latent_norm_ratios.py", "--models", ",".join(
+            ["builtin:mini-kl-f8", "builtin:tiny-random"] + [f"builtin:planted-{m}" for m in
+                                                             ("direct", "groupnorm", "attention", "hidden")]),
+            "--out", f"{RESULTS}/latent_norm_ratios.json"]],
         "scan-defaults-64": [[py, "experiments/scan_defaults.py", "--size", "64",
                               "--out", f"{RESULTS}/scan_defaults_64.json"]],
         "scan-defaults-128": [[py, "experiments/scan_defaults.py", "--size", "128",

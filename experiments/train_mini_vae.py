@@ -186,7 +186,7 @@ def lr_at(tr: dict, step: int) -> float:
         return lr * (step + 1) / warm
     frac = min(1.0, (step - warm) / max(1, tr["steps"] - warm))
     lo = tr.get("lr_min", 0.0)
-    return lo + (lr - lo) * 0.5 * (1 + np.cos(np.pi * frac))
+    return float(lo + (lr - lo) * 0.5 * (1 + np.cos(np.pi * frac)))
 
 
 def low_frequency_l1(rec: torch.Tensor, x: torch.Tensor, *, cell: int = 8) -> torch.Tensor:

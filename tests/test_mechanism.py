@@ -184,14 +184,15 @@ def test_model_without_attention_skips_that_variant():
 
 # -- scored on the planted controls ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(DECLARED))
-def test_declared_mechanism_is_the_dominant_pathway(name):
+def check_declared_mechanism(name: str, images) -> None:
+    """The assertions scored on a planted control (raise AssertionError when its declared mechanism is missed)."""
     vae = load_vae(f"builtin:{name}")
     hits, frozen_ratio = [], []
-    for img in HELDOUT:
+    for img in images:
         x = img.tensor()
         gt = vae.ground_truth(x)[0]
-        df = attribute_pathways(vae, vae.encode(x).mean, [Site(gt["row"], gt["col"])])
+        z = vae.encode(x).mean
+        df = attribute_pathways(vae, z, [Site(gt["row"], gt["col"])])
         hits.append(df.dominant[0] == DECLARED[name])
         frozen_ratio.append(df.far_l2_both_frozen[0] / df.far_l2_live[0])
     assert np.mean(hits) >= 0.9, (name, hits)
@@ -201,6 +202,35 @@ def test_declared_mechanism_is_the_dominant_pathway(name):
     else:
         # these controls read the spot explicitly (neither GroupNorm nor attention): freezing removes nothing
         assert min(frozen_ratio) >= 0.9, frozen_ratio
+        # "residual" is also what freezing hooks that do nothing would give, so check that freezing is effective
+        # on this decoder: a uniform latent shift, which GroupNorm partly normalises away, decodes differently
+        # with the clean statistics and context, in both pathways separately
+        ref, rec = record_pathways(vae, z)
+        shifted = z + 2 * z.std()
+        live = vae.decode(shifted)
+        for kw in ({"groupnorm": True, "attention": None}, {"groupnorm": False, "attention": "context"}):
+            assert (decode_frozen(vae, shifted, rec, **kw) - live).abs().max() > 1e-2, kw
+
+
+@pytest.mark.parametrize("name", sorted(DECLARED))
+def test_declared_mechanism_is_the_dominant_pathway(name):
+    check_declared_mechanism(name, HELDOUT)
+
+
+@pytest.mark.parametrize("name", sorted(DECLARED))
+def test_mechanism_checks_fail_when_the_freezing_hooks_are_no_ops(name, monkeypatch):
+    """Mutation check: with GroupNorm and attention freezing replaced by the live computation (the hooks still
+    fire and count), the assertions above must fail for every control, the residual ones included."""
+    import torch.nn.functional as F
+
+    from vaeprobe import mechanism
+
+    monkeypatch.setattr(mechanism, "_frozen_groupnorm", lambda mod, x, mean, var: F.group_norm(
+        x.float(), mod.num_groups, mod.weight.float() if mod.affine else None,
+        mod.bias.float() if mod.affine else None, mod.eps).to(x.dtype))
+    monkeypatch.setattr(mechanism, "_frozen_projection", lambda out, clean: out)
+    with pytest.raises(AssertionError):
+        check_declared_mechanism(name, HELDOUT[:2])
 
 
 @pytest.mark.parametrize("name", ["planted-groupnorm", "planted-attention"])

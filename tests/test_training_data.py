@@ -60,6 +60,7 @@ def test_cosine_schedule_is_a_function_of_the_step(train):
     assert lrs[60] == pytest.approx(1e-5 + (2e-4 - 1e-5) / 2)  # half-way down the cosine
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically after the warm-up
     assert train.lr_at({"lr": 3e-4}, 5000) == 3e-4  # constant by default
+    assert all(type(v) is float for v in lrs)  # plain floats: the checkpoint loads with weights_only=True
 
 
 def test_low_frequency_l1_sees_colour_shifts_not_zero_mean_texture(train):

@@ -144,6 +144,12 @@ def _frozen_groupnorm(mod: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, va
     return torch.addcmul(shift.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype))
 
 
+def _frozen_projection(out: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """What a frozen ``to_q``/``to_k``/``to_v`` returns: the clean decode's projection, in ``out``'s dtype (a
+    function of its own so the tests can replace it by a no-op and see the mechanism checks fail)."""
+    return clean.to(out.dtype)
+
+
 def _droplet(x: torch.Tensor, groups: int, mean: torch.Tensor):
     b, c = x.shape[:2]
     xg = x.float().reshape(b, groups, c // groups, -1)
@@ -215,7 +221,7 @@ def _hooks(vae, record: PathwayRecord | None = None, frozen: PathwayRecord | Non
                 if key not in frozen.qkv or part not in frozen.qkv[key]:
                     raise MechanismError(f"attention {name} ran a call the clean decode did not make; cannot freeze it")
                 counts["attention"] += 1
-                return _expand(frozen.qkv[key][part], out.shape[0], name).to(out.dtype)
+                return _frozen_projection(out, _expand(frozen.qkv[key][part], out.shape[0], name))
             return None
         return hook
 
