@@ -214,6 +214,9 @@ def render_card(r: dict, folder: Path, mini: dict | None, blob: dict | None) -> 
         lines.append(f"| {i} | {init} | {src} | {loss} | {lr} | {'bf16 autocast' if tr.get('bf16_autocast') else 'fp32'}"
                      f" | {st.get('steps')} | {st.get('wall_minutes')} | {last.get('l1', float('nan')):.3f} / "
                      f"{last.get('lpips', float('nan')):.3f} |")
+    for i, st in enumerate(stages, 1):
+        if st.get("config", {}).get("train", {}).get("note"):
+            lines += ["", f"Stage {i}: {st['config']['train']['note']}."]
     lines += ["", f"Model: widths {json.dumps(stages[-1]['config']['model']['block_out_channels'])}, "
               f"layers_per_block {stages[-1]['config']['model']['layers_per_block']}, random {stages[-1]['config']['data']['crop']} px crops "
               "at random scales with horizontal flips, batch 4, Adam. The patch discriminator of SD's recipe was "
