@@ -284,6 +284,12 @@ def mini_sections(m: dict) -> list[str]:
         lines += ["", "Bicubic down-by-8-and-up on the same crops (PSNR median, 256 px): " + ", ".join(
             f"{src} {per['256']['reconstruction']['bicubic_x8_psnr']['median']:.2f} dB"
             for src, per in m["models"][ours].items()) + "."]
+    if "colour_slope_rgb" in first:
+        lines += ["", "Slope of the reconstructed image means on the original ones (least squares per channel, "
+                  "256 px; 1 is faithful, below 1 the reconstructions regress towards a common colour): " + "; ".join(
+                      f"{names[spec]} {src} " + " / ".join(f"{v:.2f}" for v in
+                                                             per["256"]["reconstruction"]["colour_slope_rgb"])
+                      for spec in models for src, per in m["models"][spec].items()) + "."]
     lines += ["", "The faithful-mini issue's target at 256 px on held-out sources is a median PSNR >= 22 dB and a "
               "colour error <= 0.05 per channel:", ""]
     for src, per in m["models"][ours].items():

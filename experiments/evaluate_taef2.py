@@ -53,15 +53,22 @@ def bicubic(arr: np.ndarray, factor: int = 8) -> np.ndarray:
 
 
 def reconstruction(vae, images: str, size: int) -> dict:
-    rows, base, colour = [], [], []
+    rows, base, orig_means, rec_means = [], [], [], []
     for img in load_images(images, factor=vae.factor, size=size):
         rec = tensor_to_unit(vae.reconstruct(img.tensor()))
         rows.append(compare_images(img.array, rec))
         base.append(compare_images(img.array, bicubic(img.array))["psnr"])
-        colour.append(np.abs((rec.mean(axis=(0, 1)) - img.array.mean(axis=(0, 1))) * 2))  # in [-1, 1] units
+        orig_means.append(img.array.mean(axis=(0, 1)) * 2 - 1)  # image means per channel, in [-1, 1] units
+        rec_means.append(rec.mean(axis=(0, 1)) * 2 - 1)
     out = {m: stats([r[m] for r in rows]) for m in ("psnr", "ssim", "lpips")}
     out["bicubic_x8_psnr"] = stats(base)
-    out["mean_abs_colour_error_rgb"] = [float(c) for c in np.mean(colour, axis=0)]
+    o, r = np.array(orig_means), np.array(rec_means)
+    out["mean_abs_colour_error_rgb"] = [float(c) for c in np.abs(r - o).mean(axis=0)]
+    out["mean_colour_bias_rgb"] = [float(c) for c in (r - o).mean(axis=0)]
+    # least-squares slope of the reconstructed image means on the original ones, per channel: 1 is faithful,
+    # below 1 the reconstructions regress towards a common colour
+    out["colour_slope_rgb"] = [float(np.polyfit(o[:, c], r[:, c], 1)[0]) if len(o) > 1 and o[:, c].std() > 0
+                               else float("nan") for c in range(o.shape[1])]
     return out
 
 
