@@ -26,7 +26,8 @@ Not rebuilt here (slow; their docs say which weights they were measured on): ``b
 Each step's command is printed before it runs; a step that fails stops the rebuild with its exit status. A step
 that finished is recorded in ``runs/rebuild-mini/done.json`` with the SHA-256 of the weights it ran on, so a rerun
 after a kill continues with the first step not done for the current weights. The documentation quoting these
-numbers (docs/latents.md, docs/scan.md, docs/mechanism.md) is edited by hand from the results they print.
+numbers (docs/latents.md, docs/scan.md, docs/mechanism.md) is edited by hand; the last step, ``doc-tables``,
+writes their tables to ``experiments/results/doc_tables.md`` (``doc_tables.py``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
                                       "--quiet", "--out", f"{tmp}/compare-taef2-wallpapers-256"],
                                      _copy(py, f"{tmp}/compare-taef2-wallpapers-256/compare.summary.json",
                                            f"{RESULTS}/compare_mini_taef2_wallpapers_256.json")],
+        "doc-tables": [[py, "experiments/doc_tables.py", "--out", f"{RESULTS}/doc_tables.md"]],
     }
 
 
