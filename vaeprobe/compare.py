@@ -134,17 +134,20 @@ def _verdict(ref: dict, cand: dict, compat: dict) -> str:
     def has_spot(m):
         return (m["spot_rate"] >= SPOT_PRESENT) or (m["global_rate"] >= SPOT_PRESENT)
 
+    def rates(m):
+        return f"spot rate {m['spot_rate']:.0%}, global-effect rate {m['global_rate']:.0%}"
+
+    both = f"reference: {rates(ref)}; candidate: {rates(cand)}"
     if has_spot(cand):
-        spot = (f"spot present (spot rate {cand['spot_rate']:.0%}, global-effect rate {cand['global_rate']:.0%}, "
-                f"dominant pathway {cand['dominant']})")
+        spot = f"spot present ({both}; candidate's dominant pathway {cand['dominant']})"
     elif has_spot(ref):
-        spot = (f"spot removed (spot rate {ref['spot_rate']:.0%} -> {cand['spot_rate']:.0%}, global-effect rate "
-                f"{ref['global_rate']:.0%} -> {cand['global_rate']:.0%})")
+        spot = f"spot removed ({both})"
     else:
-        spot = f"no spot in either (spot rate {cand['spot_rate']:.0%}, global-effect rate {cand['global_rate']:.0%})"
+        spot = f"no spot in either ({both}; a spot needs a rate of at least {SPOT_PRESENT:.0%})"
     dp, dl = cand["psnr_mean"] - ref["psnr_mean"], cand["lpips_mean"] - ref["lpips_mean"]
     cost = (f"reconstruction {'better' if dp > 0 and dl < 0 else 'worse' if dp < 0 and dl > 0 else 'mixed'}: "
-            f"PSNR {dp:+.2f} dB, LPIPS {dl:+.4f} vs the reference")
+            f"PSNR {cand['psnr_mean']:.2f} vs {ref['psnr_mean']:.2f} dB ({dp:+.2f}), LPIPS {cand['lpips_mean']:.4f} "
+            f"vs {ref['lpips_mean']:.4f} ({dl:+.4f}) against the reference")
     if compat["encoder_identical"]:
         lat = "latent-compatible (identical encoder: a drop-in decoder replacement)"
     elif not compat["same_latent_shape"]:
