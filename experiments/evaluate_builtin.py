@@ -256,6 +256,13 @@ def render_card(r: dict, folder: Path, mini: dict | None, blob: dict | None) -> 
     return "\n".join(lines)
 
 
+def _values(v: list[float]) -> str:
+    """Per-channel values, or their range when there are many channels."""
+    if len(v) <= 8:
+        return ", ".join(f"{x:.2f}" for x in v)
+    return f"{len(v)} channels, {min(v):.2f} to {max(v):.2f}"
+
+
 def mini_sections(m: dict) -> list[str]:
     """Held-out reconstruction, colour fidelity, latent statistics and spot rates from ``evaluate_mini.py``."""
     models = list(m["models"])
@@ -313,9 +320,9 @@ def mini_sections(m: dict) -> list[str]:
             if "channel_mean" not in lat:
                 continue
             lv = lat["raw_logvar_min"]
-            lines.append(f"| {names[spec]} | {src} | {', '.join(f'{v:.2f}' for v in lat['channel_mean'])} | "
-                         f"{', '.join(f'{v:.2f}' for v in lat['channel_std'])} | {lat['scaling_factor_1_over_std']:.3f} "
-                         f"| {'—' if lv == float('inf') else f'{lv:.1f}'} | {lat['cells_at_logvar_clamp']} | "
+            lines.append(f"| {names[spec]} | {src} | {_values(lat['channel_mean'])} | "
+                         f"{_values(lat['channel_std'])} | {lat['scaling_factor_1_over_std']:.3f} "
+                         f"| {'—' if lv is None else f'{lv:.1f}'} | {lat['cells_at_logvar_clamp']} | "
                          f"{lat['norm_ratio_median']:.2f} ({lat['norm_ratio_max']:.2f}) | {lat['spot_rate']:.2f} |")
     drop = {src: per["256"]["latents"].get("strongest_droplet_in_corner_cell") for src, per in m["models"][ours].items()}
     lines += ["", "Strongest GroupNorm droplet of the decoder in the bottom-left cell (256 px): " + ", ".join(

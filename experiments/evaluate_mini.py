@@ -60,16 +60,19 @@ def latents_and_droplet(vae, images: str, size: int, droplet: bool) -> dict:
         spots += bool(find_spots(m).is_spot.any())
         if droplet:
             d = droplet_layers(groupnorm_droplets(vae, post.mean))
+            if len(d) == 0:  # no GroupNorm in this decoder (e.g. taef2)
+                droplet = False
+                continue
             top = d.loc[d.max_share.idxmax()]
             corner += int(top.lat_row) == post.mean.shape[-2] - 1 and int(top.lat_col) == 0
     out = {"n": len(imgs), "spot_rate": spots / max(len(imgs), 1), "norm_ratio_median": float(np.median(ratios)),
            "norm_ratio_max": float(np.max(ratios))}
     allz = torch.cat(means, dim=1)  # [C, positions of all images]
     out.update(channel_mean=allz.mean(1).tolist(), channel_std=allz.std(1).tolist(), std_all=float(allz.std()),
-               scaling_factor_1_over_std=float(1 / allz.std()), raw_logvar_min=raw_min,
+               scaling_factor_1_over_std=float(1 / allz.std()),
+               raw_logvar_min=None if raw_min == float("inf") else raw_min,
                cells_at_logvar_clamp=clamp)
-    if droplet:
-        out["strongest_droplet_in_corner_cell"] = corner
+    out["strongest_droplet_in_corner_cell"] = corner if droplet else None
     return out
 
 
