@@ -76,6 +76,13 @@ def latents_and_droplet(vae, images: str, size: int, droplet: bool) -> dict:
     return out
 
 
+def running_mean(values, width: int) -> np.ndarray:
+    """Centred running mean over ``width`` entries; at the ends, over the entries that exist (no zero padding)."""
+    v = np.asarray(values, float)
+    k = np.ones(width)
+    return np.convolve(v, k, "same") / np.convolve(np.ones_like(v), k, "same")
+
+
 def training_stages(path: Path) -> list[dict]:
     """The training log of a run, oldest stage first: ``path`` is a ``log.json`` (one stage) or an exported
     ``training.json``, whose ``init_from_training`` chain gives the earlier stages."""
@@ -123,17 +130,14 @@ def main() -> None:
     if args.log:
         stages = training_stages(Path(args.log))
         steps, l1, lp, marks, offset = [], [], [], {}, 0
+        smooth = max(1, sum(len(st["log"]) for st in stages) // 40)  # single batches of 4 crops are noisy
         for i, st in enumerate(stages):
             marks[f"stage {i + 1}"] = offset
-            for e in st["log"]:
-                steps.append(offset + e["step"])
-                l1.append(e["l1"])
-                lp.append(e["lpips"])
+            steps += [offset + e["step"] for e in st["log"]]
+            l1 += list(running_mean([e["l1"] for e in st["log"]], smooth))  # within a stage only
+            lp += list(running_mean([e["lpips"] for e in st["log"]], smooth))
             offset += st["steps"]
-        smooth = max(1, len(l1) // 40)  # a running mean: single batches of 4 crops are noisy
-        kernel = np.ones(smooth) / smooth
-        save_lines(out / "training_curve.png",
-                   {"L1": np.convolve(l1, kernel, "same"), "LPIPS": np.convolve(lp, kernel, "same")},
+        save_lines(out / "training_curve.png", {"L1": l1, "LPIPS": lp},
                    f"training loss per pixel (running mean of {smooth} logged steps)", xlabel="step", x=steps,
                    marks=marks)
         res["training"] = {"stages": [{k: st[k] for k in ("steps", "minutes", "logged", "last")} for st in stages],

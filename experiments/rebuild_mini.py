@@ -79,13 +79,13 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
         "compare-taef2": [[py, "-m", "vaeprobe", "compare", "builtin:mini-kl-f8", "builtin:taef2",
                            "--images", "builtin:photos", "--size", "256", "--quiet",
                            "--out", f"{tmp}/compare-taef2-photos-256"],
-                          _copy(py, f"{tmp}/compare-taef2-photos-256/compare.summary.json",
+                          _copy(py, f"{tmp}/compare-taef2-photos-256/summary.json",
                                 f"{RESULTS}/taef2_cli_256/compare.summary.json")],
         # the gap on the held-out wallpapers (the faithful-mini issue's sources)
         "compare-taef2-wallpapers": [[py, "-m", "vaeprobe", "compare", "builtin:mini-kl-f8", "builtin:taef2",
                                       "--images", str(wallpapers / "heldout" / "*" / "*.png"), "--size", "256",
                                       "--quiet", "--out", f"{tmp}/compare-taef2-wallpapers-256"],
-                                     _copy(py, f"{tmp}/compare-taef2-wallpapers-256/compare.summary.json",
+                                     _copy(py, f"{tmp}/compare-taef2-wallpapers-256/summary.json",
                                            f"{RESULTS}/compare_mini_taef2_wallpapers_256.json")],
         "doc-tables": [[py, "experiments/doc_tables.py", "--out", f"{RESULTS}/doc_tables.md"]],
     }

@@ -35,8 +35,8 @@ from .vae import LOGVAR_CLAMP, Posterior
 
 DEFAULT_THRESHOLD = 10.0
 """Norm / median-norm ratio above which a position is a spot. On clean models the largest ratio of any position
-was 6.35 (trained ``mini-kl-f8``, 15 photos at 256 px) and 8.09 (random-init ``tiny-random``); planted spots sit
-far above (see docs/latents.md)."""
+was 4.27 (trained ``mini-kl-f8``, current weights, 15 photos at 256 px; 6.35 with its stage-1 weights) and 8.09
+(random-init ``tiny-random``); planted spots sit far above (see docs/latents.md)."""
 
 MAX_CLAMP_SHARE = 0.05
 """The clamp rule only fires when at most this share of an image's positions are at the log-variance floor."""
@@ -342,7 +342,7 @@ def robust_channel_stats(z: torch.Tensor, *, threshold: float = DEFAULT_THRESHOL
     Positions whose norm is at least ``threshold`` times the median norm (the spot detector's rule) are left
     out; over the rest, ``mean`` is each channel's median and ``std`` is 1.4826 x its median absolute deviation
     (the std of a normal distribution), or the plain std where the MAD is 0. A plain mean and std include the
-    spot: on ``builtin:planted-direct`` at 128 px the std with the spot is 3.5x the std without it.
+    spot: on ``builtin:planted-direct`` at 128 px the pooled std with the spots is 3.7x the std without them.
 
     Parameters
     ----------
