@@ -315,7 +315,10 @@ def mini_sections(m: dict) -> list[str]:
         lines.append(f"- {src}: median PSNR {rec['psnr']['median']:.2f} dB ({'met' if ok_p else 'NOT met'}); "
                      f"largest channel colour error {max(rec['mean_abs_colour_error_rgb']):.3f} "
                      f"({'met' if ok_c else 'NOT met'}).")
-    lines += ["", "![colour error](../../../experiments/results/mini_kl_f8/colour_error.png)", "",
+    lines += ["", "The same gap through the CLI: `vaeprobe compare builtin:mini-kl-f8 builtin:taef2` on the held-out "
+              "wallpapers at 256 px (`python experiments/rebuild_mini.py --only compare-taef2-wallpapers`; summary in "
+              "`experiments/results/compare_mini_taef2_wallpapers_256.json`).",
+              "", "![colour error](../../../experiments/results/mini_kl_f8/colour_error.png)", "",
               "## Latent statistics", "",
               "Posterior means of the held-out images at 256 px, all positions pooled. SD 1.x's `scaling_factor` "
               "0.18215 is 1 / the std of its latents; this model's config keeps the diffusers default, the column "
