@@ -22,8 +22,9 @@ The shipped ``builtin:mini-kl-f8`` is three stages, each warm-started from the p
 
 Stage 1 was shipped alone up to commit 47444a4; stage 2 ran with ``"init_from": "builtin:mini-kl-f8"``, which then
 named the stage-1 weights. Stages 1 and 2 ran with bf16 autocast, which on this CPU (2 cores with avx512_bf16) is
-slower than fp32 (1.27 s against 0.86 s per step at batch 4 of 128 px, ``benchmarks/train_step_bench.py``, one
-run on the idle machine before stage 3), so stage 3 runs in fp32. The schedules are functions of the step, so a
+slower than fp32 (1.38 s against 0.93 s per step at batch 4 of 128 px; ``benchmarks/train_step_bench.py``, one run,
+``benchmarks/results/train_step_bench.json``; an ad-hoc run of the same step before stage 3 gave 1.27 and 0.86 s),
+so stage 3 runs in fp32. The schedules are functions of the step, so a
 killed run resumes where it stopped (a changed step count changes the rest of the cosine; see the config's note).
 
 ``--smoke`` runs 3 tiny steps (used by the test suite).
