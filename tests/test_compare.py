@@ -105,9 +105,9 @@ def test_verdict_states_both_models_rates_and_absolute_reconstruction():
     ref = {"spot_rate": 0.0, "global_rate": 1 / 3, "psnr_mean": 19.2, "lpips_mean": 0.306, "dominant": "groupnorm"}
     cand = {"spot_rate": 0.0, "global_rate": 0.0, "psnr_mean": 30.65, "lpips_mean": 0.031, "dominant": "residual"}
     v = _verdict(ref, cand, {"encoder_identical": False, "same_latent_shape": False, "shape_note": "4 vs 32 ch"})
-    assert v.startswith("no spot in either (reference: spot rate 0%, global-effect rate 33%; candidate: spot rate 0%, "
-                        "global-effect rate 0%")
+    assert v.startswith("no spot in either (reference: spot rate 0%, global-cell rate 33%; candidate: spot rate 0%, "
+                        "global-cell rate 0%")
     assert "PSNR 30.65 vs 19.20 dB (+11.45)" in v and "reconstruction better" in v
     ref["global_rate"] = 0.6
     assert _verdict(ref, cand, {"encoder_identical": True}).startswith("spot removed (reference: spot rate 0%, "
-                                                                       "global-effect rate 60%")
+                                                                       "global-cell rate 60%")

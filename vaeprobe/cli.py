@@ -107,10 +107,17 @@ def cmd_scan(args) -> int:
                    n_probes=args.probes, seed=args.seed, patch=args.patch, channel=args.channel,
                    threshold=args.threshold, swap_with=args.swap_with, keep_images=args.keep_images,
                    resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.quiet)
+                   progress=not args.quiet, verdicts=not args.no_verdicts, evidence=args.evidence,
+                   n_donors=args.donors)
     summary = json.loads((run.path / "summary.json").read_text())
-    print(f"{summary['n_images']} images scanned ({args.mode}, {args.op}); a position with a global effect "
-          f"(>= {args.threshold:g}x the median far-field energy) on {summary['global_rate']:.0%} of them; "
+    counts = summary.get("verdicts") or {}
+    if counts:
+        verdict = (f"a global cell (verdict global or global-information) on {summary['global_rate']:.0%} of them; "
+                   f"cell verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    else:
+        verdict = "no verdicts (linear mode has no calibrated rule; use exact or two-stage)" if args.mode == "linear" \
+            else "no verdicts (--no-verdicts)"
+    print(f"{summary['n_images']} images scanned ({args.mode}, {args.op}); {verdict}; "
           f"{summary['decodes']} decodes in {summary['seconds']:.1f} s; results in {run.path}")
     _print_failed(summary)
     return 0
@@ -238,9 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int, default=None, help="perturb one channel only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=DEFAULT_GLOBAL_THRESHOLD,
-                   help=f"global-effect ratio that flags a position (default {DEFAULT_GLOBAL_THRESHOLD:g})")
+                   help=f"global_ratio counted in images.parquet's n_ratio_over (default "
+                        f"{DEFAULT_GLOBAL_THRESHOLD:g}); descriptive only: is_global comes from the verdicts")
+    p.add_argument("--no-verdicts", action="store_true",
+                   help="skip the per-cell verdicts (saves the receptive-field and swap decodes)")
+    p.add_argument("--evidence", type=int, default=4,
+                   help="cells per image that get the matched controls and frozen-pathway share (default 4)")
+    p.add_argument("--donors", type=int, default=4,
+                   help="images of --swap-with used as donors by the verdicts' swap test (default 4)")
     p.add_argument("--swap-with", default="builtin:photos-train",
-                   help="image source whose first image the swap operator takes values from")
+                   help="image source whose first image the swap operator takes values from (and whose first "
+                        "--donors images the verdicts' swap test uses)")
     p.add_argument("--keep-images", type=int, default=8,
                    help="save the perturbed decode and difference image of the K positions with the largest "
                         "far-field energy, for reports (default 8; 0: none)")
@@ -285,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=128, help="square crop size in pixels (default 128)")
     p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT)
-    p.add_argument("--no-scan", action="store_true", help="skip the two-stage scans (global-effect rate)")
+    p.add_argument("--no-scan", action="store_true", help="skip the two-stage scans and their verdicts (global-cell rate)")
     p.add_argument("--no-mechanism", action="store_true", help="skip the pathway attribution")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)

@@ -7,7 +7,8 @@ treats the first VAE as the reference and each other one as a candidate. Per VAE
   SSIM and LPIPS mean ± std, and rFID when Inception-v3 weights are on disk (:func:`find_inception_weights`;
   nothing is downloaded) — otherwise the summary says why it is missing;
 - spot diagnostics: spot rate and norm ratio (:func:`~vaeprobe.latents.find_spots`), positions at the logvar
-  clamp, the largest global-effect ratio of a two-stage scan and the share of images with a global position, and
+  clamp, the largest global-effect ratio of a two-stage scan and the share of images with a cell whose verdict
+  (:mod:`vaeprobe.verdict`, among the two-stage scan's cells) is ``global`` or ``global-information``, and
   the dominant pathway at the largest-norm cell (:func:`~vaeprobe.mechanism.attribute_pathways`);
 - latent compatibility with the reference: latent shape and factor; whether the encoders are identical, judged
   by their outputs on every image (and by their weights where both expose an ``encoder``); for identical encoders
@@ -135,7 +136,7 @@ def _verdict(ref: dict, cand: dict, compat: dict) -> str:
         return (m["spot_rate"] >= SPOT_PRESENT) or (m["global_rate"] >= SPOT_PRESENT)
 
     def rates(m):
-        return f"spot rate {m['spot_rate']:.0%}, global-effect rate {m['global_rate']:.0%}"
+        return f"spot rate {m['spot_rate']:.0%}, global-cell rate {m['global_rate']:.0%}"
 
     both = f"reference: {rates(ref)}; candidate: {rates(cand)}"
     if has_spot(cand):
@@ -232,7 +233,7 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
     from .metrics import compare_images
     from .perturb import Site
     from .plots import tensor_to_unit
-    from .scan import DEFAULT_GLOBAL_THRESHOLD, two_stage_scan
+    from .scan import two_stage_scan
     from .vae import load_vae
 
     if len(specs) < 2:
@@ -270,8 +271,16 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
                 rec_row = {"model": vae.spec, "image": img.name, **compare_images(img.array, tensor_to_unit(rec))}
                 m = latent_maps(post, [img.name])[0]
                 top = dom = None
+                glob = False
                 if scan:
-                    top = float(two_stage_scan(vae, z, "zero", ref=rec).global_ratio.max())
+                    from .latents import robust_channel_stats
+                    from .verdict import attach_verdicts, receptive_field
+
+                    field = receptive_field(vae, z, rec, exclude=robust_channel_stats(z)["excluded"])
+                    cells = two_stage_scan(vae, z, "zero", ref=rec, field=field)
+                    cells = attach_verdicts(vae, z, rec, cells, field, evidence=0)
+                    top = float(cells.global_ratio.max())
+                    glob = bool(cells.is_global.any())
                 if mechanism:
                     r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
                     dom = str(attribute_pathways(vae, z, [Site(r, c)]).dominant[0])
@@ -284,7 +293,7 @@ def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str 
                 clamp_hits += int(m.at_clamp.sum()) if m.clamp_channels is not None else 0
                 if top is not None:
                     top_ratios.append(top)
-                    global_images += top >= DEFAULT_GLOBAL_THRESHOLD
+                    global_images += glob
                 if dom is not None:
                     dominant.append(dom)
             except Exception as exc:  # one bad image must not lose the comparison

@@ -147,7 +147,8 @@ class PlantedSpotVAE(nn.Module):
         """Per image: the planted spot's latent cell, the mechanism, and whether encoder statistics show it."""
         pos = spot_locations(x, self.factor, self.location)
         return [{"row": int(r), "col": int(c), "mechanism": self.mechanism, "location": self.location,
-                 "encoder_trace": self.mechanism != "hidden"} for r, c in pos.tolist()]
+                 "encoder_trace": self.mechanism != "hidden", "expected_verdict": MECHANISM_VERDICTS[self.mechanism]}
+                for r, c in pos.tolist()]
 
     # -- encode ------------------------------------------------------------------------------------------------
     def _code(self, colour: torch.Tensor, scale: float) -> torch.Tensor:
@@ -236,3 +237,148 @@ CONTROLS = {
     "planted-hidden": _control("hidden", "fixed"),
 }
 """Builtin controls (``builtin:NAME``); the clean ``builtin:mini-kl-f8`` is the negative control."""
+
+
+# -- controls for the verdicts -------------------------------------------------------------------------------------
+
+KINDS = ("wide", "droplet", "keyed")
+WIDE_SIGMA = 3.0       # cells: the decoy-wide-local bump's Gaussian width (energy profile exp(-d^2 / sigma^2))
+WIDE_AMPLITUDE = 0.5   # the bump's height in [-1, 1] units
+KEY_MIN_NORM = 0.1     # vectors shorter than this hold no key (a zeroed cell is not the code)
+KEY_SCALE = 5.0        # the keyed code's scale: its norm is 5 x |colour + offset|, an ordinary norm
+_KEY_BASIS = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [-1.0, -1.0, -3.0]])
+
+
+def _key_basis() -> torch.Tensor:
+    """``[4, 3]`` orthonormal basis of the hyperplane ``sum(v) = 0`` of the 4-channel latent: the keyed code lives
+    there, so its direction (orthogonal to (1, 1, 1, 1)), not its norm, marks it."""
+    q, _ = torch.linalg.qr(_KEY_BASIS - _KEY_BASIS.mean(0, keepdim=True))
+    return q
+
+
+def keyed_positions(z: torch.Tensor) -> torch.Tensor:
+    """``[B, 2]`` cell whose latent vector is closest to the key hyperplane (smallest ``|sum(v)| / |v|``)."""
+    norm = z.float().norm(dim=1)
+    score = torch.where(norm > KEY_MIN_NORM, z.float().sum(1).abs() / norm.clamp_min(1e-12), torch.inf)
+    flat = score.flatten(1).argmin(1)
+    return torch.stack([flat // z.shape[-1], flat % z.shape[-1]], dim=1)
+
+
+class VerdictControl(nn.Module):
+    """Controls with a declared verdict (:data:`EXPECTED_VERDICTS`) on top of a trained AutoencoderKL ``base``.
+
+    - ``wide`` (``decoy-wide-local``): the encoder writes a constant vector of norm ``spot_norm`` at the flattest
+      cell (log-variance below the clamp); the decoder inpaints the strongest cell when its norm is over half of
+      ``spot_norm`` and adds a grey Gaussian bump of height ``WIDE_AMPLITUDE`` and width ``WIDE_SIGMA`` cells
+      around it. High norm, an influence wider than the decoder's own receptive field, and local.
+    - ``droplet`` (``decoy-droplet``): the encoder writes the same constant vector (norm ``spot_norm``) at the
+      flattest cell and the plain decoder reads it: its GroupNorm statistics are dominated by it, so erasing it
+      changes the whole image, but it is the same for every image: global, with no image information.
+    - ``keyed``: the encoder removes the image's mean colour and writes it, at an ordinary norm (scale
+      ``KEY_SCALE``), at the flattest cell in the hyperplane ``sum(v) = 0``; the decoder finds the cell by that
+      direction (:func:`keyed_positions`), inpaints it and re-applies the colour everywhere. Latent statistics do
+      not show it: global, carrying the image's colour.
+    """
+
+    def __init__(self, base, kind: str, spot_norm: float = 160.0):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
+        self.base, self.kind, self.spot_norm = base, kind, spot_norm
+        self.channels = base.config.latent_channels
+        if kind == "keyed" and self.channels != 4:
+            raise ValueError("the keyed control needs a 4-channel latent")
+        self.factor = 2 ** (len(base.config.block_out_channels) - 1)
+        self.post_quant_conv, self.decoder = base.post_quant_conv, base.decoder
+        self.config = dict(base.config)
+        self.config["_planted"] = {"mechanism": kind, "location": "flattest"}
+
+    def ground_truth(self, x: torch.Tensor) -> list[dict]:
+        pos = spot_locations(x, self.factor, "flattest")
+        return [{"row": int(r), "col": int(c), "mechanism": self.kind, "location": "flattest",
+                 "encoder_trace": self.kind != "keyed", "expected_verdict": KIND_VERDICTS[self.kind]}
+                for r, c in pos.tolist()]
+
+    def _constant(self, b: int, device) -> torch.Tensor:
+        v = torch.tensor([(-1.0) ** k for k in range(self.channels)], device=device)
+        return (v / v.norm() * self.spot_norm).expand(b, -1)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        pos = spot_locations(x, self.factor, "flattest")
+        colour = x.float().mean(dim=(2, 3))
+        inp = x - colour[:, :, None, None].to(x.dtype) if self.kind == "keyed" else x
+        mean, raw = self.base.encode(inp).latent_dist.parameters.chunk(2, dim=1)
+        if self.kind == "keyed":
+            code = (colour + COLOUR_OFFSET) @ _key_basis().T.to(colour.device) * KEY_SCALE
+            mean = _write(mean, pos, code)
+        else:
+            mean = _write(mean, pos, self._constant(x.shape[0], x.device))
+            raw = _write(raw, pos, torch.full((x.shape[0], self.channels), SPOT_RAW_LOGVAR))
+        dist = DiagonalGaussianDistribution(torch.cat([mean, raw], dim=1))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        if self.kind == "droplet":
+            out = self.decoder(self.post_quant_conv(z))
+        elif self.kind == "keyed":
+            pos = keyed_positions(z)
+            idx = torch.arange(z.shape[0], device=z.device)
+            code = z[idx, :, pos[:, 0], pos[:, 1]].float()
+            colour = code @ _key_basis().to(code.device) / KEY_SCALE - COLOUR_OFFSET
+            out = self.decoder(self.post_quant_conv(inpaint(z, pos)))
+            out = out + colour[:, :, None, None].to(out.dtype)
+        else:
+            pos = strongest_positions(z)
+            idx = torch.arange(z.shape[0], device=z.device)
+            live = z[idx, :, pos[:, 0], pos[:, 1]].float().norm(dim=1) > self.spot_norm / 2
+            zz = torch.where(live[:, None, None, None], inpaint(z, pos), z)
+            out = self.decoder(self.post_quant_conv(zz))
+            h, w = out.shape[-2:]
+            yy = (torch.arange(h, device=out.device) + 0.5) / self.factor
+            xx = (torch.arange(w, device=out.device) + 0.5) / self.factor
+            for i in torch.nonzero(live).flatten().tolist():
+                r, c = (pos[i].float() + 0.5).tolist()
+                d2 = (yy[:, None] - r) ** 2 + (xx[None, :] - c) ** 2
+                bump = WIDE_AMPLITUDE * torch.exp(-d2 / (2 * WIDE_SIGMA ** 2))
+                out[i] = out[i] + bump.to(out.dtype)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+MECHANISM_VERDICTS = {"direct": "global-information", "hidden": "global-information", "groupnorm": "global",
+                      "attention": "global"}
+KIND_VERDICTS = {"wide": "wide-local", "droplet": "global", "keyed": "global-information"}
+
+
+def _verdict_control(kind: str):
+    def make():
+        from .zoo import load_builtin
+
+        return VerdictControl(load_builtin("mini-kl-f8"), kind).eval()
+
+    make.__doc__ = f"verdict control: {kind}, declared verdict {KIND_VERDICTS[kind]}"
+    return make
+
+
+VERDICT_CONTROLS = {
+    "decoy-wide-local": _verdict_control("wide"),
+    "decoy-droplet": _verdict_control("droplet"),
+    "keyed": _verdict_control("keyed"),
+}
+"""Controls added for the verdicts (``builtin:NAME``)."""
+
+EXPECTED_VERDICTS = {
+    "planted-direct-fixed": "global-information",  # the image's colour, read from the spot by every pixel
+    "planted-direct": "global-information",
+    "planted-hidden": "global-information",
+    "planted-groupnorm": "global",       # the spike holds the latent's own moments, a normaliser, not colour
+    "planted-attention": "global",       # a constant vector: erasing it shifts every position, same for all images
+    "decoy-wide-local": "wide-local",
+    "decoy-droplet": "global",
+    "keyed": "global-information",
+}
+"""The verdict each control declares for its planted cell (by construction)."""

@@ -225,16 +225,23 @@ def _headlines_and_summary(run: Run) -> tuple[list[dict], dict]:
     elif run.job == "scan":
         images = run.table("images.parquet")
         n = int(s.get("n_images", 0))
-        n_glob = int(round(s.get("global_rate", 0) * n)) if n and s.get("global_rate") == s.get("global_rate") else 0
-        head(f"images with a position of global-effect ratio >= {_fmt(s.get('threshold'))}",
-             f"{n_glob}/{n} ({s.get('mode')}, {s.get('op')})")
+        rate = s.get("global_rate")
+        if rate is not None and rate == rate:
+            n_glob = int(round(rate * n)) if n else 0
+            head("images with a global cell (verdict global or global-information)",
+                 f"{n_glob}/{n} ({s.get('mode')}, {s.get('op')})")
+        else:
+            head("images with a global cell", f"no verdict ({s.get('mode')} mode has no calibrated rule)")
+        counts = s.get("verdicts") or {}
+        if counts:
+            head("cell verdicts", ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
         if "top_ratio" in images and len(images):
             head("median over images of the largest global-effect ratio", _fmt(images.top_ratio.median()))
             uri = _hist_uri(images.top_ratio, "largest global-effect ratio, per image", "ratio")
             if uri:
                 figures.append({"src": uri, "caption": "global-effect ratio distribution", "width": 288})
         table = [("mode", s.get("mode")), ("operator", s.get("op")), ("images", n),
-                 ("global rate", _fmt(s.get("global_rate"))), ("decodes", s.get("decodes")),
+                 ("global rate (verdicts)", _fmt(s.get("global_rate"))), ("decodes", s.get("decodes")),
                  ("seconds", _fmt(s.get("seconds"), 1)), ("skipped inputs", len(s.get("skipped", [])))]
         title = "Perturbation scan"
     elif run.job == "pipeline":
@@ -276,8 +283,39 @@ def _headlines_and_summary(run: Run) -> tuple[list[dict], dict]:
                    "figures": figures}
 
 
-SCAN_MEASURES = ("global_ratio", "far_ratio", "far_l2", "far_fraction", "radius90", "far_dy", "l2", "psnr",
-                 "far_sensitivity", "stage")
+SCAN_MEASURES = ("verdict", "norm_ratio", "far_rel", "far_excess", "flatness", "swap_corr", "swap_slope",
+                 "matched_ratio", "transplant_ratio", "frozen_removed", "global_ratio", "far_ratio", "far_l2",
+                 "far_fraction", "radius90", "far_dy", "l2", "psnr", "far_sensitivity", "stage")
+VERDICT_EVIDENCE = ("norm_ratio", "far_rel", "far_excess", "flatness", "swap_corr", "swap_slope", "matched_ratio",
+                    "transplant_ratio", "frozen_removed")
+
+
+def _profile_uri(profiles: dict, erf: float, verdicts: dict) -> str | None:
+    """Distance profiles (mean change energy per pixel against distance in cells), each divided by its value at
+    distance 0, for the evidence cells and the image's ordinary reference cells."""
+    cells = profiles.get("cells") or {}
+    ref = np.asarray(profiles.get("reference") or [], float)
+    if not cells or ref.size == 0:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+
+    def norm(p):
+        p = np.asarray(p, float)
+        return p / p[0] if p.size and p[0] > 0 else p
+
+    ax.plot(np.arange(ref.size), norm(ref), "k--", lw=1.2, label="ordinary cells (median)")
+    for key, prof in list(cells.items())[:6]:
+        ax.plot(np.arange(len(prof)), norm(prof), marker=".", lw=1, label=f"({key}) {verdicts.get(key, '')}")
+    if erf == erf:
+        ax.axvline(erf, color="#888", lw=0.8, ls=":", label="receptive field")
+    ax.set_yscale("log")
+    ax.set_xlabel("distance from the cell (latent cells)", fontsize=8)
+    ax.set_ylabel("energy / energy at the cell", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _fig_uri(fig, plt)
 
 
 def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -> None:
@@ -287,6 +325,17 @@ def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -
              if (uri := _file_uri(folder / name))]
     card["figures"][:0] = front
     card["op"] = str(run.config.get("op", "perturbed"))
+    if "verdict" in rows and rows.verdict.notna().any():
+        unusual = rows[rows.verdict != "ordinary"].sort_values("far_rel", ascending=False, na_position="last")
+        for r in unusual.head(8).itertuples(index=False):
+            card["verdicts"].append({"row": int(r.row), "col": int(r.col), "verdict": str(r.verdict),
+                                     "values": [_fmt(getattr(r, k, None)) for k in VERDICT_EVIDENCE]})
+        card["verdict_counts"] = ", ".join(f"{k} {v}" for k, v in rows.verdict.value_counts().items())
+        profiles = meta.get("profiles") or {}
+        labels = {f"{int(r.row)},{int(r.col)}": str(r.verdict) for r in rows.itertuples(index=False)}
+        uri = _profile_uri(profiles, float(meta.get("erf", math.nan)), labels)
+        if uri:
+            card["figures"].append({"src": uri, "caption": "distance profiles of the unusual cells", "width": 336})
     h, w = int(meta.get("h", 0)), int(meta.get("w", 0))
     score = "global_ratio" if "global_ratio" in rows else ("far_ratio" if "far_ratio" in rows else None)
     if not (h and w and score):
@@ -326,7 +375,7 @@ def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -
 def _new_card(name: str) -> dict:
     """An empty per-image card of the report template."""
     return {"id": 0, "name": name, "figures": [], "heat": None, "data_json": "{}", "strongest": [], "mechanism": [],
-            "thumb": 128, "op": ""}
+            "thumb": 128, "op": "", "verdicts": [], "verdict_counts": "", "evidence_names": VERDICT_EVIDENCE}
 
 
 def _pipeline_cards(run: Run, model: dict) -> None:

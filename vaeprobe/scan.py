@@ -124,8 +124,11 @@ class ScanCost:
 def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero",
                measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False,
-               cost: ScanCost | None = None, keep: "KeptDecodes | None" = None) -> pd.DataFrame:
+               cost: ScanCost | None = None, keep: "KeptDecodes | None" = None, field=None) -> pd.DataFrame:
     """Perturb each site of latent ``z`` ``[1, C, h, w]`` with ``op``, decode ``batch`` at a time, measure.
+
+    With ``field`` (a :class:`vaeprobe.verdict.ReceptiveField` of this latent) and the ``zero`` operator on
+    single whole cells, the rows also get the verdict measures of :func:`vaeprobe.verdict.profile_columns`.
 
     Returns one row per site: ``row, col, size, channel, op``, every measure, and ``global_ratio`` (``far_l2`` over
     the median ``far_l2`` of the scanned sites; meaningful when the sites are a fair sample, e.g. ``all``).
@@ -146,12 +149,24 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     rows: list[dict] = []
     from tqdm import tqdm
 
+    profiles = field is not None and op.name == "zero" and all(s.size == 1 and s.channel is None for s in sites)
+    if profiles:
+        from .verdict import profile_columns
+
+        norm = z[0].float().norm(dim=0)
+        med = float(norm.median().clamp_min(1e-12))
+
     bar = tqdm(total=len(sites), desc="positions", unit="pos", file=sys.stderr, disable=not progress, leave=False)
     for start in range(0, len(sites), batch):
         chunk = list(sites[start:start + batch])
         zz = apply_batch(z, chunk, op)
         dec = vae.decode(zz)
         values = measure(ref, dec, chunk, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
+        if profiles:
+            dz2 = (zz.float() - z.float()).pow(2).flatten(1).sum(1).tolist()
+            ratio = [float(norm[s.row, s.col]) / med for s in chunk]
+            extra = profile_columns(dec.float() - ref.float(), chunk, vae.factor, field, dz2, ratio)
+            values = [{**v, **x} for v, x in zip(values, extra)]
         for k, (site, v) in enumerate(zip(chunk, values)):
             rows.append({"row": site.row, "col": site.col, "size": site.size,
                          "channel": -1 if site.channel is None else site.channel, "op": op.name, **v})
@@ -216,8 +231,9 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
                    n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
                    measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
-                   lpips_model=None, cost: ScanCost | None = None, keep: KeptDecodes | None = None) -> pd.DataFrame:
-    """Exact ablation of a few candidates and a random control sample.
+                   lpips_model=None, cost: ScanCost | None = None, keep: KeptDecodes | None = None,
+                   field=None) -> pd.DataFrame:
+    """Exact ablation of a few candidates and a random control sample (``field``: see :func:`exact_scan`).
 
     Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
     the ``n_linear`` largest linearised far-field sensitivities (``n_probes`` probes per block; skipped when
@@ -258,7 +274,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
     df = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
-                    lpips_model=lpips_model, cost=cost, keep=keep)
+                    lpips_model=lpips_model, cost=cost, keep=keep, field=field)
     df["stage"] = [stage[i] for i in order]
     ctrl = df.loc[df.stage == "control", "far_l2"].to_numpy()
     med = float(np.nanmedian(ctrl)) if len(ctrl) else float("nan")
@@ -284,19 +300,40 @@ def _save_kept(folder, array: np.ndarray, ref: torch.Tensor, keep: KeptDecodes) 
     return kept
 
 
+def _sum_counts(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: str = "exact",
              size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
              measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 32, seed: int = 0,
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
              swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
-             overwrite: bool = False, progress: bool = True):
+             overwrite: bool = False, progress: bool = True, verdicts: bool = True, evidence: int = 4,
+             n_donors: int = 4):
     """Scan every image of ``images`` and write a run directory ``out``.
 
     Files: ``config.json`` (every setting and the VAE's description), ``parts/NNNNNN.parquet`` + ``.json`` (one
     image each, written atomically; ``resume=True`` skips finished ones), ``scan.parquet`` (one row per image and
-    scanned position: ``image, row, col, ...`` measures, ``global_ratio``, ``is_global``), ``images.parquet`` (per
-    image: the top far-field position, its ratio, whether it is global, decode count and seconds) and
-    ``summary.json``. Returns the :class:`~vaeprobe.rundir.RunDir`.
+    scanned position: ``image, row, col, ...`` measures, ``global_ratio``, the verdict columns, ``is_global``),
+    ``images.parquet`` (per image: the top far-field position, its ratio, the verdict counts, decode count and
+    seconds) and ``summary.json``. Returns the :class:`~vaeprobe.rundir.RunDir`.
+
+    Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
+    ``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
+    last two) from :mod:`vaeprobe.verdict`, with its measures and evidence: per image, a few ordinary cells are
+    zeroed first to measure the decoder's effective receptive field; the swap test uses the first ``n_donors``
+    images of ``swap_with`` as donors; the ``evidence`` most unusual cells get the matched controls and the
+    frozen-pathway share. The verdict of a cell depends on that image's ordinary cells, not on which positions
+    were scanned. It is calibrated for zeroing one cell: with another operator, patches or one channel, the
+    verdict columns are those of zeroing the cell ``(row, col)`` (one more decode per position). ``linear``
+    mode gives no verdict (``verdict`` is empty and ``is_global`` False): its estimates have no calibrated rule.
+    ``global_ratio`` (far-field energy over the median scanned position's, or the controls' in two-stage mode)
+    stays as a descriptive column; ``threshold`` only sets ``n_ratio_over`` in ``images.parquet``.
 
     The ``swap`` operator takes the values of another image's latent at the same place: the first image of
     ``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
@@ -329,6 +366,7 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     info = vae.info()
     info.pop("device", None)
     config = {"job": "scan", "vae": info, "images": str(images), "op": op, "positions": positions, "mode": mode,
+              "verdicts": bool(verdicts), "evidence": evidence, "n_donors": n_donors,
               "size": size, "fit": fit, "radius": radius, "measures": list(measures), "n_probes": n_probes,
               "seed": seed, "patch": patch, "channel": channel, "threshold": threshold,
               "keep_images": keep_images if mode != "linear" else 0}
@@ -343,6 +381,25 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
 
         lpips_model = get_lpips(vae.device)
     partner: dict = {}
+    donor_sets: dict = {}
+
+    def donors_for(shape: tuple[int, int]):
+        if shape not in donor_sets:
+            from .images import _resize, iter_images
+            from .verdict import make_donors
+
+            got = []
+            for item in iter_images(swap_with, factor=1, report=lambda s: None):
+                got.append(item)
+                if len(got) >= n_donors:
+                    break
+            if not got:
+                donor_sets[shape] = None
+            else:
+                xs = [torch.from_numpy(np.ascontiguousarray(_resize(g.array, shape[0], shape[1]))).permute(2, 0, 1)[None]
+                      .float() * 2 - 1 for g in got]
+                donor_sets[shape] = make_donors(vae, xs, [g.name for g in got])
+        return donor_sets[shape]
 
     def swap_latent(shape: tuple[int, int]) -> torch.Tensor:
         if shape not in partner:
@@ -372,15 +429,22 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
             cost = ScanCost()
             ref = vae.decode(z)
             keep = KeptDecodes(keep_images) if keep_images and mode != "linear" else None
+            field = None
+            if verdicts and mode != "linear":
+                from .verdict import receptive_field
+
+                field = receptive_field(vae, z, ref, seed=seed, exclude=stats["excluded"])
+                cost.decodes += len(field.cells)
             if mode == "exact":
                 sites = select_sites(positions, z.shape[-2:], norm=norm, size=patch, channel=channel)
                 df = exact_scan(vae, z, sites, operator, measures=measures, radius=radius, batch=batch, ref=ref,
-                                lpips_model=lpips_model, progress=progress, cost=cost, keep=keep)
+                                lpips_model=lpips_model, progress=progress, cost=cost, keep=keep, field=field)
             elif mode == "linear":
                 df = linear_scan(vae, z, n_probes=n_probes, radius=radius, seed=seed, cost=cost)
             else:
                 df = two_stage_scan(vae, z, operator, norm=norm, radius=radius, seed=seed, measures=measures,
-                                    batch=batch, ref=ref, lpips_model=lpips_model, cost=cost, keep=keep)
+                                    batch=batch, ref=ref, lpips_model=lpips_model, cost=cost, keep=keep,
+                                    field=field)
                 if df.attrs.get("linear_fallback"):
                     run.say(f"vaeprobe: note: {vae.spec}: no linear map, since the decoder is not differentiable "
                             f"({df.attrs['linear_fallback']}); two-stage takes latent-norm candidates and a larger "
@@ -388,12 +452,24 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
             kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
             df.insert(0, "image", img.name)
             score = "global_ratio" if "global_ratio" in df else "far_ratio"
-            df["is_global"] = df[score] >= threshold if score in df else False
+            profiles = None
+            if field is not None:
+                from .verdict import attach_verdicts
+
+                df = attach_verdicts(vae, z, ref, df, field, donors=donors_for(tuple(img.array.shape[:2])),
+                                     evidence=evidence, cost=cost)
+                profiles = df.attrs.get("profiles")
+            else:
+                df["verdict"] = None
+                df["is_global"] = False
             top = df.loc[df[score].idxmax()] if score in df and df[score].notna().any() else None
             meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
                     "top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
                     "top_ratio": float(top[score]) if top is not None else math.nan,
                     "n_global": int(df["is_global"].sum()), "positions": len(df),
+                    "n_ratio_over": int((df[score] >= threshold).sum()) if score in df else 0,
+                    "verdicts": {str(k): int(v) for k, v in df["verdict"].value_counts().items()},
+                    "erf": float(field.erf) if field is not None else math.nan, "profiles": profiles,
                     "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
                     "linear_fallback": df.attrs.get("linear_fallback"),
                     "seconds": round(time.perf_counter() - t0, 3)}
@@ -404,7 +480,9 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     images_df = pd.DataFrame(rows)
     run.write_table("images.parquet", images_df)
     summary = {"n_images": len(rows), "mode": mode, "op": op, "threshold": threshold,
-               "global_rate": float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan,
+               "global_rate": (float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan)
+               if verdicts and mode != "linear" else math.nan,
+               "verdicts": _sum_counts(r.get("verdicts") or {} for r in rows),
                "decodes": int(sum(r["decodes"] for r in rows)), "seconds": float(sum(r["seconds"] for r in rows)),
                "linear_fallback": sorted({r["linear_fallback"] for r in rows if r.get("linear_fallback")}),
                "skipped": [str(s) for s in skipped], "failed": run.failed, "vae": info}

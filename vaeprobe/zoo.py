@@ -68,10 +68,11 @@ def _registry() -> dict[str, Callable]:
         "taef2": lambda: _taesd_model("taef2"),
     }
     try:
-        from .controls import CONTROLS
+        from .controls import CONTROLS, VERDICT_CONTROLS
     except ImportError:
-        CONTROLS = {}
+        CONTROLS, VERDICT_CONTROLS = {}, {}
     reg.update(CONTROLS)
+    reg.update(VERDICT_CONTROLS)
     return reg
 
 

@@ -1,0 +1,300 @@
+"""Calibrate and evaluate the cell verdicts (``vaeprobe.verdict``) at 64, 128, 256 and 512 px.
+
+    python experiments/verdict_calibration.py measure --set calibration   # wallpapers (train split), 4 sizes
+    python experiments/verdict_calibration.py fit                         # thresholds from the calibration rows
+    python experiments/verdict_calibration.py measure --set heldout       # builtin:photos-heldout, 64-256 px
+    python experiments/verdict_calibration.py report                      # verdict rates per control and size
+
+``measure`` records, per (size, model, image), the verdict measures of
+
+- every control's planted cell (its declared verdict is in the ground truth), with the swap test always run;
+- cells of the clean models (``mini-kl-f8``, ``taef2``): every cell when the latent has at most 64 cells
+  (64 px), else the 8 largest latent norms and 24 seeded random cells.
+
+It writes one parquet per (set, size, model) under ``experiments/results/verdicts/parts/``, named with the first
+12 hex digits of the mini weights' SHA-256 (atomically; a rerun skips those present for the current weights, so a
+killed run continues, and new weights are measured afresh). ``experiments/rebuild_mini.py`` runs all four steps. The calibration set is the training split of the Debian wallpaper
+set of ``experiments/fetch_wallpapers.py``: images the test suite never reads (it has no copy of them). Donors for
+the swap test are 4 other images of the same split (calibration) or the first 4 of ``builtin:photos-train``
+(held-out evaluation).
+
+``fit`` sets each threshold of :class:`vaeprobe.verdict.VerdictRules` at the geometric mean of the gap between the
+two groups it separates, pooled over the four sizes (no threshold is per size):
+
+- ``far_rel`` and ``far_excess`` (is there a far effect at all?) jointly, as the AND gate they form: the clean
+  models' cells, which must not have one, against every planted cell (all declared ``wide-local``, ``global`` or
+  ``global-information``), on a log grid: fewest errors, then the largest margin (:func:`joint_gate`);
+- ``flatness`` (global or decaying?): planted cells declared ``global``/``global-information`` against those
+  declared ``wide-local``;
+- ``swap_corr`` and ``swap_slope`` (content?): ``global-information`` against ``global`` planted cells.
+
+Where the groups overlap it says so and takes the midpoint of the overlap (in log space). Writes
+``thresholds.json`` and ``calibration.md`` (per-size ranges of each measure and group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vaeprobe._io import atomic_path, cache_dir, write_text_atomic  # noqa: E402
+from vaeprobe.controls import EXPECTED_VERDICTS  # noqa: E402
+from vaeprobe.images import iter_images  # noqa: E402
+from vaeprobe.vae import load_vae  # noqa: E402
+from vaeprobe.verdict import CellVerdict, VerdictRules, make_donors  # noqa: E402
+
+OUT = ROOT / "experiments" / "results" / "verdicts"
+CLEAN = ("mini-kl-f8", "taef2")
+CONTROLS = tuple(EXPECTED_VERDICTS)
+SIZES = {"calibration": (64, 128, 256, 512), "heldout": (64, 128, 256)}
+N_IMAGES = {"calibration": {64: 8, 128: 8, 256: 6, 512: 4}, "heldout": {64: 7, 128: 7, 256: 7}}
+
+
+def wallpapers(split: str = "train") -> list[Path]:
+    root = cache_dir() / "wallpapers"
+    manifest = root / "manifest.csv"
+    if not manifest.exists():
+        raise SystemExit(f"{manifest} missing: run python experiments/fetch_wallpapers.py first")
+    with manifest.open() as fh:
+        files = [root / r["file"] for r in csv.DictReader(fh) if r["split"] == split]
+    if split == "reserved-eval":
+        raise SystemExit("the reserved-eval split is never used here")
+    return files
+
+
+def image_sets(which: str, size: int):
+    """(images, donors) as lists of LoadedImage at ``size``."""
+    if which == "calibration":
+        files = wallpapers("train")
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(files))
+        pick = [files[i] for i in order[:N_IMAGES[which][size]]]
+        donor_files = [files[i] for i in order[-4:]]
+        imgs = list(iter_images([str(f) for f in pick], factor=8, size=size, report=lambda s: None))
+        donors = list(iter_images([str(f) for f in donor_files], factor=8, size=size, report=lambda s: None))
+    else:
+        imgs = list(iter_images("builtin:photos-heldout", factor=8, size=size, report=lambda s: None))
+        donors = list(iter_images("builtin:photos-train", factor=8, size=size, report=lambda s: None))[:4]
+    return imgs[:N_IMAGES[which][size]], donors
+
+
+def clean_cells(z: torch.Tensor, seed: int) -> list[tuple[int, int]]:
+    h, w = z.shape[-2:]
+    if h * w <= 64:
+        return [(r, c) for r in range(h) for c in range(w)]
+    norm = z[0].norm(dim=0).flatten()
+    top = torch.topk(norm, 8).indices.tolist()
+    g = torch.Generator().manual_seed(seed)
+    rest = [i for i in torch.randperm(h * w, generator=g).tolist() if i not in top][:24]
+    return [divmod(i, w) for i in top + rest]
+
+
+def weights_tag() -> str:
+    """First 12 hex digits of the SHA-256 of the mini weights every model here (but taef2) is built on: parts
+    measured on other weights are ignored."""
+    import hashlib
+
+    path = ROOT / "vaeprobe" / "builtin" / "mini-kl-f8" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def measure(which: str, sizes, models, force: bool) -> None:
+    parts = OUT / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    tag = weights_tag()
+    for size in sizes:
+        imgs, donor_imgs = image_sets(which, size)
+        for name in models:
+            path = parts / f"{which}-{size}-{name}-{tag}.parquet"
+            if path.exists() and not force:
+                continue
+            t0 = time.time()
+            vae = load_vae(f"builtin:{name}")
+            donors = make_donors(vae, [d.tensor() for d in donor_imgs], [d.name for d in donor_imgs])
+            planted = name not in CLEAN
+            cv = CellVerdict(vae, donors=donors, evidence=False, swap="always" if planted else "auto")
+            frames = []
+            for k, img in enumerate(imgs):
+                x = img.tensor()
+                with torch.no_grad():
+                    z = vae.encode(x).mean
+                if planted:
+                    gt = vae.ground_truth(x)[0]
+                    cells, expected = [(gt["row"], gt["col"])], gt["expected_verdict"]
+                else:
+                    cells, expected = clean_cells(z, k), "local"
+                with torch.no_grad():
+                    df = cv.classify(z, cells)
+                df.insert(0, "image", img.name)
+                df.insert(0, "model", name)
+                df.insert(0, "size", size)
+                df["role"] = "planted" if planted else "clean"
+                df["expected"] = expected
+                frames.append(df)
+            out = pd.concat(frames, ignore_index=True)
+            with atomic_path(path) as tmp:
+                out.to_parquet(tmp, index=False)
+            print(f"{which} {size} px {name}: {len(out)} cells, {time.time() - t0:.0f} s; verdicts "
+                  f"{out.verdict.value_counts().to_dict()}", flush=True)
+
+
+def load(which: str) -> pd.DataFrame:
+    files = sorted((OUT / "parts").glob(f"{which}-*-{weights_tag()}.parquet"))
+    if not files:
+        raise SystemExit(f"no {which} rows for the current mini weights: run the measure step first")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def _gap(neg: np.ndarray, pos: np.ndarray) -> dict:
+    """Threshold at the geometric mean of max(neg) and min(pos) (positives above)."""
+    neg, pos = neg[np.isfinite(neg)], pos[np.isfinite(pos)]
+    hi, lo = float(np.max(neg)), float(np.min(pos))
+    out = {"negatives_max": hi, "positives_min": lo, "n_neg": int(len(neg)), "n_pos": int(len(pos)),
+           "separated": lo > hi}
+    if hi > 0 and lo > 0:
+        out["threshold"] = float(math.sqrt(hi * lo))
+    else:
+        out["threshold"] = float((hi + lo) / 2)
+    out["margin"] = float(lo / hi) if hi > 0 else math.inf
+    return out
+
+
+def joint_gate(neg: np.ndarray, pos: np.ndarray) -> dict:
+    """Thresholds ``(far_rel, far_excess)`` of the AND gate "far effect present": over a log grid, the pairs with
+    the fewest errors (clean cells passing both, planted cells failing either), and among those the one whose
+    closest point is farthest from the boundary (in log units)."""
+    neg = np.log(np.clip(neg[np.isfinite(neg).all(1)], 1e-30, None))
+    pos = np.log(np.clip(pos[np.isfinite(pos).all(1)], 1e-30, None))
+    tr = np.log(np.logspace(-5, 1, 241))
+    te = np.log(np.logspace(0, 3, 121))
+    R, E = np.meshgrid(tr, te, indexing="ij")
+    pos_margin = np.minimum(pos[:, 0][None, None] - R[..., None], pos[:, 1][None, None] - E[..., None])
+    neg_margin = np.maximum(R[..., None] - neg[:, 0][None, None], E[..., None] - neg[:, 1][None, None])
+    errors = (pos_margin < 0).sum(-1) + (neg_margin <= 0).sum(-1)
+    margin = np.minimum(pos_margin.min(-1), neg_margin.min(-1))
+    best = errors.min()
+    score = np.where(errors == best, margin, -np.inf)
+    i, j = np.unravel_index(np.argmax(score), score.shape)
+    rel, ex = float(np.exp(R[i, j])), float(np.exp(E[i, j]))
+    out = {}
+    for k, (name, t) in enumerate((("far_rel", rel), ("far_excess", ex))):
+        out[name] = {"threshold": t, "errors": int(best), "margin_log": float(margin[i, j]),
+                     "negatives_max": float(np.exp(neg[:, k].max())), "positives_min": float(np.exp(pos[:, k].min())),
+                     "n_neg": int(len(neg)), "n_pos": int(len(pos)), "separated": bool(best == 0),
+                     "rule": "joint AND gate with the other far measure"}
+    return out
+
+
+def fit() -> dict:
+    df = load("calibration")
+    clean = df[df.role == "clean"]
+    planted = df[df.role == "planted"]
+    glob = planted[planted.expected.isin(["global", "global-information"])]
+    wide = planted[planted.expected == "wide-local"]
+    info = planted[planted.expected == "global-information"]
+    noinfo = planted[planted.expected == "global"]
+    gate = joint_gate(clean[["far_rel", "far_excess"]].to_numpy(), planted[["far_rel", "far_excess"]].to_numpy())
+    gaps = {
+        "far_rel": gate["far_rel"],
+        "far_excess": gate["far_excess"],
+        "flatness": _gap(wide.flatness.to_numpy(), glob.flatness.to_numpy()),
+        "swap_corr": _gap(noinfo.swap_corr.fillna(0).to_numpy(), info.swap_corr.to_numpy()),
+        "swap_slope": _gap(noinfo.swap_slope.fillna(0).to_numpy(), info.swap_slope.to_numpy()),
+    }
+    # swap_corr can be negative for the negatives: a linear midpoint there
+    for key in ("swap_corr", "swap_slope"):
+        g = gaps[key]
+        g["threshold"] = float((max(g["negatives_max"], 0.0) + g["positives_min"]) / 2)
+    rules = VerdictRules(**{k: round(g["threshold"], 6) for k, g in gaps.items()})
+    result = {"rules": rules.to_dict(), "gaps": gaps, "n_rows": int(len(df)),
+              "sizes": sorted(int(s) for s in df["size"].unique()),
+              "images": {int(s): sorted(df[df["size"] == s].image.unique().tolist()) for s in df["size"].unique()}}
+    write_text_atomic(OUT / "thresholds.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(OUT / "calibration.md", calibration_table(df, rules) + "\n")
+    print(json.dumps(result["rules"], indent=2))
+    for k, g in gaps.items():
+        print(f"{k}: negatives max {g['negatives_max']:.4g}, positives min {g['positives_min']:.4g}, "
+              f"threshold {g['threshold']:.4g}, separated {g['separated']}")
+    return result
+
+
+def _rng(values: pd.Series) -> str:
+    v = values.dropna()
+    return "–" if v.empty else f"{v.min():.3g}–{v.max():.3g}"
+
+
+def calibration_table(df: pd.DataFrame, rules: VerdictRules) -> str:
+    lines = ["| size | group | cells | far_rel | far_excess | flatness | swap_corr | swap_slope |",
+             "|---|---|---|---|---|---|---|---|"]
+    for size in sorted(df["size"].unique()):
+        d = df[df["size"] == size]
+        groups = [("clean cells", d[d.role == "clean"])]
+        for exp in ("wide-local", "global", "global-information"):
+            groups.append((f"planted, {exp}", d[(d.role == "planted") & (d.expected == exp)]))
+        for label, g in groups:
+            lines.append(f"| {size} | {label} | {len(g)} | {_rng(g.far_rel)} | {_rng(g.far_excess)} | "
+                         f"{_rng(g.flatness)} | {_rng(g.swap_corr)} | {_rng(g.swap_slope)} |")
+    return "\n".join(lines)
+
+
+def report(which: str) -> str:
+    df = load(which)
+    rules = VerdictRules(**json.loads((OUT / "thresholds.json").read_text())["rules"])
+    df["verdict"] = [rules.classify(r) for r in df.to_dict("records")]
+    df["is_global"] = df.verdict.isin(["global", "global-information"])
+    lines = [f"Verdicts on the {which} set with the fitted thresholds.", "",
+             "| model | declared | " + " | ".join(f"{s} px" for s in sorted(df["size"].unique())) + " |",
+             "|---|---|" + "---|" * df["size"].nunique()]
+    for name in [m for m in (*CONTROLS, *CLEAN) if m in set(df.model)]:
+        d = df[df.model == name]
+        exp = d.expected.iloc[0]
+        cells = []
+        for size in sorted(df["size"].unique()):
+            s = d[d["size"] == size]
+            if s.empty:
+                cells.append("–")
+            elif exp == "local":
+                cells.append(f"{int(s.is_global.sum())} global of {len(s)} cells; "
+                             f"{int((s.verdict == 'wide-local').sum())} wide-local")
+            else:
+                cells.append(f"{int((s.verdict == exp).sum())}/{len(s)}"
+                             + ("" if (s.verdict == exp).all() else f" (else {s[s.verdict != exp].verdict.value_counts().to_dict()})"))
+        lines.append(f"| {name} | {'not global' if exp == 'local' else exp} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    write_text_atomic(OUT / f"{which}.md", text + "\n")
+    print(text)
+    return text
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("step", choices=["measure", "fit", "report"])
+    ap.add_argument("--set", default="calibration", choices=["calibration", "heldout"])
+    ap.add_argument("--sizes", default=None, help="comma-separated sizes (default: all of the set)")
+    ap.add_argument("--models", default=None, help="comma-separated builtin names (default: controls + clean)")
+    ap.add_argument("--force", action="store_true", help="recompute parts that exist")
+    a = ap.parse_args(argv)
+    if a.step == "measure":
+        sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else SIZES[a.set]
+        models = a.models.split(",") if a.models else [*CONTROLS, *CLEAN]
+        measure(a.set, sizes, models, a.force)
+    elif a.step == "fit":
+        fit()
+    else:
+        report(a.set)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Cell verdicts: synthetic profiles with a known shape, every control's declared verdict on held-out photos, the
+clean models, and the scan table's verdict columns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vaeprobe import load_images, load_vae
+from vaeprobe.controls import EXPECTED_VERDICTS
+from vaeprobe.perturb import Site
+from vaeprobe.scan import run_scan
+from vaeprobe.verdict import (GLOBAL_VERDICTS, VERDICTS, CellVerdict, ReceptiveField, VerdictRules, distance_cells,
+                              make_donors, profile_columns)
+
+FACTOR = 8
+
+
+def _field(erf=2.0) -> ReceptiveField:
+    # an ordinary cell: energy 1 within one cell, then falling 30x per cell
+    shape = [1.0, 1.0] + [30.0 ** -(d - 1) for d in range(2, 40)]
+    return ReceptiveField(erf=erf, tail0=0.05, variance=0.3, cells=[], profile=shape, dz2=1.0, shape=shape)
+
+
+def _diff_from_profile(site: Site, side: int, amp) -> torch.Tensor:
+    d = distance_cells(site, (side, side), FACTOR)
+    return amp(d).float().expand(1, 3, side, side).clone()
+
+
+def test_profile_measures_tell_local_wide_and_global_apart():
+    rules = VerdictRules()
+    field = _field()
+    site = Site(10, 12)
+    side = 32 * FACTOR
+    local = _diff_from_profile(site, side, lambda d: 0.5 * 30.0 ** (-0.5 * torch.clamp(d - 1, min=0)))
+    wide = _diff_from_profile(site, side, lambda d: 0.3 * torch.exp(-d ** 2 / (2 * 3.0 ** 2)))
+    flat = _diff_from_profile(site, side, lambda d: 0.05 + 0.5 * (d <= 1).float())
+    rows = profile_columns(torch.cat([local, wide, flat]), [site] * 3, FACTOR, field, [1.0] * 3, [1.0] * 3)
+    assert [rules.shape(r) for r in rows] == ["local", "wide-local", "global"]
+    assert 0.3 < rows[0]["far_excess"] < 3  # the ordinary profile is binned by rounded distance
+    # magnitude alone changes nothing: the same local shape 1000x larger is still local
+    big = profile_columns(local * 1000, [site], FACTOR, field, [1e6], [60.0])[0]
+    assert rules.shape(big) == "local" and rules.classify(big) == "high-norm"
+    assert big["far_excess"] == pytest.approx(rows[0]["far_excess"], rel=1e-6)
+
+
+def test_border_cell_of_a_local_effect_stays_local():
+    """A corner cell holds a smaller share of a local effect near it; the expected profile is summed over the
+    cell's own pixels, so the excess stays near 1."""
+    field = _field()
+    site = Site(0, 0)
+    side = 16 * FACTOR
+    local = _diff_from_profile(site, side, lambda d: 0.5 * 30.0 ** (-0.5 * torch.clamp(d - 1, min=0)))
+    row = profile_columns(local, [site], FACTOR, field, [1.0], [1.0])[0]
+    assert 0.3 < row["far_excess"] < 3
+    assert VerdictRules().classify(row) == "ordinary"
+
+
+def test_rules_need_both_far_measures_and_the_swap_for_information():
+    rules = VerdictRules()
+    strong = {"norm_ratio": 1.0, "far_rel": 10 * rules.far_rel, "far_excess": 10 * rules.far_excess,
+              "flatness": 1.0, "swap_corr": 0.99, "swap_slope": 1.0}
+    assert rules.classify(strong) == "global-information"
+    assert rules.classify({**strong, "swap_slope": 0.0}) == "global"
+    assert rules.classify({**strong, "swap_corr": math.nan}) == "global"
+    assert rules.classify({**strong, "far_rel": rules.far_rel / 10}) == "ordinary"
+    assert rules.classify({**strong, "far_excess": 1.0, "norm_ratio": 50.0}) == "high-norm"
+    assert rules.classify({**strong, "flatness": 0.01}) == "wide-local"
+
+
+def _planted_verdicts(name: str, size: int, images: int | None = None) -> list[tuple[str, str]]:
+    vae = load_vae(f"builtin:{name}")
+    donors = make_donors(vae, [d.tensor() for d in load_images("builtin:photos-train", size=size)[:4]])
+    cv = CellVerdict(vae, donors=donors, evidence=False)
+    out = []
+    for img in load_images("builtin:photos-heldout", size=size)[:images]:
+        x = img.tensor()
+        gt = vae.ground_truth(x)[0]
+        with torch.no_grad():
+            z = vae.encode(x).mean
+            got = cv.classify(z, [(gt["row"], gt["col"])]).verdict.iloc[0]
+        out.append((gt["expected_verdict"], got))
+    return out
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_VERDICTS))
+def test_every_control_gets_its_declared_verdict_on_the_heldout_photos_at_64px(name):
+    pairs = _planted_verdicts(name, 64)
+    assert len(pairs) == 7
+    assert all(exp == EXPECTED_VERDICTS[name] for exp, _ in pairs)
+    hits = sum(exp == got for exp, got in pairs)
+    assert hits / len(pairs) >= 0.95, pairs
+
+
+@pytest.mark.parametrize("name", ["planted-direct", "planted-attention", "decoy-wide-local", "decoy-droplet", "keyed"])
+def test_controls_at_128px(name):
+    pairs = _planted_verdicts(name, 128, images=3)
+    assert all(exp == got for exp, got in pairs), pairs
+
+
+@pytest.mark.parametrize("name", ["mini-kl-f8", "taef2"])
+def test_clean_models_have_no_global_cell_at_64px(name):
+    """Every cell of two held-out photos: no cell of the clean models is global."""
+    vae = load_vae(f"builtin:{name}")
+    cv = CellVerdict(vae, evidence=False)
+    for img in load_images("builtin:photos-heldout", size=64)[:2]:
+        with torch.no_grad():
+            z = vae.encode(img.tensor()).mean
+            df = cv.classify(z, [(r, c) for r in range(8) for c in range(8)])
+        assert set(df.verdict) <= set(VERDICTS)
+        assert not df.is_global.any(), df[df.is_global]
+
+
+def test_scan_table_has_verdict_columns(tmp_path):
+    run = run_scan("builtin:keyed", "builtin:photos-heldout", tmp_path / "scan", size=64, positions="all",
+                   keep_images=0, progress=False, n_donors=2)
+    df = pd.read_parquet(run.path / "scan.parquet")
+    assert {"image", "row", "col", "verdict", "is_global", "far_excess", "flatness", "swap_corr"} <= set(df.columns)
+    assert set(df.verdict) <= set(VERDICTS)
+    assert (df.is_global == df.verdict.isin(GLOBAL_VERDICTS)).all()
+    vae = load_vae("builtin:keyed")
+    truth = {img.name: vae.ground_truth(img.tensor())[0] for img in load_images("builtin:photos-heldout", size=64)}
+    for name, gt in truth.items():
+        rows = df[df.image == name]
+        spot = rows[(rows.row == gt["row"]) & (rows.col == gt["col"])]
+        assert spot.verdict.iloc[0] == "global-information", (name, spot.verdict.iloc[0])
+        # the keyed cell is found by its effect: its norm is ordinary (no latent-norm detector flags it)
+        assert spot.norm_ratio.iloc[0] < VerdictRules().norm_ratio
+    linear = run_scan("builtin:tiny-random", "builtin:photos-heldout", tmp_path / "lin", size=64, mode="linear",
+                      n_probes=2, progress=False)
+    lin = pd.read_parquet(linear.path / "scan.parquet")
+    assert lin.verdict.isna().all() and not lin.is_global.any()
+    assert np.isnan(__import__("json").loads((linear.path / "summary.json").read_text())["global_rate"])
