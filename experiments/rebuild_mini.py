@@ -18,7 +18,9 @@ The steps, in order:
   ``scan-defaults-64`` / ``scan-defaults-128`` (far-field radius and global-effect threshold,
   ``scan_defaults.py``), ``mechanism`` (pathway attribution on the controls, ``mechanism_controls.py``);
 - ``compare-taef2``: ``vaeprobe compare builtin:mini-kl-f8 builtin:taef2`` on the 15 builtin photos at 256 px
-  (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px.
+  (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px;
+- ``verdict-calibration`` / ``verdict-heldout``: the verdict thresholds and the verdicts on the held-out photos
+  (``verdict_calibration.py``; ``fit`` writes ``vaeprobe/verdict_rules.json``, the defaults of ``VerdictRules``).
 
 Not rebuilt here (slow; their docs say which weights they were measured on): ``benchmarks/linear_agreement.py
 --model mini``, ``benchmarks/scan_bench.py`` and ``benchmarks/mechanism_bench.py``.
@@ -87,6 +89,12 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
                                       "--quiet", "--out", f"{tmp}/compare-taef2-wallpapers-256"],
                                      _copy(py, f"{tmp}/compare-taef2-wallpapers-256/summary.json",
                                            f"{RESULTS}/compare_mini_taef2_wallpapers_256.json")],
+        # the verdict thresholds (wallpapers, 64-512 px) and the verdicts on the held-out photos (64-256 px)
+        "verdict-calibration": [[py, "experiments/verdict_calibration.py", "measure", "--set", "calibration"],
+                                [py, "experiments/verdict_calibration.py", "fit"]],
+        "verdict-heldout": [[py, "experiments/verdict_calibration.py", "measure", "--set", "heldout"],
+                            [py, "experiments/verdict_calibration.py", "report", "--set", "heldout"],
+                            [py, "experiments/verdict_calibration.py", "report", "--set", "calibration"]],
         "doc-tables": [[py, "experiments/doc_tables.py", "--out", f"{RESULTS}/doc_tables.md"]],
     }
 

@@ -254,15 +254,31 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
     return out
 
 
+def _calibrated() -> dict:
+    """The thresholds written by ``experiments/verdict_calibration.py fit`` (``vaeprobe/verdict_rules.json``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).with_name("verdict_rules.json")
+    try:
+        return json.loads(path.read_text())["rules"]
+    except (OSError, ValueError, KeyError):  # pragma: no cover - the file ships with the package
+        return {}
+
+
+_CAL = _calibrated()
+
+
 @dataclass(frozen=True)
 class VerdictRules:
-    """Thresholds of the verdict (docs/verdicts.md has the calibration behind the defaults)."""
+    """Thresholds of the verdict. The defaults are the calibrated ones of ``vaeprobe/verdict_rules.json``
+    (written by ``experiments/verdict_calibration.py fit``; docs/verdicts.md has the data)."""
 
-    far_rel: float = 1e-4        # far-field energy per pixel, relative to the image's variance
-    far_excess: float = 10.0     # energy beyond the receptive field over an ordinary cell's, same near field
-    flatness: float = 0.35       # outer over inner far-field energy
-    swap_corr: float = 0.6       # far colour change vs donor colour difference
-    swap_slope: float = 0.25
+    far_rel: float = _CAL.get("far_rel", 0.05)          # far-field energy per pixel over the image's variance
+    far_excess: float = _CAL.get("far_excess", 5.0)     # beyond the receptive field, over an ordinary cell's
+    flatness: float = _CAL.get("flatness", 0.3)         # outer over inner far-field energy
+    swap_corr: float = _CAL.get("swap_corr", 0.85)      # far colour change vs donor colour difference
+    swap_slope: float = _CAL.get("swap_slope", 0.75)
     norm_ratio: float = DEFAULT_THRESHOLD
 
     def shape(self, row: dict) -> str:
@@ -312,11 +328,22 @@ class Donors:
 
 
 def make_donors(vae, images: Sequence[torch.Tensor], names: Sequence[str] = ()) -> Donors:
-    """Encode and decode donor images (``[1, 3, H, W]`` each, in [-1, 1], all of one size)."""
-    x = torch.cat(list(images))
-    z = vae.encode(x).mean
-    dec = vae.decode(z).float()
-    return Donors(latents=z, colours=dec.mean(dim=(2, 3)), names=list(names))
+    """Encode and decode donor images (``[1, 3, H, W]`` each, in [-1, 1], all of one size). A donor the model
+    cannot encode (a ``ValueError``, such as a planted control that cannot be built on it) is left out; its name
+    is not in ``names``."""
+    names = list(names) or [f"donor {i}" for i in range(len(images))]
+    zs, kept = [], []
+    for x, name in zip(images, names):
+        try:
+            zs.append(vae.encode(x).mean)
+            kept.append(name)
+        except ValueError:
+            continue
+    if not zs:
+        raise ValueError("no donor image could be encoded")
+    z = torch.cat(zs)
+    dec = torch.cat([vae.decode(zi[None]).float() for zi in z])
+    return Donors(latents=z, colours=dec.mean(dim=(2, 3)), names=kept)
 
 
 def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
