@@ -200,10 +200,10 @@ def render_card(r: dict, folder: Path, mini: dict | None, blob: dict | None) -> 
              "on 2 CPU cores by `experiments/train_mini_vae.py`. Weights: `diffusion_pytorch_model.safetensors` "
              "(fp16). Everything below is rebuilt by `python experiments/rebuild_mini.py`.", "",
              "## Training", "",
-             "Three stages, each warm-started from the previous one (the commands are in the docstring of "
+             f"{len(stages)} stages, each warm-started from the previous one (the commands are in the docstring of "
              "`experiments/train_mini_vae.py`; the full settings and logs in `training.json`):", "",
-             "| stage | init | data | loss | lr | precision | steps | minutes | last logged L1 / LPIPS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| stage | init | data | crop px / batch | loss | lr | precision | steps | minutes | last logged L1 / LPIPS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, st in enumerate(stages, 1):
         cfg, tr = st.get("config", {}), st.get("config", {}).get("train", {})
         data = cfg.get("data", {})
@@ -218,18 +218,19 @@ def render_card(r: dict, folder: Path, mini: dict | None, blob: dict | None) -> 
         lr = f"{tr.get('lr')}" + (f", cosine to {tr.get('lr_min')}" if tr.get("lr_schedule") == "cosine" else "")
         last = (st.get("final_log") or [{}])[-1]
         init = "random" if i == 1 else f"stage {i - 1}"
-        lines.append(f"| {i} | {init} | {src} | {loss} | {lr} | {'bf16 autocast' if tr.get('bf16_autocast') else 'fp32'}"
+        lines.append(f"| {i} | {init} | {src} | {data.get('crop')} / {tr.get('batch_size')} | {loss} | {lr} | "
+                     f"{'bf16 autocast' if tr.get('bf16_autocast') else 'fp32'}"
                      f" | {st.get('steps')} | {st.get('wall_minutes')} | {last.get('l1', float('nan')):.3f} / "
                      f"{last.get('lpips', float('nan')):.3f} |")
     for i, st in enumerate(stages, 1):
         if st.get("config", {}).get("train", {}).get("note"):
             lines += ["", f"Stage {i}: {st['config']['train']['note']}."]
     lines += ["", f"Model: widths {json.dumps(stages[-1]['config']['model']['block_out_channels'])}, "
-              f"layers_per_block {stages[-1]['config']['model']['layers_per_block']}, random {stages[-1]['config']['data']['crop']} px crops "
-              "at random scales with horizontal flips, batch 4, Adam. The patch discriminator of SD's recipe was "
+              f"layers_per_block {stages[-1]['config']['model']['layers_per_block']}; random crops at random scales "
+              "with horizontal flips, Adam. The patch discriminator of SD's recipe was "
               "not used. The training curve (losses per pixel of single batches, smoothed within each stage; stage 1's "
-              "training.json kept only its last steps; stages 2 and 3 add synthetic colour fields and colour "
-              "jitter, harder batches, so loss levels are not comparable across stages): "
+              "training.json kept only its last steps; the later stages add synthetic colour fields and colour "
+              "jitter, harder batches, and stage 4 larger crops, so loss levels are not comparable across stages): "
               "`experiments/results/mini_kl_f8/training_curve.png`.", "",
               "![training curve](../../../experiments/results/mini_kl_f8/training_curve.png)", ""]
     if mini:

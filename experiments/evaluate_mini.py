@@ -79,7 +79,7 @@ def latents_and_droplet(vae, images: str, size: int, droplet: bool) -> dict:
 def running_mean(values, width: int) -> np.ndarray:
     """Centred running mean over ``width`` entries; at the ends, over the entries that exist (no zero padding)."""
     v = np.asarray(values, float)
-    k = np.ones(width)
+    k = np.ones(max(1, min(width, len(v))))  # a stage with fewer logged steps than width (stage 1 kept only 5)
     return np.convolve(v, k, "same") / np.convolve(np.ones_like(v), k, "same")
 
 

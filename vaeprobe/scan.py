@@ -477,7 +477,11 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     keys = run.finished(keys)
     run.concat("scan.parquet", keys)
     rows = [run.meta(k) for k in keys]
-    images_df = pd.DataFrame(rows)
+    import json
+
+    # nested per-image records stay in parts/*.json; the table keeps flat columns (verdict counts as JSON text)
+    images_df = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("profiles", "verdicts")},
+                               "verdicts": json.dumps(r.get("verdicts") or {}, sort_keys=True)} for r in rows])
     run.write_table("images.parquet", images_df)
     summary = {"n_images": len(rows), "mode": mode, "op": op, "threshold": threshold,
                "global_rate": (float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan)
