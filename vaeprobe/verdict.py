@@ -297,7 +297,7 @@ class VerdictRules:
         >>> rules = VerdictRules()
         >>> rules.classify({"norm_ratio": 40.0, "far_rel": 1e-6, "far_excess": 1.0})
         'high-norm'
-        >>> rules.classify({"norm_ratio": 1.0, "far_rel": 0.01, "far_excess": 50.0, "flatness": 0.9,
+        >>> rules.classify({"norm_ratio": 1.0, "far_rel": 0.5, "far_excess": 50.0, "flatness": 0.9,
         ...                 "swap_corr": 0.95, "swap_slope": 0.8})
         'global-information'
         """
