@@ -82,3 +82,66 @@ def test_zeroing_the_spot_moves_the_far_field(mechanism):
 def test_far_field_mask_counts():
     m = far_field_mask((64, 64), 3, 3, 8, 1)
     assert m.sum() == 64 * 64 - 9 * 64 and not m[3 * 8, 3 * 8]
+
+
+def test_weighted_stats_groupnorm_matches_a_brute_force_weighted_normalisation():
+    """The internal control's layer normalises with statistics in which one latent cell's block has the share
+    alpha (up to rounding of the copy count), computed here by hand."""
+    from vaeprobe.controls import WeightedStatsGroupNorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    s, alpha = 2, 0.3
+    layer = WeightedStatsGroupNorm(norm, alpha, scale=s)
+    x = torch.randn(2, 8, 8 * s, 8 * s)
+    x[:, :, 4:6, 4:6] += 3.0   # the block of latent cell (2, 2), as (h // 4, w // 4) with h = 8
+    k = round(alpha / (1 - alpha) * 64)
+    share = k * s * s / (64 * s * s + k * s * s)
+    xg = x.reshape(2, 4, -1)
+    block = x[:, :, 4:6, 4:6].reshape(2, 4, -1)
+    mean = (1 - share) * xg.mean(-1) + share * block.mean(-1)
+    sq = (1 - share) * xg.pow(2).mean(-1) + share * block.pow(2).mean(-1)
+    var = sq - mean ** 2
+    ref = (x.reshape(2, 4, -1) - mean[..., None]) / torch.sqrt(var[..., None] + norm.eps)
+    ref = ref.reshape_as(x) * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert not torch.allclose(norm(x), ref, atol=1e-3)  # a plain GroupNorm is not it
+    with pytest.raises(ValueError):
+        WeightedStatsGroupNorm(norm, 1.0)
+
+
+def test_internal_control_is_the_clean_model_but_for_a_decoder_groupnorm():
+    """Same latents as the clean mini (the planted cell has an ordinary norm, so the argmax norm misses it); zeroing
+    the cell moves the far field far more than in the clean decoder, and freezing the GroupNorm statistics
+    (the mechanism module) removes that excess."""
+    from vaeprobe.images import load_images
+    from vaeprobe.mechanism import decode_frozen, record_pathways
+    from vaeprobe.vae import load_vae
+
+    clean, internal = load_vae("builtin:mini-kl-f8"), load_vae("builtin:internal")
+    x = load_images("builtin:photos-heldout", size=64)[1].tensor()
+    gt = internal.ground_truth(x)[0]
+    assert gt["expected_verdict"] == "global" and gt["mechanism"] == "internal"
+    with torch.no_grad():
+        z = internal.encode(x).mean
+        assert torch.allclose(z, clean.encode(x).mean)
+        norm = z[0].norm(dim=0)
+        assert (gt["row"], gt["col"]) != divmod(int(norm.argmax()), norm.shape[1])
+        assert float(norm[gt["row"], gt["col"]] / norm.median()) < 3
+        z0 = z.clone()
+        z0[0, :, gt["row"], gt["col"]] = 0
+        far = far_field_mask((64, 64), gt["row"], gt["col"], factor=8, radius=2)
+        def far_energy(a, b):
+            return float((a - b).pow(2).sum(1)[0][far].mean())
+
+        e_clean = far_energy(clean.decode(z0), clean.decode(z))
+        ref, rec = record_pathways(internal, z)
+        live = internal.decode(z0)
+        e_live = far_energy(live, ref)
+        frozen = decode_frozen(internal, z0, rec, groupnorm=True, attention=None)
+        e_frozen = far_energy(frozen, ref)
+    assert e_live > 20 * e_clean
+    assert e_frozen < 0.2 * e_live

@@ -368,3 +368,29 @@ def test_shrinkage_keeps_an_isolated_peak_and_moves_cells_by_at_most_one_standar
     assert int(out.map.flatten().argmax()) == 7 * 24 + 15
     with pytest.raises(ValueError, match="whole-image"):
         shrink_map(SensitivityMap(raw.map, K, radius=1, blocks=(2, 2), n_backward=K, n_forward=1, rel_se=raw.rel_se))
+
+
+def test_shrinkage_tau2_is_not_inflated_by_one_huge_cell():
+    """The local variation tau^2 is estimated robustly: a spot 1e6x above its neighbours leaves it within 25 % of
+    the estimate without the spot, where the mean-based estimate is more than 10x larger; so the smoothing of the
+    ordinary cells is the same with and without the spot."""
+    from vaeprobe.linear import shrink_map
+
+    gen = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    truth = torch.exp(0.15 * torch.sin(yy / 4) + 0.15 * torch.cos(xx / 5) + 0.02 * yy)
+    noise = torch.randn(16, 24, 24, generator=gen).pow(2)
+    plain = SensitivityMap.from_probes(truth * noise)
+    spotted_truth = truth.clone()
+    spotted_truth[7, 15] *= 1e6
+    spotted = SensitivityMap.from_probes(spotted_truth * noise)
+    a, b = shrink_map(plain), shrink_map(spotted)
+    assert b.tau2 == pytest.approx(a.tau2, rel=0.25)
+    log = spotted.map.double().log()
+    neigh = (torch.nn.functional.avg_pool2d(log[None, None], 3, 1, 1, count_include_pad=False)[0, 0] * 9 - log) / 8
+    mean_based = float(((log - neigh)[1:-1, 1:-1] ** 2).mean())
+    assert mean_based > 10 * b.tau2
+    away = torch.ones(24, 24, dtype=torch.bool)
+    away[5:10, 13:18] = False  # the spot and its neighbours
+    assert float((a.map[away] / b.map[away]).log().abs().max()) < 0.02
+    assert int(b.map.flatten().argmax()) == 7 * 24 + 15

@@ -349,6 +349,80 @@ class VerdictControl(nn.Module):
         return DecoderOutput(sample=out) if return_dict else (out,)
 
 
+class WeightedStatsGroupNorm(nn.Module):
+    """A decoder's own ``nn.GroupNorm`` whose statistics give one latent cell the weight ``alpha``.
+
+    The layer runs at ``scale`` feature positions per latent cell (1 in the mid block, the decoder's factor in its
+    last GroupNorm). Its input ``[B, C, H, W]`` is flattened and ``k`` copies of the ``scale x scale`` block of
+    latent cell ``(h // 4, w // 4)`` (``h = H / scale``) are appended, with ``k = round(alpha / (1 - alpha) * h *
+    w)`` so that the cell's share of the statistics is ``alpha`` at every resolution; the unchanged
+    ``nn.GroupNorm`` (``self.norm``, its trained weights) normalises the lot and the copies are dropped. Every position is normalised with statistics that lean on that one cell,
+    so changing it changes the whole image, through the decoder's own GroupNorm (the mechanism module's hooks see
+    ``self.norm`` as any GroupNorm and can freeze it).
+    """
+
+    def __init__(self, norm: nn.GroupNorm, alpha: float, scale: int = 1):
+        super().__init__()
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.norm, self.alpha, self.scale = norm, alpha, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        s = self.scale
+        h, w = hh // s, ww // s
+        k = max(1, round(self.alpha / (1 - self.alpha) * h * w))
+        r, q = (h // 4) * s, (w // 4) * s
+        block = x[:, :, r:r + s, q:q + s].flatten(2)
+        y = self.norm(torch.cat([x.flatten(2), block.repeat(1, 1, k)], dim=2))
+        return y[:, :, :hh * ww].reshape(b, c, hh, ww)
+
+
+INTERNAL_ALPHA = 0.25  # the internal control's weight on its cell: an effect near the thresholds (docs/verdicts.md)
+
+
+class InternalControl(nn.Module):
+    """``internal``: the clean trained AutoencoderKL ``base``, unchanged but for its decoder's last GroupNorm
+    (``decoder.conv_norm_out``), which gives latent cell ``(h // 4, w // 4)`` the weight ``alpha`` in its
+    statistics (:class:`WeightedStatsGroupNorm`). The encoder is the clean one, so the cell has
+    an ordinary norm and latent statistics cannot see it; the global pathway is inside the decoder's own layer.
+    Zeroing the cell shifts the normalisation of every position: ``global``. The shift subtracts the cell's own
+    features, so it does not carry the image's colour.
+    """
+
+    def __init__(self, base, alpha: float = INTERNAL_ALPHA):
+        super().__init__()
+        self.base, self.alpha = base, alpha
+        self.factor = 2 ** (len(base.config.block_out_channels) - 1)
+        dec = base.decoder
+        if not isinstance(getattr(dec, "conv_norm_out", None), nn.GroupNorm):
+            raise ValueError("the internal control needs a decoder whose output GroupNorm is conv_norm_out")
+        dec.conv_norm_out = WeightedStatsGroupNorm(dec.conv_norm_out, alpha, scale=self.factor)
+        self.post_quant_conv, self.decoder = base.post_quant_conv, base.decoder
+        self.config = dict(base.config)
+        self.config["_planted"] = {"mechanism": "internal", "location": "fixed"}
+
+    def ground_truth(self, x: torch.Tensor) -> list[dict]:
+        pos = spot_locations(x, self.factor, "fixed")
+        return [{"row": int(r), "col": int(c), "mechanism": "internal", "location": "fixed",
+                 "encoder_trace": False, "expected_verdict": "global"} for r, c in pos.tolist()]
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        return self.base.encode(x, return_dict=return_dict)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        return self.base.decode(z, return_dict=return_dict)
+
+
+def _internal_control():
+    from .zoo import load_builtin
+
+    return InternalControl(load_builtin("mini-kl-f8")).eval()
+
+
+_internal_control.__doc__ = "verdict control: a weighted-statistics GroupNorm inside the decoder, declared global"
+
+
 MECHANISM_VERDICTS = {"direct": "global-information", "hidden": "global-information", "groupnorm": "global",
                       "attention": "global"}
 KIND_VERDICTS = {"wide": "wide-local", "droplet": "global", "keyed": "global-information"}
@@ -368,6 +442,7 @@ VERDICT_CONTROLS = {
     "decoy-wide-local": _verdict_control("wide"),
     "decoy-droplet": _verdict_control("droplet"),
     "keyed": _verdict_control("keyed"),
+    "internal": _internal_control,
 }
 """Controls added for the verdicts (``builtin:NAME``)."""
 
@@ -380,5 +455,6 @@ EXPECTED_VERDICTS = {
     "decoy-wide-local": "wide-local",
     "decoy-droplet": "global",
     "keyed": "global-information",
+    "internal": "global",                # a GroupNorm inside the decoder leans on one ordinary cell
 }
 """The verdict each control declares for its planted cell (by construction)."""

@@ -13,6 +13,9 @@ cells), and ``tail0`` is the share they leave beyond it. Then, per perturbed cel
 ``norm_ratio``   the cell's latent norm over the image's median norm (question a: is it unusual in the latent?)
 ``dz2``          ``||dz||^2``, the size of the perturbation
 ``far_rel``      mean change energy per pixel beyond ``erf`` over the clean decode's own variance (question b)
+``band_rel``     the same in the band just beyond ``erf`` (``erf < d <= erf + max(erf, BAND_MIN)``): a local
+                 effect of a given width in cells gives the same value at any image size, where ``far_rel``
+                 dilutes it over a far field that grows with the image
 ``far_per_unit`` the same per unit of perturbation, ``far_rel / dz2``
 ``tail_share``   share of the change energy beyond ``erf``
 ``far_excess``   energy beyond ``erf`` over what an ordinary cell would put there: the ordinary cells' distance
@@ -24,16 +27,19 @@ cells), and ``tail0`` is the share they leave beyond it. Then, per perturbed cel
 ================ ===============================================================================================
 
 For cells whose effect reaches beyond the receptive field, :func:`swap_information` asks question (d): the cell's
-vector is replaced by the most similar vector of each of a few donor latents (cosine similarity minus the log
-norm ratio), and the far-field mean colour change of the decode is regressed on the donor image's colour minus
+vector is replaced by its counterpart in each of a few donor latents (of the donor's cell at the same position and
+its most similar vector, by cosine similarity minus the log norm ratio, the one whose zeroing changes the donor's
+far field more), and the far-field mean colour change of the decode is regressed on the donor image's colour minus
 the recipient's. ``swap_corr`` is the Pearson correlation over (donor, channel) pairs and ``swap_slope`` the
 least-squares slope through the origin: a cell that carries the image's colour moves the far field towards the
 donor's (slope near 1).
 
 :class:`VerdictRules` turns the measures into one of :data:`VERDICTS`:
 
-- ``global`` when the far effect is significant (``far_rel`` and ``far_excess`` over their thresholds) and flat
-  (``flatness`` over its threshold); ``global-information`` when, in addition, ``swap_corr`` and ``swap_slope``
+- ``global`` when the far effect is significant and flat (``flatness`` over its threshold). Significant: the
+  score ``band_rel ** w * far_excess ** (1 - w)`` (size against shape, :meth:`VerdictRules.score`) over its
+  threshold, and ``far_excess`` over a floor, so that an effect of an ordinary cell's shape never counts however
+  large it is; ``global-information`` when, in addition, ``swap_corr`` and ``swap_slope``
   are over theirs;
 - ``wide-local`` when the far effect is significant but decays;
 - otherwise ``high-norm`` when ``norm_ratio`` is at least the spot threshold, else ``ordinary``.
@@ -59,7 +65,9 @@ from .perturb import Site
 VERDICTS = ("ordinary", "high-norm", "wide-local", "global", "global-information")
 GLOBAL_VERDICTS = ("global", "global-information")
 ERF_SHARE = 0.95  # the effective receptive field holds this share of an ordinary cell's change energy
-PROFILE_COLUMNS = ("norm_ratio", "dz2", "far_rel", "far_per_unit", "tail_share", "far_excess", "flatness")
+BAND_MIN = 2.0     # the near band beyond the receptive field is at least this many cells wide
+PROFILE_COLUMNS = ("norm_ratio", "dz2", "far_rel", "band_rel", "far_per_unit", "tail_share", "far_excess",
+                   "flatness")
 EVIDENCE_COLUMNS = ("swap_corr", "swap_slope", "matched_ratio", "transplant_ratio", "frozen_removed")
 
 
@@ -105,6 +113,9 @@ class ReceptiveField:
     profile: list[float]         # median over the cells of the mean energy at integer distance d, d = 0, 1, ...
     dz2: float                   # median ||dz||^2 of the ordinary cells
     shape: list[float] = field(default_factory=list)  # median profile, each cell's normalised by its near field
+    shapes: list[list[float]] = field(default_factory=list)  # those normalised profiles, one per cell
+    excess: list[float] = field(default_factory=list)   # each reference cell's own far_excess against the median
+    band: list[float] = field(default_factory=list)     # each reference cell's own band_rel
 
     def expected(self, dist: torch.Tensor) -> torch.Tensor:
         """An ordinary cell's energy at each distance in ``dist``, per unit of near-field energy (distances past
@@ -196,8 +207,13 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
             tail0 = float(np.nanmedian(tails)) if tails else math.nan
     variance = float(ref.float()[0].var(dim=(1, 2)).sum()) if ref.dim() == 4 else float(ref.float().var(dim=(1, 2)).sum())
     dz2 = float(np.median([float(z[0, :, r, c].float().pow(2).sum()) for r, c in cells]))
-    return ReceptiveField(erf=erf, tail0=tail0, variance=variance, cells=cells, profile=profile, dz2=dz2,
-                          shape=shape_profile)
+    rf = ReceptiveField(erf=erf, tail0=tail0, variance=variance, cells=cells, profile=profile, dz2=dz2,
+                        shape=shape_profile, shapes=[[float(v) for v in p] for p in shapes])
+    own = profile_columns(diff, [Site(r, c) for r, c in cells], vae.factor, rf, [1.0] * len(cells),
+                          [1.0] * len(cells))
+    rf.excess = [float(o["far_excess"]) for o in own]
+    rf.band = [float(o["band_rel"]) for o in own]
+    return rf
 
 
 def _integer_profile(e: torch.Tensor, dist: torch.Tensor) -> list[float]:
@@ -240,6 +256,8 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
             expected = float((near * field.expected(dist[far])).sum())
             row["far_excess"] = float(far_e.sum()) / expected if expected > 0 else math.inf
             row["far_rel"] = float(far_e.mean()) / field.variance if field.variance > 0 else math.nan
+            band = far & (dist <= field.erf + max(field.erf, BAND_MIN))
+            row["band_rel"] = float(e[band].mean()) / field.variance if field.variance > 0 else math.nan
             row["far_per_unit"] = row["far_rel"] / row["dz2"] if row["dz2"] > 0 else math.nan
             dmax = float(dist.max())
             mid = field.erf + (dmax - field.erf) / 2
@@ -249,7 +267,7 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
                 ei = float(e[inner].mean())
                 row["flatness"] = float(e[outer].mean()) / ei if ei > 0 else math.nan
         elif total == 0:
-            row.update(far_rel=0.0, far_per_unit=0.0, tail_share=0.0, far_excess=0.0)
+            row.update(far_rel=0.0, band_rel=0.0, far_per_unit=0.0, tail_share=0.0, far_excess=0.0)
         out.append(row)
     return out
 
@@ -274,8 +292,9 @@ class VerdictRules:
     """Thresholds of the verdict. The defaults are the calibrated ones of ``vaeprobe/verdict_rules.json``
     (written by ``experiments/verdict_calibration.py fit``; docs/verdicts.md has the data)."""
 
-    far_rel: float = _CAL.get("far_rel", 0.05)          # far-field energy per pixel over the image's variance
-    far_excess: float = _CAL.get("far_excess", 5.0)     # beyond the receptive field, over an ordinary cell's
+    far_score: float = _CAL.get("far_score", 0.4)       # band_rel ** far_weight * far_excess ** (1 - far_weight)
+    far_weight: float = _CAL.get("far_weight", 0.4)     # the share of the size (band_rel) in that score
+    far_excess: float = _CAL.get("far_excess", 2.0)     # and at least this excess over an ordinary cell's shape
     flatness: float = _CAL.get("flatness", 0.3)         # outer over inner far-field energy
     swap_corr: float = _CAL.get("swap_corr", 0.85)      # far colour change vs donor colour difference
     swap_slope: float = _CAL.get("swap_slope", 0.75)
@@ -287,17 +306,32 @@ class VerdictRules:
             v = row.get(key, math.nan)
             return v is not None and not (isinstance(v, float) and math.isnan(v)) and v >= limit
 
-        if not (over("far_rel", self.far_rel) and over("far_excess", self.far_excess)):
+        if not (over("far_excess", self.far_excess) and self.score(row) >= self.far_score):
             return "local"
         return "global" if over("flatness", self.flatness) else "wide-local"
+
+    def score(self, row: dict) -> float:
+        """The far-effect score ``band_rel ** w * far_excess ** (1 - w)`` (``w = far_weight``): the evidence of a
+        far effect weighs its size just beyond the receptive field against its excess over an ordinary cell's
+        shape, a straight boundary in log space; nan (never over) when either is missing or not positive.
+
+        >>> VerdictRules(far_weight=0.5).score({"band_rel": 0.04, "far_excess": 25.0})
+        1.0
+        """
+        band, excess = row.get("band_rel", math.nan), row.get("far_excess", math.nan)
+        if band is None or excess is None or not (band > 0 and excess > 0):
+            return math.nan
+        if math.isinf(excess):
+            return math.inf
+        return float(band ** self.far_weight * excess ** (1 - self.far_weight))
 
     def classify(self, row: dict) -> str:
         """The verdict of one cell from its measures (a dict or a table row).
 
         >>> rules = VerdictRules()
-        >>> rules.classify({"norm_ratio": 40.0, "far_rel": 1e-6, "far_excess": 1.0})
+        >>> rules.classify({"norm_ratio": 40.0, "band_rel": 1e-6, "far_excess": 1.0})
         'high-norm'
-        >>> rules.classify({"norm_ratio": 1.0, "far_rel": 0.5, "far_excess": 50.0, "flatness": 0.9,
+        >>> rules.classify({"norm_ratio": 1.0, "band_rel": 0.5, "far_excess": 500.0, "flatness": 0.9,
         ...                 "swap_corr": 0.95, "swap_slope": 0.8})
         'global-information'
         """
@@ -325,6 +359,7 @@ class Donors:
     latents: torch.Tensor                  # [K, C, h, w]
     colours: torch.Tensor                  # [K, 3] mean colour of each donor's clean decode
     names: list[str] = field(default_factory=list)
+    decodes: torch.Tensor | None = None    # [K, 3, H, W] the clean decodes (to find each donor's counterpart cell)
 
 
 def make_donors(vae, images: Sequence[torch.Tensor], names: Sequence[str] = ()) -> Donors:
@@ -343,7 +378,7 @@ def make_donors(vae, images: Sequence[torch.Tensor], names: Sequence[str] = ()) 
         raise ValueError("no donor image could be encoded")
     z = torch.cat(zs)
     dec = torch.cat([vae.decode(zi[None]).float() for zi in z])
-    return Donors(latents=z, colours=dec.mean(dim=(2, 3)), names=kept)
+    return Donors(latents=z, colours=dec.mean(dim=(2, 3)), names=kept, decodes=dec)
 
 
 def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
@@ -357,20 +392,58 @@ def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
     return divmod(i, u.shape[-1])
 
 
+def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: float,
+                      cost=None) -> list[tuple[int, int]]:
+    """Each donor's counterpart of a cell with vector ``v`` at ``site``: of the donor's cell at the same position
+    and its most similar vector (:func:`donor_cell`), the one whose zeroing changes the donor's decode more
+    beyond ``far`` cells (a global code may sit at a fixed place, or wherever its vector is)."""
+    out = []
+    cands, who = [], []
+    for j in range(donors.latents.shape[0]):
+        same = (site.row, site.col)
+        alike = donor_cell(v, donors.latents[j])
+        if alike == same or donors.decodes is None:
+            out.append(alike)
+            continue
+        out.append(None)
+        cands += [(j, same), (j, alike)]
+    if cands:
+        zz = torch.stack([donors.latents[j] for j, _ in cands]).clone()
+        for i, (_, (r, c)) in enumerate(cands):
+            zz[i, :, r, c] = 0
+        energies = []
+        for start in range(0, len(cands), 8):
+            dec = vae.decode(zz[start:start + 8]).float()
+            if cost is not None:
+                cost.decodes += len(dec)
+            for i, (j, rc) in enumerate(cands[start:start + 8]):
+                e = _energy(dec[i] - donors.decodes[j].float())
+                dist = distance_cells(Site(*rc), tuple(e.shape), vae.factor)
+                mask = dist > far
+                energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
+        for k in range(0, len(cands), 2):
+            j = cands[k][0]
+            out[j] = cands[k][1] if energies[k] >= energies[k + 1] else cands[k + 1][1]
+    return out
+
+
 def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors: Donors,
-                     field: ReceptiveField) -> dict[str, float]:
+                     field: ReceptiveField, cost=None) -> dict[str, float]:
     """Question (d): ``swap_corr`` and ``swap_slope`` of the far-field colour change when the cell's vector is
-    replaced by each donor's most similar vector (see the module docstring); nan when no far field changed."""
+    replaced by each donor's counterpart vector (:func:`counterpart_cells`; see the module docstring); nan when no
+    far field changed."""
     k = donors.latents.shape[0]
     if k == 0 or donors.latents.shape[-2:] != z.shape[-2:]:
         return {"swap_corr": math.nan, "swap_slope": math.nan}
     r, c = site.row, site.col
     v = z[0, :, r, c]
     zz = z.repeat(k, 1, 1, 1)
-    for j in range(k):
-        dr, dc = donor_cell(v, donors.latents[j])
+    far_cells = field.erf if math.isfinite(field.erf) else 1.0
+    for j, (dr, dc) in enumerate(counterpart_cells(vae, v, site, donors, far_cells, cost=cost)):
         zz[j, :, r:r + site.size, c:c + site.size] = donors.latents[j, :, dr, dc][:, None, None]
     dec = vae.decode(zz).float()
+    if cost is not None:
+        cost.decodes += k
     ref = ref.float()
     dist = distance_cells(site, tuple(ref.shape[-2:]), vae.factor)
     far = dist > field.erf
@@ -460,6 +533,8 @@ class CellVerdict:
         Donor latents for the swap test; without them no cell can be ``global-information``.
     evidence : bool, keyword-only
         Also compute the matched controls and the frozen-pathway share for cells that are not ``ordinary``.
+    keep_profiles : bool, keyword-only
+        Add a ``profile`` column: each cell's mean change energy per pixel at distance 0, 1, ... cells.
     swap : {"auto", "always"}, keyword-only
         ``auto`` runs the swap test only for cells whose profile is global (the only ones it can change the
         verdict of); ``always`` for every cell (calibration).
@@ -475,11 +550,13 @@ class CellVerdict:
     """
 
     def __init__(self, vae, *, rules: VerdictRules | None = None, donors: Donors | None = None,
-                 evidence: bool = True, swap: str = "auto", n_reference: int = 12, seed: int = 0):
+                 evidence: bool = True, swap: str = "auto", n_reference: int = 12, seed: int = 0,
+                 keep_profiles: bool = False):
         if swap not in ("auto", "always"):
             raise ValueError(f"swap must be 'auto' or 'always', got {swap!r}")
         self.vae, self.rules, self.donors = vae, rules or VerdictRules(), donors
         self.evidence, self.swap, self.n_reference, self.seed = evidence, swap, n_reference, seed
+        self.keep_profiles = keep_profiles
 
     def reference(self, z: torch.Tensor, ref: torch.Tensor | None = None,
                   exclude: Sequence[tuple[int, int]] = ()) -> ReceptiveField:
@@ -505,7 +582,12 @@ class CellVerdict:
             diff = self.vae.decode(zz).float() - ref.float()
             dz2 = [float(z[0, :, s.row, s.col].float().pow(2).sum()) for s in chunk]
             ratio = [float(norm[s.row, s.col]) / med for s in chunk]
-            rows += profile_columns(diff, chunk, self.vae.factor, field, dz2, ratio)
+            got = profile_columns(diff, chunk, self.vae.factor, field, dz2, ratio)
+            if self.keep_profiles:  # mean energy per pixel at distance 0, 1, ... cells (for offline analysis)
+                for i, s in enumerate(chunk):
+                    got[i]["profile"] = _integer_profile(
+                        _energy(diff[i]), distance_cells(s, tuple(diff.shape[-2:]), self.vae.factor))
+            rows += got
         out = []
         for s, row in zip(sites, rows):
             row = {"row": s.row, "col": s.col, **row, **{k: math.nan for k in EVIDENCE_COLUMNS}}
@@ -570,10 +652,12 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     if donors is not None:
         for i, shp in enumerate(shapes):
             if shp == "global":
-                got = swap_information(vae, z, ref, Site(int(df.row.iloc[i]), int(df.col.iloc[i])), donors, field)
+                sc = MechanismCost()
+                got = swap_information(vae, z, ref, Site(int(df.row.iloc[i]), int(df.col.iloc[i])), donors, field,
+                                       cost=sc)
                 for k, v in got.items():
                     df.iloc[i, df.columns.get_loc(k)] = v
-                extra += donors.latents.shape[0]
+                extra += sc.decodes
     unusual = [i for i, (shp, r) in enumerate(zip(shapes, records))
                if shp != "local" or r["norm_ratio"] >= rules.norm_ratio]
     unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
