@@ -22,7 +22,7 @@ the swap test are 4 other images of the same split (calibration) or the first 4 
 threshold of :class:`vaeprobe.verdict.VerdictRules` at the geometric mean of the gap between the
 two groups it separates, pooled over the four sizes (no threshold is per size):
 
-- ``far_rel`` and ``far_excess`` (is there a far effect at all?) jointly, as the AND gate they form: the clean
+- ``far_score``, ``far_weight`` and ``far_excess`` (is there a far effect at all?) jointly: the clean
   models' cells, which must not have one, against every planted cell (all declared ``wide-local``, ``global`` or
   ``global-information``), on a log grid: fewest errors, then the largest margin (:func:`joint_gate`);
 - ``flatness`` (global or decaying?): planted cells declared ``global``/``global-information`` against those
@@ -98,7 +98,8 @@ def clean_cells(z: torch.Tensor, seed: int) -> list[tuple[int, int]]:
     norm = z[0].norm(dim=0).flatten()
     top = torch.topk(norm, 8).indices.tolist()
     g = torch.Generator().manual_seed(seed)
-    rest = [i for i in torch.randperm(h * w, generator=g).tolist() if i not in top][:24]
+    n_random = 24 if h * w <= 1024 else 16  # 512 px: 16 random cells (time)
+    rest = [i for i in torch.randperm(h * w, generator=g).tolist() if i not in top][:n_random]
     return [divmod(i, w) for i in top + rest]
 
 
@@ -108,7 +109,10 @@ def weights_tag() -> str:
     import hashlib
 
     path = ROOT / "vaeprobe" / "builtin" / "mini-kl-f8" / "diffusion_pytorch_model.safetensors"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] + MEASURES
+
+
+MEASURES = "-m2"  # the version of the recorded measures (m2: band_rel, profiles, counterpart swap, internal)
 
 
 def measure(which: str, sizes, models, force: bool) -> None:
@@ -125,7 +129,8 @@ def measure(which: str, sizes, models, force: bool) -> None:
             vae = load_vae(f"builtin:{name}")
             donors = make_donors(vae, [d.tensor() for d in donor_imgs], [d.name for d in donor_imgs])
             planted = name not in CLEAN
-            cv = CellVerdict(vae, donors=donors, evidence=False, swap="always" if planted else "auto")
+            cv = CellVerdict(vae, donors=donors, evidence=False, swap="always" if planted else "auto",
+                             keep_profiles=True)
             frames = []
             for k, img in enumerate(imgs):
                 x = img.tensor()
@@ -142,12 +147,16 @@ def measure(which: str, sizes, models, force: bool) -> None:
                     cells, expected = clean_cells(z, k), "local"
                 with torch.no_grad():
                     df = cv.classify(z, cells)
+                df["field"] = json.dumps(df.attrs["field"])  # the reference cells (offline analysis)
                 df.insert(0, "image", img.name)
                 df.insert(0, "model", name)
                 df.insert(0, "size", size)
                 df["role"] = "planted" if planted else "clean"
                 df["expected"] = expected
                 frames.append(df)
+            if not frames:
+                print(f"note: {name} at {size} px could not be built on any image; no part written", flush=True)
+                continue
             out = pd.concat(frames, ignore_index=True)
             with atomic_path(path) as tmp:
                 out.to_parquet(tmp, index=False)
@@ -177,29 +186,47 @@ def _gap(neg: np.ndarray, pos: np.ndarray) -> dict:
 
 
 def joint_gate(neg: np.ndarray, pos: np.ndarray) -> dict:
-    """Thresholds ``(far_rel, far_excess)`` of the AND gate "far effect present": over a log grid, the pairs with
-    the fewest errors (clean cells passing both, planted cells failing either), and among those the one whose
-    closest point is farthest from the boundary (in log units)."""
+    """The far-effect gate of :class:`VerdictRules` from ``(band_rel, far_excess)`` rows of clean cells (``neg``,
+    which must not pass) and planted cells (``pos``, which must): ``band_rel ** w * far_excess ** (1 - w) >=
+    far_score`` and ``far_excess >= far_excess``. Over a grid of ``w`` (0 to 1 by 0.05), of the score threshold
+    (log grid) and of the excess floor (log grid, 1 to 100), the settings with the fewest errors (clean cells
+    passing, planted cells failing), and among those the one whose closest point is farthest from the boundary
+    (in log units). ``w = 0`` and ``w = 1`` are the gates on one measure; an AND gate of two thresholds is the
+    corner the floor makes with the score line."""
     neg = np.log(np.clip(neg[np.isfinite(neg).all(1)], 1e-30, None))
     pos = np.log(np.clip(pos[np.isfinite(pos).all(1)], 1e-30, None))
-    tr = np.log(np.logspace(-5, 1, 241))
-    te = np.log(np.logspace(0, 3, 121))
-    R, E = np.meshgrid(tr, te, indexing="ij")
-    pos_margin = np.minimum(pos[:, 0][None, None] - R[..., None], pos[:, 1][None, None] - E[..., None])
-    neg_margin = np.maximum(R[..., None] - neg[:, 0][None, None], E[..., None] - neg[:, 1][None, None])
-    errors = (pos_margin < 0).sum(-1) + (neg_margin <= 0).sum(-1)
-    margin = np.minimum(pos_margin.min(-1), neg_margin.min(-1))
-    best = errors.min()
-    score = np.where(errors == best, margin, -np.inf)
-    i, j = np.unravel_index(np.argmax(score), score.shape)
-    rel, ex = float(np.exp(R[i, j])), float(np.exp(E[i, j]))
-    out = {}
-    for k, (name, t) in enumerate((("far_rel", rel), ("far_excess", ex))):
-        out[name] = {"threshold": t, "errors": int(best), "margin_log": float(margin[i, j]),
-                     "negatives_max": float(np.exp(neg[:, k].max())), "positives_min": float(np.exp(pos[:, k].min())),
-                     "n_neg": int(len(neg)), "n_pos": int(len(pos)), "separated": bool(best == 0),
-                     "rule": "joint AND gate with the other far measure"}
-    return out
+    floors = np.log(np.logspace(0, 2, 41))
+    best = None
+    for w in np.round(np.linspace(0, 1, 21), 2):
+        sn, sp = w * neg[:, 0] + (1 - w) * neg[:, 1], w * pos[:, 0] + (1 - w) * pos[:, 1]
+        lo, hi = min(sn.min(), sp.min()), max(sn.max(), sp.max())
+        ts = np.linspace(lo, hi, 400)
+        T, F = np.meshgrid(ts, floors, indexing="ij")
+        pos_margin = np.minimum(sp[None, None] - T[..., None], pos[:, 1][None, None] - F[..., None])
+        neg_margin = np.maximum(T[..., None] - sn[None, None], F[..., None] - neg[:, 1][None, None])
+        errors = (pos_margin < 0).sum(-1) + (neg_margin <= 0).sum(-1)
+        margin = np.minimum(np.where(pos_margin >= 0, pos_margin, np.inf).min(-1),
+                            np.where(neg_margin > 0, neg_margin, np.inf).min(-1))
+        e = errors.min()
+        score = np.where(errors == e, margin, -np.inf)
+        i, j = np.unravel_index(np.argmax(score), score.shape)
+        key = (int(e), -float(score[i, j]))
+        if best is None or key < best[0]:
+            best = (key, float(w), float(np.exp(T[i, j])), float(np.exp(F[i, j])))
+    (errors, minus_margin), w, t, floor = best
+    # the margin rarely depends on the floor; take the geometric middle of the floors that keep the fewest errors
+    # at this (w, t), so that an effect of ordinary shape needs as much excess as the data allow
+    sn, sp = w * neg[:, 0] + (1 - w) * neg[:, 1], w * pos[:, 0] + (1 - w) * pos[:, 1]
+    lt = math.log(t)
+    ok = [f for f in floors if int(((sp < lt) | (pos[:, 1] < f)).sum() + ((sn >= lt) & (neg[:, 1] >= f)).sum())
+          == errors]
+    if ok:
+        floor = float(np.exp((min(ok) + max(ok)) / 2))
+    common = {"errors": errors, "margin_log": -minus_margin, "n_neg": int(len(neg)), "n_pos": int(len(pos)),
+              "separated": errors == 0, "rule": "band_rel ** w * far_excess ** (1 - w) >= far_score and "
+              "far_excess >= far_excess (joint fit)"}
+    return {"far_score": {"threshold": t, **common}, "far_weight": {"threshold": w, **common},
+            "far_excess": {"threshold": floor, **common}}
 
 
 def fit() -> dict:
@@ -210,9 +237,10 @@ def fit() -> dict:
     wide = planted[planted.expected == "wide-local"]
     info = planted[planted.expected == "global-information"]
     noinfo = planted[planted.expected == "global"]
-    gate = joint_gate(clean[["far_rel", "far_excess"]].to_numpy(), planted[["far_rel", "far_excess"]].to_numpy())
+    gate = joint_gate(clean[["band_rel", "far_excess"]].to_numpy(), planted[["band_rel", "far_excess"]].to_numpy())
     gaps = {
-        "far_rel": gate["far_rel"],
+        "far_score": gate["far_score"],
+        "far_weight": gate["far_weight"],
         "far_excess": gate["far_excess"],
         "flatness": _gap(wide.flatness.to_numpy(), glob.flatness.to_numpy()),
         "swap_corr": _gap(noinfo.swap_corr.fillna(0).to_numpy(), info.swap_corr.to_numpy()),
@@ -233,8 +261,9 @@ def fit() -> dict:
     write_text_atomic(OUT / "calibration.md", calibration_table(df, rules) + "\n")
     print(json.dumps(result["rules"], indent=2))
     for k, g in gaps.items():
-        print(f"{k}: negatives max {g['negatives_max']:.4g}, positives min {g['positives_min']:.4g}, "
-              f"threshold {g['threshold']:.4g}, separated {g['separated']}")
+        print(f"{k}: threshold {g['threshold']:.4g}, separated {g['separated']}"
+              + (f", errors {g['errors']}" if "errors" in g else
+                 f", negatives max {g['negatives_max']:.4g}, positives min {g['positives_min']:.4g}"))
     return result
 
 
@@ -244,15 +273,15 @@ def _rng(values: pd.Series) -> str:
 
 
 def calibration_table(df: pd.DataFrame, rules: VerdictRules) -> str:
-    lines = ["| size | group | cells | far_rel | far_excess | flatness | swap_corr | swap_slope |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | group | cells | band_rel | far_rel | far_excess | flatness | swap_corr | swap_slope |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size in sorted(df["size"].unique()):
         d = df[df["size"] == size]
         groups = [("clean cells", d[d.role == "clean"])]
         for exp in ("wide-local", "global", "global-information"):
             groups.append((f"planted, {exp}", d[(d.role == "planted") & (d.expected == exp)]))
         for label, g in groups:
-            lines.append(f"| {size} | {label} | {len(g)} | {_rng(g.far_rel)} | {_rng(g.far_excess)} | "
+            lines.append(f"| {size} | {label} | {len(g)} | {_rng(g.band_rel)} | {_rng(g.far_rel)} | {_rng(g.far_excess)} | "
                          f"{_rng(g.flatness)} | {_rng(g.swap_corr)} | {_rng(g.swap_slope)} |")
     return "\n".join(lines)
 

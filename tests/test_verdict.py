@@ -149,7 +149,8 @@ def test_scan_table_has_verdict_columns(tmp_path):
     run = run_scan("builtin:keyed", "builtin:photos-heldout", tmp_path / "scan", size=64, positions="all",
                    keep_images=0, progress=False, n_donors=2, evidence=1)
     df = pd.read_parquet(run.path / "scan.parquet")
-    assert {"image", "row", "col", "verdict", "is_global", "far_excess", "flatness", "swap_corr"} <= set(df.columns)
+    assert {"image", "row", "col", "verdict", "is_global", "band_rel", "far_excess", "far_score", "flatness",
+            "swap_corr"} <= set(df.columns)
     assert set(df.verdict) <= set(VERDICTS)
     assert (df.is_global == df.verdict.isin(GLOBAL_VERDICTS)).all()
     vae = load_vae("builtin:keyed")

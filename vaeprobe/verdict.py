@@ -592,6 +592,7 @@ class CellVerdict:
         for s, row in zip(sites, rows):
             row = {"row": s.row, "col": s.col, **row, **{k: math.nan for k in EVIDENCE_COLUMNS}}
             row.update(self.evidence_for(z, ref, s, field, row))
+            row["far_score"] = self.rules.score(row)
             row["verdict"] = self.rules.classify(row)
             out.append(row)
         df = pd.DataFrame(out)
@@ -627,9 +628,10 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
 
     Rows that lack the profile measures (a scan with another operator than ``zero``, patches or one channel)
     get them from zeroing the cell ``(row, col)``, which costs one decode per row. The swap test runs for every
-    row whose profile is global (``len(donors)`` decodes each); the matched controls and the frozen-pathway
-    share for the ``evidence`` unusual rows (profile not local, or a latent-norm outlier) with the largest
-    ``far_rel``. Adds ``verdict``, ``is_global`` (True exactly for ``global`` and ``global-information``),
+    row whose profile is global (``len(donors)`` decodes each, and up to twice that to find each donor's
+    counterpart cell); the matched controls and the frozen-pathway share for the ``evidence`` unusual rows
+    (profile not local, or a latent-norm outlier) with the largest ``far_rel``. Adds ``verdict``, ``is_global``
+    (True exactly for ``global`` and ``global-information``), ``far_score`` (:meth:`VerdictRules.score`),
     ``erf`` and the columns of :data:`EVIDENCE_COLUMNS`; ``df.attrs["profiles"]`` holds the distance profiles
     (mean energy per pixel at distance 0, 1, ... cells) of the reference cells and of the evidence rows.
     ``cost`` (anything with a ``decodes`` attribute) is charged for the extra decodes.
@@ -675,6 +677,7 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
         extra += mc.decodes
         for k, v in got.items():
             df.iloc[i, df.columns.get_loc(k)] = v
+    df["far_score"] = [rules.score(r) for r in df.to_dict("records")]
     df["verdict"] = [rules.classify(r) for r in df.to_dict("records")]
     df["is_global"] = df["verdict"].isin(GLOBAL_VERDICTS)
     df["erf"] = field.erf
