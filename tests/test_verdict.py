@@ -110,10 +110,11 @@ def _planted_verdicts(name: str, size: int, images: int | None = None) -> list[t
     return out
 
 
-# hits of 7 measured by experiments/verdict_calibration.py (heldout set, 64 px; docs/verdicts.md): every control
-# but decoy-droplet (6 of 7: on brick its far excess is 2.7 and its band_rel 0.16, inside the cloud of taef2's
-# ordinary cells at 64 px) gets its declared verdict on all 7 photos
-HITS_64 = {name: 7 for name in EXPECTED_VERDICTS} | {"decoy-droplet": 6}
+# hits of 7 measured by experiments/verdict_calibration.py (heldout set, 64 px; docs/verdicts.md), with the
+# thresholds fitted at 64-512 px: decoy-droplet is high-norm on 6 of the 7 photos (at 64 px its far effect is
+# inside the cloud of taef2's ordinary cells, and the 512 px clean cells pushed the score threshold up) and
+# decoy-wide-local on one; every other control gets its declared verdict on all 7
+HITS_64 = {name: 7 for name in EXPECTED_VERDICTS} | {"decoy-droplet": 1, "decoy-wide-local": 6}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_VERDICTS))

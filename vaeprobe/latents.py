@@ -35,7 +35,7 @@ from .vae import LOGVAR_CLAMP, Posterior
 
 DEFAULT_THRESHOLD = 10.0
 """Norm / median-norm ratio above which a position is a spot. On clean models the largest ratio of any position
-was 4.27 (trained ``mini-kl-f8``, current weights, 15 photos at 256 px; 6.35 with its stage-1 weights) and 8.09
+was 4.14 (trained ``mini-kl-f8``, current weights, 15 photos at 256 px; 6.35 with its stage-1 weights) and 8.09
 (random-init ``tiny-random``); planted spots sit far above (see docs/latents.md)."""
 
 MAX_CLAMP_SHARE = 0.05
