@@ -398,7 +398,7 @@ def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: flo
     and its most similar vector (:func:`donor_cell`), the one whose zeroing changes the donor's decode more
     beyond ``far`` cells (a global code may sit at a fixed place, or wherever its vector is)."""
     out = []
-    cands, who = [], []
+    cands = []
     for j in range(donors.latents.shape[0]):
         same = (site.row, site.col)
         alike = donor_cell(v, donors.latents[j])
