@@ -422,7 +422,7 @@ def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> Sensit
     without NaN (the whole-image map, not a far-field one). Against exact Jacobian norms at 32 probes
     (docs/scan.md): on the SD-sized model and photo its constants were chosen on, Spearman rho 0.886 -> 0.927 (a
     plain 3x3 box average of log S does as well there); out of sample on taef2, 0.980 -> 0.981, where the box
-    average falls to 0.803.
+    average falls to 0.803, and on the trained mini, 0.58 -> 0.72 (box 0.70).
 
     >>> from vaeprobe.vae import load_vae
     >>> vae = load_vae("builtin:tiny-random")
