@@ -10,7 +10,7 @@ beside ``--out`` (``.npz`` and the JSON, written after every 8 cells, so a kille
 a rerun only evaluates). For each K of ``--probes`` it reports, against the exact norms:
 
 - ``raw_first`` / ``shrunk_first``: Spearman rho of the seed-0 map of K probes, unbiased and after
-  :func:`vaeprobe.linear.shrink_map` (what ``linear_scan`` returns as ``sensitivity``), with a bootstrap 90 %
+  :func:`vaeprobe.probes.linear.shrink_map` (what ``linear_scan`` returns as ``sensitivity``), with a bootstrap 90 %
   interval over cells and the top-k overlap;
 - ``raw_resampled`` / ``shrunk_resampled``: mean and 10th percentile of rho over 200 random K-subsets of the kept
   probes, i.e. what another seed would give;
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from vaeprobe._io import atomic_path, write_text_atomic
-from vaeprobe.images import load_images
-from vaeprobe.linear import SensitivityMap, agreement, jacobian_norms, sensitivity_map, shrink_map
-from vaeprobe.vae import load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.linear import SensitivityMap, agreement, jacobian_norms, sensitivity_map, shrink_map
+from vaeprobe.models.loading import load_vae
 
 from scan_bench import sd_sized  # noqa: E402  (same directory)
 

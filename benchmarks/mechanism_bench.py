@@ -23,10 +23,10 @@ import time
 import torch
 
 from vaeprobe._io import write_text_atomic
-from vaeprobe.images import load_images
-from vaeprobe.mechanism import MechanismCost, attribute_pathways, decode_frozen, record_pathways
-from vaeprobe.perturb import Site
-from vaeprobe.vae import load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.mechanism import MechanismCost, attribute_pathways, decode_frozen, record_pathways
+from vaeprobe.probes.perturb import Site
+from vaeprobe.models.loading import load_vae
 
 from scan_bench import sd_sized  # noqa: E402  (same directory)
 

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from vaeprobe._io import write_text_atomic
-from vaeprobe.images import load_images
-from vaeprobe.linear import agreement, jacobian_norms
-from vaeprobe.scan import exact_scan, linear_scan, select_sites, two_stage_scan
-from vaeprobe.vae import VAE, load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.linear import agreement, jacobian_norms
+from vaeprobe.probes.scan import exact_scan, linear_scan, select_sites, two_stage_scan
+from vaeprobe.models.adapter import VAE
+from vaeprobe.models.loading import load_vae
 
 SD_CONFIG = {
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
@@ -119,7 +120,7 @@ def bench_model(vae: VAE, x: torch.Tensor, n_exact: int, batch: int, probes: int
 
 MEM_SNIPPET = """
 import sys, tempfile
-from vaeprobe.scan import run_scan
+from vaeprobe.jobs.scan import run_scan
 run_scan("builtin:mini-kl-f8", sys.argv[1], tempfile.mkdtemp(), size=64, positions="grid:2", progress=False)
 # VmHWM is this process's own peak RSS (ru_maxrss would carry the parent's peak across fork + exec)
 print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])

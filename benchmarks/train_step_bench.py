@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from train_mini_vae import build_model  # noqa: E402
 
-from vaeprobe._io import write_text_atomic  # noqa: E402
-from vaeprobe.metrics import LPIPS  # noqa: E402
+from vaeprobe._io import write_text_atomic# noqa: E402
+from vaeprobe.probes.metrics import LPIPS# noqa: E402
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Convert a published TAESD-family pair (``NAME_encoder.pth`` + ``NAME_decoder.pth``) to safetensors.
 
-    python experiments/convert_taesd.py ../shared/taef2 vaeprobe/builtin/taef2
+    python experiments/convert_taesd.py ../shared/taef2 vaeprobe/models/builtin/taef2
 
 reads the two plain state dicts with ``torch.load(weights_only=True)``, checks that they load strictly into
-:class:`vaeprobe.taesd.TAESD`, and writes ``NAME_encoder.safetensors`` / ``NAME_decoder.safetensors`` with the
+:class:`vaeprobe.models.taesd.TAESD`, and writes ``NAME_encoder.safetensors`` / ``NAME_decoder.safetensors`` with the
 tensors unchanged (same dtype, bit for bit), plus the LICENSE file found beside the source. This is how
 ``builtin:taef2`` was made from ``../shared/taef2``.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vaeprobe.taesd import TAESD, _read_state_dict, find_pair
+from vaeprobe.models.taesd import TAESD, _read_state_dict, find_pair
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vaeprobe import exact_scan, groupnorm_droplets, load_images, load_vae, select_sites  # noqa: E402
-from vaeprobe._io import write_text_atomic  # noqa: E402
-from vaeprobe.mechanism import droplet_layers  # noqa: E402
+from vaeprobe._io import write_text_atomic# noqa: E402
+from vaeprobe.probes.mechanism import droplet_layers# noqa: E402
 
 
 def worst_cell(err: torch.Tensor, factor: int) -> tuple[tuple[int, int], float, float]:

@@ -20,10 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vaeprobe._io import write_text_atomic  # noqa: E402
-from vaeprobe.images import load_images  # noqa: E402
-from vaeprobe.vae import load_vae  # noqa: E402
-from vaeprobe.verdict import CellVerdict, VerdictRules  # noqa: E402
+from vaeprobe._io import write_text_atomic# noqa: E402
+from vaeprobe.data.images import load_images# noqa: E402
+from vaeprobe.models.loading import load_vae# noqa: E402
+from vaeprobe.probes.verdict import CellVerdict, VerdictRules# noqa: E402
 
 COLUMNS = ("row", "col", "verdict", "norm_ratio", "band_rel", "far_rel", "far_excess", "far_score", "flatness", "erf")
 

@@ -1,6 +1,6 @@
 """Evaluate the builtin models on the held-out builtin photos and write the model card's numbers.
 
-    python experiments/evaluate_builtin.py            # writes vaeprobe/builtin/mini-kl-f8/eval.json and MODEL_CARD.md
+    python experiments/evaluate_builtin.py            # writes vaeprobe/models/builtin/mini-kl-f8/eval.json and MODEL_CARD.md
 
 Reconstruction (posterior mean) at 256 px against a bicubic down-by-8-and-up baseline; the spot report of the
 clean model (norm ratio, clamp hits, far-field effect of zeroing cells, with an exact scan of every cell at
@@ -22,12 +22,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vaeprobe import load_images, load_vae  # noqa: E402
-from vaeprobe._io import write_text_atomic  # noqa: E402
-from vaeprobe.controls import CONTROLS  # noqa: E402
-from vaeprobe.metrics import compare_images  # noqa: E402
-from vaeprobe.spotcheck import zeroed_far_field, zeroing_test  # noqa: E402
+from vaeprobe._io import write_text_atomic# noqa: E402
+from vaeprobe.models.controls import CONTROLS# noqa: E402
+from vaeprobe.probes.metrics import compare_images# noqa: E402
+from vaeprobe.probes.geometry import zeroed_far_field, zeroing_test# noqa: E402
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "vaeprobe" / "builtin" / "mini-kl-f8"
+CARD_DIR = Path(__file__).resolve().parents[1] / "vaeprobe" / "models" / "builtin" / "mini-kl-f8"
 HELDOUT = "builtin:photos-heldout"
 RECON_SIZE = 256
 SPOT_SIZE = 128

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate_taef2 import reconstruction  # noqa: E402
 from vaeprobe import find_spots, groupnorm_droplets, latent_maps, load_images, load_vae  # noqa: E402
-from vaeprobe._io import cache_dir, write_text_atomic  # noqa: E402
-from vaeprobe.mechanism import droplet_layers  # noqa: E402
-from vaeprobe.plots import save_bars, save_lines  # noqa: E402
+from vaeprobe._io import cache_dir, write_text_atomic# noqa: E402
+from vaeprobe.probes.mechanism import droplet_layers# noqa: E402
+from vaeprobe.reports.plots import save_bars, save_lines# noqa: E402
 
 SIZES = (128, 256)
 

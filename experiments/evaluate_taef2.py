@@ -12,7 +12,7 @@
    are its pool branches) — with the Shapley GroupNorm share of :func:`vaeprobe.attribute_pathways`.
 4. The same attribution at each image's largest-norm cell of ``top_images``.
 5. For a TAESD model: the reconstruction PSNR of ``wiring_images`` at 128 px with the pool branch wired four ways
-   (the key names do not say how), which is how :class:`vaeprobe.taesd.Block`'s wiring was chosen.
+   (the key names do not say how), which is how :class:`vaeprobe.models.taesd.Block`'s wiring was chosen.
 
 ``--only wiring`` (or any section name) recomputes that section and keeps the others of an existing results file.
 """
@@ -32,9 +32,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vaeprobe import attribute_pathways, exact_scan, load_images, load_vae, select_sites  # noqa: E402
-from vaeprobe._io import write_text_atomic  # noqa: E402
-from vaeprobe.metrics import compare_images  # noqa: E402
-from vaeprobe.plots import tensor_to_unit  # noqa: E402
+from vaeprobe._io import write_text_atomic# noqa: E402
+from vaeprobe.probes.metrics import compare_images# noqa: E402
+from vaeprobe.reports.plots import tensor_to_unit# noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,7 +117,7 @@ def top_cells(vae, cfg: dict) -> dict:
 def wiring(vae, cfg: dict) -> dict:
     """Mean PSNR with the pool branch added to the block input (the shipped wiring), after the convolutions, into
     the convolutions only, or left out."""
-    from vaeprobe.taesd import Block
+    from vaeprobe.models.taesd import Block
 
     variants = {
         "input (shipped)": None,

@@ -50,7 +50,7 @@ from PIL import Image, ImageOps, ImageStat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vaeprobe._io import atomic_path, cache_dir, write_text_atomic  # noqa: E402
+from vaeprobe._io import atomic_path, cache_dir, write_text_atomic# noqa: E402
 
 TRAIN = ("plasma-workspace-wallpapers", "mate-backgrounds", "mypaint-data-extras", "lomiri-wallpapers")
 HELDOUT = ("gnome-backgrounds", "sway-backgrounds")

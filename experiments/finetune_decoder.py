@@ -1,6 +1,6 @@
 """Decoder-only fine-tune of ``builtin:mini-kl-f8`` with the ft-MSE recipe (MSE + 0.1 LPIPS, encoder frozen).
 
-    python experiments/finetune_decoder.py [--steps 400] [--export vaeprobe/builtin/mini-kl-f8-ft-mse]
+    python experiments/finetune_decoder.py [--steps 400] [--export vaeprobe/models/builtin/mini-kl-f8-ft-mse]
 
 Stability's sd-vae-ft-mse fine-tuned only the decoder of SD's VAE, on a loss of MSE + 0.1 x LPIPS, so its latent
 space is the original one: a drop-in replacement. This script does the same to the project's mini VAE: the
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_mini_vae import load_pool, sample_batch  # noqa: E402
 
-from vaeprobe._io import write_text_atomic  # noqa: E402
-from vaeprobe.metrics import LPIPS  # noqa: E402
-from vaeprobe.vae import load_vae  # noqa: E402
+from vaeprobe._io import write_text_atomic# noqa: E402
+from vaeprobe.probes.metrics import LPIPS# noqa: E402
+from vaeprobe.models.loading import load_vae# noqa: E402
 
 
 def main(argv=None) -> int:
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
 
 def evaluate(folder: Path) -> str:
     """Held-out reconstruction of the base and the fine-tune at 128 px; returns the model card text."""
-    from vaeprobe.images import load_images
-    from vaeprobe.metrics import compare_images
-    from vaeprobe.plots import tensor_to_unit
-    from vaeprobe.vae import load_vae
+    from vaeprobe.data.images import load_images
+    from vaeprobe.probes.metrics import compare_images
+    from vaeprobe.reports.plots import tensor_to_unit
+    from vaeprobe.models.loading import load_vae
 
     images = load_images("builtin:photos-heldout", size=128)
     rows = {}

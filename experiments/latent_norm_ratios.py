@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from vaeprobe._io import write_text_atomic
-from vaeprobe.images import load_images
-from vaeprobe.vae import load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.models.loading import load_vae
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 
 from vaeprobe._io import write_text_atomic
-from vaeprobe.images import load_images
-from vaeprobe.mechanism import PATHWAYS, attribute_pathways
-from vaeprobe.perturb import Site
-from vaeprobe.vae import load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.mechanism import PATHWAYS, attribute_pathways
+from vaeprobe.probes.perturb import Site
+from vaeprobe.models.loading import load_vae
 
 MODELS = ["mini-kl-f8", "planted-direct", "planted-groupnorm", "planted-attention", "planted-hidden"]
 

@@ -3,7 +3,7 @@
     python experiments/pipeline_downstream.py experiments/configs/pipeline_sd15.json   # on a GPU with SD 1.5
     python experiments/pipeline_downstream.py experiments/configs/pipeline_tiny.json   # offline, CPU, a minute
 
-Runs :func:`vaeprobe.pipeline.run_pipeline` with the config's settings into ``runs/<name>`` (resuming a killed
+Runs :func:`vaeprobe.jobs.pipeline.run_pipeline` with the config's settings into ``runs/<name>`` (resuming a killed
 run), then the report (``runs/<name>/report/report.html``), and prints the summary. The config's keys are the
 arguments of ``run_pipeline`` (``prompts`` is a file, relative to the repository).
 """
@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from vaeprobe.pipeline import run_pipeline
-from vaeprobe.report import build_report
+from vaeprobe.jobs.pipeline import run_pipeline
+from vaeprobe.reports.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
     python experiments/rebuild_mini.py --list               # the steps and their commands
     python experiments/rebuild_mini.py --only card,corner-blob --force
 
-Run it after new weights are exported to ``vaeprobe/builtin/mini-kl-f8`` (``train_mini_vae.py --export``).
+Run it after new weights are exported to ``vaeprobe/models/builtin/mini-kl-f8`` (``train_mini_vae.py --export``).
 The steps, in order:
 
 - ``ft-mse``: ``builtin:mini-kl-f8-ft-mse``, the decoder-only fine-tune (``finetune_decoder.py``), so that its
@@ -18,7 +18,7 @@ The steps, in order:
   ``scan-defaults-64`` / ``scan-defaults-128`` (far-field radius and global-effect threshold,
   ``scan_defaults.py``), ``mechanism`` (pathway attribution on the controls, ``mechanism_controls.py``);
 - ``verdict-calibration`` / ``verdict-heldout``: the verdict thresholds and the verdicts on the held-out photos
-  (``verdict_calibration.py``; ``fit`` writes ``vaeprobe/verdict_rules.json``, the defaults of ``VerdictRules``);
+  (``verdict_calibration.py``; ``fit`` writes ``vaeprobe/probes/verdict_rules.json``, the defaults of ``VerdictRules``);
 - ``compare-taef2``: ``vaeprobe compare builtin:mini-kl-f8 builtin:taef2`` on the 15 builtin photos at 256 px
   (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px (after the
   verdict fit: their global-cell rates use its thresholds);
@@ -48,9 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vaeprobe._io import cache_dir, write_text_atomic  # noqa: E402
+from vaeprobe._io import cache_dir, write_text_atomic# noqa: E402
 
-WEIGHTS = ROOT / "vaeprobe" / "builtin" / "mini-kl-f8" / "diffusion_pytorch_model.safetensors"
+WEIGHTS = ROOT / "vaeprobe" / "models" / "builtin" / "mini-kl-f8" / "diffusion_pytorch_model.safetensors"
 RESULTS = "experiments/results"
 
 
@@ -65,9 +65,9 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
                                                 if previous.is_dir() else [])
     tmp = "runs/rebuild-mini"
     return {
-        "ft-mse": [[py, "experiments/finetune_decoder.py", "--export", "vaeprobe/builtin/mini-kl-f8-ft-mse"]],
+        "ft-mse": [[py, "experiments/finetune_decoder.py", "--export", "vaeprobe/models/builtin/mini-kl-f8-ft-mse"]],
         "card-data": [[py, "experiments/evaluate_mini.py", "--vae", "builtin:mini-kl-f8", *compare,
-                       "--log", "vaeprobe/builtin/mini-kl-f8/training.json", "--out", f"{RESULTS}/mini_kl_f8"]],
+                       "--log", "vaeprobe/models/builtin/mini-kl-f8/training.json", "--out", f"{RESULTS}/mini_kl_f8"]],
         "corner-blob": [[py, "experiments/corner_blob.py", "--out", f"{RESULTS}/corner_blob_mini.json"]],
         "card": [[py, "experiments/evaluate_builtin.py", "--mini-results", f"{RESULTS}/mini_kl_f8/results.json",
                   "--blob-results", f"{RESULTS}/corner_blob_mini.json"]],

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from vaeprobe._io import write_text_atomic
-from vaeprobe.images import load_images
-from vaeprobe.scan import exact_scan, select_sites
-from vaeprobe.vae import load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.scan import exact_scan, select_sites
+from vaeprobe.models.loading import load_vae
 
 MODELS = ["mini-kl-f8", "planted-direct", "planted-groupnorm", "planted-attention", "planted-hidden"]
 

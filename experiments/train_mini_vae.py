@@ -20,12 +20,12 @@ The shipped ``builtin:mini-kl-f8`` is four stages, each warm-started from the pr
         --out runs/train-mini-v2 --export runs/train-mini-v2/export                 # 3: fp32, cosine lr, low-freq L1
     python experiments/train_mini_vae.py --config experiments/configs/mini_kl_f8_v3.json \
         --out runs/train-mini-v3 --export runs/train-mini-v3/export                 # 4: 256 px crops, 600 steps
-    cp runs/train-mini-v3/export/* vaeprobe/builtin/mini-kl-f8/
+    cp runs/train-mini-v3/export/* vaeprobe/models/builtin/mini-kl-f8/
     python experiments/rebuild_mini.py           # everything that depends on the weights
 
 Stage 1 was shipped alone up to commit 47444a4; stage 2 ran with ``"init_from": "builtin:mini-kl-f8"``, which then
 named the stage-1 weights. Stage 3 was shipped alone up to commit 035ba46 (it was exported straight into
-``vaeprobe/builtin/mini-kl-f8``; stage 4 starts from a copy of that export in ``runs/train-mini-v2/export``).
+``vaeprobe/models/builtin/mini-kl-f8``; stage 4 starts from a copy of that export in ``runs/train-mini-v2/export``).
 Stages 1-3 trained on 128 px crops; stage 4 trains on 256 px crops, the size the model card's colour criterion
 is measured at (batch 2, lr 6e-5 cosine to 5e-6, low-frequency weight 3). Stages 1 and 2 ran with bf16 autocast, which on this CPU (2 cores with avx512_bf16) is
 slower than fp32 (1.38 s against 0.93 s per step at batch 4 of 128 px; ``benchmarks/train_step_bench.py``, one run,
@@ -49,10 +49,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vaeprobe._io import atomic_path, write_text_atomic  # noqa: E402
-from vaeprobe.builtin_images import SETS, photo  # noqa: E402
-from vaeprobe.images import IMAGE_SUFFIXES, read_image  # noqa: E402
-from vaeprobe.metrics import LPIPS  # noqa: E402
+from vaeprobe._io import atomic_path, write_text_atomic# noqa: E402
+from vaeprobe.data.builtin_images import SETS, photo# noqa: E402
+from vaeprobe.data.images import IMAGE_SUFFIXES, read_image# noqa: E402
+from vaeprobe.probes.metrics import LPIPS# noqa: E402
 
 
 def wallpaper_files(spec: dict) -> list[Path]:
@@ -76,7 +76,7 @@ def wallpaper_files(spec: dict) -> list[Path]:
 
 def load_pool(cfg: dict, smoke: bool) -> list[np.ndarray]:
     """Training images as float32 arrays, shorter side scaled to ``base_short_side``."""
-    from vaeprobe.images import _resize
+    from vaeprobe.data.images import resize
 
     base = cfg["data"]["base_short_side"]
     pool = []
@@ -98,7 +98,7 @@ def load_pool(cfg: dict, smoke: bool) -> list[np.ndarray]:
         h, w = arr.shape[:2]
         s = base / min(h, w)
         if s < 1:
-            arr = _resize(arr, round(h * s), round(w * s))
+            arr = resize(arr, round(h * s), round(w * s))
         pool.append(arr)
     return pool
 
@@ -146,7 +146,7 @@ def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, min_scal
                  colour: dict | None = None) -> torch.Tensor:
     """Random crops at random scales with flips; with ``colour`` (``hue``, ``saturation``, ``jitter_p``,
     ``synthetic_p``) some crops get a hue/saturation jitter and some are replaced by a synthetic colour field."""
-    from vaeprobe.images import _resize
+    from vaeprobe.data.images import resize
 
     out = []
     for _ in range(batch):
@@ -159,7 +159,7 @@ def sample_batch(pool, rng: np.random.Generator, batch: int, crop: int, min_scal
         side = int(round(crop / scale))
         side = min(side, h, w)
         top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        patch = _resize(arr[top:top + side, left:left + side], crop, crop)
+        patch = resize(arr[top:top + side, left:left + side], crop, crop)
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
         if colour and rng.random() < colour.get("jitter_p", 0.0):
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     model = build_model(cfg)
     init = cfg.get("init_from")
     if init and not (out / "checkpoint.pt").exists():  # a warm start; a checkpoint of this run takes precedence
-        from vaeprobe.vae import load_vae
+        from vaeprobe.models.loading import load_vae
 
         model.load_state_dict(load_vae(init).model.float().state_dict())
         print(f"initialised from {init}")

@@ -1,4 +1,4 @@
-"""Calibrate and evaluate the cell verdicts (``vaeprobe.verdict``) at 64, 128, 256 and 512 px.
+"""Calibrate and evaluate the cell verdicts (``vaeprobe.probes.verdict``) at 64, 128, 256 and 512 px.
 
     python experiments/verdict_calibration.py measure --set calibration   # wallpapers (train split), 4 sizes
     python experiments/verdict_calibration.py fit                         # thresholds from the calibration rows
@@ -18,8 +18,8 @@ set of ``experiments/fetch_wallpapers.py``: images the test suite never reads (i
 the swap test are 4 other images of the same split (calibration) or the first 4 of ``builtin:photos-train``
 (held-out evaluation).
 
-``fit`` writes the thresholds to ``vaeprobe/verdict_rules.json``, the defaults of ``VerdictRules``. It sets each
-threshold of :class:`vaeprobe.verdict.VerdictRules` at the geometric mean of the gap between the
+``fit`` writes the thresholds to ``vaeprobe/probes/verdict_rules.json``, the defaults of ``VerdictRules``. It sets each
+threshold of :class:`vaeprobe.probes.verdict.VerdictRules` at the geometric mean of the gap between the
 two groups it separates, pooled over the four sizes (no threshold is per size):
 
 - ``far_score``, ``far_weight`` and ``far_excess`` (is there a far effect at all?) jointly: the clean
@@ -50,11 +50,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vaeprobe._io import atomic_path, cache_dir, write_text_atomic  # noqa: E402
-from vaeprobe.controls import EXPECTED_VERDICTS  # noqa: E402
-from vaeprobe.images import iter_images  # noqa: E402
-from vaeprobe.vae import load_vae  # noqa: E402
-from vaeprobe.verdict import CellVerdict, VerdictRules, make_donors  # noqa: E402
+from vaeprobe._io import atomic_path, cache_dir, write_text_atomic# noqa: E402
+from vaeprobe.models.controls import EXPECTED_VERDICTS# noqa: E402
+from vaeprobe.data.images import iter_images# noqa: E402
+from vaeprobe.models.loading import load_vae# noqa: E402
+from vaeprobe.probes.verdict import CellVerdict, VerdictRules, make_donors# noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "verdicts"
 CLEAN = ("mini-kl-f8", "taef2")
@@ -108,7 +108,7 @@ def weights_tag() -> str:
     measured on other weights are ignored."""
     import hashlib
 
-    path = ROOT / "vaeprobe" / "builtin" / "mini-kl-f8" / "diffusion_pytorch_model.safetensors"
+    path = ROOT / "vaeprobe" / "models" / "builtin" / "mini-kl-f8" / "diffusion_pytorch_model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] + MEASURES
 
 
@@ -257,7 +257,7 @@ def fit() -> dict:
     write_text_atomic(OUT / "thresholds.json", json.dumps(result, indent=2) + "\n")
     shipped = {"rules": result["rules"], "source": "experiments/verdict_calibration.py fit on the calibration set "
                f"(sizes {result['sizes']}, mini weights {weights_tag()}); data in experiments/results/verdicts/"}
-    write_text_atomic(ROOT / "vaeprobe" / "verdict_rules.json", json.dumps(shipped, indent=2) + "\n")
+    write_text_atomic(ROOT / "vaeprobe" / "probes" / "verdict_rules.json", json.dumps(shipped, indent=2) + "\n")
     write_text_atomic(OUT / "calibration.md", calibration_table(df, rules) + "\n")
     print(json.dumps(result["rules"], indent=2))
     for k, g in gaps.items():

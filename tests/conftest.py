@@ -25,7 +25,7 @@ def shared_or_skip(sub: str) -> Path:
 
 @pytest.fixture
 def tiny_kl():
-    from vaeprobe.zoo import tiny_random
+    from vaeprobe.models.zoo import tiny_random
 
     return tiny_random(seed=1)
 

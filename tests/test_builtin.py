@@ -11,9 +11,9 @@ import torch
 
 from conftest import REPO
 from vaeprobe import load_images, load_vae
-from vaeprobe.controls import CONTROLS
-from vaeprobe.spotcheck import zeroed_far_field, zeroing_test
-from vaeprobe.zoo import BUILTIN_DIR
+from vaeprobe.models.controls import CONTROLS
+from vaeprobe.probes.geometry import zeroed_far_field, zeroing_test
+from vaeprobe.models.folders import BUILTIN_DIR
 
 CARD = json.loads((BUILTIN_DIR / "mini-kl-f8" / "eval.json").read_text())
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from vaeprobe.compare import feature_fid, find_inception_weights, frechet_distance, compare_vaes
+from vaeprobe.jobs.compare import feature_fid, find_inception_weights, frechet_distance, compare_vaes
 
 from conftest import REPO
 
@@ -100,7 +100,7 @@ def test_different_latent_shapes_are_named_not_crashed_on(tmp_path):
 
 def test_verdict_states_both_models_rates_and_absolute_reconstruction():
     """A reference with false global cells below the spot rule must not read as 'rate 0%' in the verdict."""
-    from vaeprobe.compare import _verdict
+    from vaeprobe.jobs.compare import _verdict
 
     ref = {"spot_rate": 0.0, "global_rate": 1 / 3, "psnr_mean": 19.2, "lpips_mean": 0.306, "dominant": "groupnorm"}
     cand = {"spot_rate": 0.0, "global_rate": 0.0, "psnr_mean": 30.65, "lpips_mean": 0.031, "dominant": "residual"}

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from vaeprobe.controls import MECHANISMS, PlantedSpotVAE, spot_locations, strongest_positions
-from vaeprobe.spotcheck import far_field_mask, zeroing_test
-from vaeprobe.vae import VAE
-from vaeprobe.zoo import tiny_random
+from vaeprobe.models.controls import MECHANISMS, PlantedSpotVAE, spot_locations, strongest_positions
+from vaeprobe.probes.geometry import far_field_mask, zeroing_test
+from vaeprobe.models.adapter import VAE
+from vaeprobe.models.zoo import tiny_random
 
 
 def _image(seed=0, size=64, flat_at=(5, 2)):
@@ -87,7 +87,7 @@ def test_far_field_mask_counts():
 def test_weighted_stats_groupnorm_matches_a_brute_force_weighted_normalisation():
     """The internal control's layer normalises with statistics in which one latent cell's block has the share
     alpha (up to rounding of the copy count), computed here by hand."""
-    from vaeprobe.controls import WeightedStatsGroupNorm
+    from vaeprobe.models.controls import WeightedStatsGroupNorm
 
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 8)
@@ -117,9 +117,9 @@ def test_internal_control_is_the_clean_model_but_for_a_decoder_groupnorm():
     """Same latents as the clean mini (the planted cell has an ordinary norm, so the argmax norm misses it); zeroing
     the cell moves the far field far more than in the clean decoder, and freezing the GroupNorm statistics
     (the mechanism module) removes that excess."""
-    from vaeprobe.images import load_images
-    from vaeprobe.mechanism import decode_frozen, record_pathways
-    from vaeprobe.vae import load_vae
+    from vaeprobe.data.images import load_images
+    from vaeprobe.probes.mechanism import decode_frozen, record_pathways
+    from vaeprobe.models.loading import load_vae
 
     clean, internal = load_vae("builtin:mini-kl-f8"), load_vae("builtin:internal")
     x = load_images("builtin:photos-heldout", size=64)[1].tensor()

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vaeprobe import ImageLoadError, load_images
-from vaeprobe.images import fit_to_factor, read_image
+from vaeprobe.data.images import fit_to_factor, read_image
 
 
 def _photo(h=40, w=56, seed=0):

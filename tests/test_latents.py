@@ -11,10 +11,11 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from vaeprobe.images import load_images
-from vaeprobe.latents import (DEFAULT_THRESHOLD, LatentStats, Moments, find_spots, latent_maps,
-                              run_latents, score_localisation)
-from vaeprobe.vae import Posterior, load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.latents import (DEFAULT_THRESHOLD, LatentStats, Moments, find_spots, latent_maps, score_localisation)
+from vaeprobe.jobs.latents import run_latents
+from vaeprobe.models.adapter import Posterior
+from vaeprobe.models.loading import load_vae
 
 from conftest import REPO, run_and_kill
 
@@ -228,7 +229,7 @@ def test_cli_latents_kill_and_resume(tmp_path):
 def test_operator_statistics_ignore_the_spot(spec):
     """The `mean`/`noise` statistics match those of the image without its (ground-truth) spot; the plain std
     with the spot, which a wrong method would use, is off by more than 2x."""
-    from vaeprobe.latents import robust_channel_stats
+    from vaeprobe.probes.latents import robust_channel_stats
 
     vae = load_vae(f"builtin:{spec}")
     for img in load_images("builtin:photos-heldout", factor=8, size=128)[:3]:

@@ -1,4 +1,4 @@
-"""Tests for vaeprobe.linear: exact Jacobian norms, the randomised sensitivity map and their agreement."""
+"""Tests for vaeprobe.probes.linear: exact Jacobian norms, the randomised sensitivity map and their agreement."""
 
 import copy
 import math
@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaeprobe.linear import (SensitivityMap, _forward_ad_safe, agreement, block_far_field_mask, jacobian_norms,
-                             sensitivity_map)
-from vaeprobe.spotcheck import far_field_mask
-from vaeprobe.vae import VAE
-from vaeprobe.zoo import tiny_random
+from vaeprobe.probes.linear import (SensitivityMap, _forward_ad_safe, agreement, block_far_field_mask, jacobian_norms, sensitivity_map)
+from vaeprobe.probes.geometry import far_field_mask
+from vaeprobe.models.adapter import VAE
+from vaeprobe.models.zoo import tiny_random
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -250,7 +249,7 @@ def test_custom_processors_are_left_alone():
 
 def test_wrapper_that_is_not_a_diffusers_model():
     # The attention control wraps a diffusers Attention in a plain nn.Module without set_attn_processor.
-    from vaeprobe.controls import PlantedSpotVAE
+    from vaeprobe.models.controls import PlantedSpotVAE
 
     model = PlantedSpotVAE(tiny_random(seed=2), mechanism="attention").eval()
     assert not hasattr(model, "set_attn_processor")
@@ -349,7 +348,7 @@ def test_kept_probes_reproduce_the_map_and_its_standard_error(tiny):
 def test_shrinkage_keeps_an_isolated_peak_and_moves_cells_by_at_most_one_standard_error():
     """A smooth map plus independent probe noise, with one cell 50x above its neighbours (a spot): shrinking
     lowers the error against the truth, moves no cell by more than its standard error, and the peak stays first."""
-    from vaeprobe.linear import shrink_map
+    from vaeprobe.probes.linear import shrink_map
 
     gen = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
@@ -374,7 +373,7 @@ def test_shrinkage_tau2_is_not_inflated_by_one_huge_cell():
     """The local variation tau^2 is estimated robustly: a spot 1e6x above its neighbours leaves it within 25 % of
     the estimate without the spot, where the mean-based estimate is more than 10x larger; so the smoothing of the
     ordinary cells is the same with and without the spot."""
-    from vaeprobe.linear import shrink_map
+    from vaeprobe.probes.linear import shrink_map
 
     gen = torch.Generator().manual_seed(1)
     yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")

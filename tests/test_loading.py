@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from vaeprobe import VAELoadError, load_vae
-from vaeprobe.ldm import infer_ldm_vae_config, to_ldm_state_dict
-from vaeprobe.vae import LOGVAR_CLAMP, VAE
+from vaeprobe.models.ldm import infer_ldm_vae_config, to_ldm_state_dict
+from vaeprobe.models.adapter import LOGVAR_CLAMP, VAE
 
 
 def _x(seed=0, size=32):
@@ -56,7 +56,7 @@ def test_ldm_single_file_inferred_and_given_config(tiny_kl, tmp_path, fmt):
 
 
 def test_ldm_file_with_inferred_config_only(tmp_path):
-    from vaeprobe.zoo import tiny_random
+    from vaeprobe.models.zoo import tiny_random
 
     model = tiny_random(seed=2, block_out_channels=[32, 32, 64, 64], norm_num_groups=32)
     path = tmp_path / "sdlike.safetensors"

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import DATA, shared_or_skip
-from vaeprobe import lpips_weights
-from vaeprobe.metrics import LPIPS, lpips_distance, psnr
+from vaeprobe.probes import lpips_weights
+from vaeprobe.probes.metrics import LPIPS, lpips_distance, psnr
 
 
 def _rgb(path):

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from vaeprobe.images import load_images
-from vaeprobe.mechanism import (MechanismError, attention_mass, attribute_pathways, decode_frozen, droplet_layers,
-                                groupnorm_droplets, pathway_layers, record_pathways, run_mechanism, shapley_shares)
-from vaeprobe.perturb import Site
-from vaeprobe.vae import VAE, load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.mechanism import (MechanismError, attention_mass, attribute_pathways, decode_frozen, droplet_layers, groupnorm_droplets, pathway_layers, record_pathways, shapley_shares)
+from vaeprobe.jobs.mechanism import run_mechanism
+from vaeprobe.probes.perturb import Site
+from vaeprobe.models.adapter import VAE
+from vaeprobe.models.loading import load_vae
 
 HELDOUT = load_images("builtin:photos-heldout", size=64)
 DECLARED = {"planted-groupnorm": "groupnorm", "planted-attention": "attention",
@@ -173,7 +174,7 @@ def test_model_without_attention_skips_that_variant():
                           mid_block_add_attention=False)
     vae = VAE(model, spec="no-attention-16ch")
     assert pathway_layers(vae)["attention"] == []
-    from vaeprobe.mechanism import MechanismCost
+    from vaeprobe.probes.mechanism import MechanismCost
 
     cost = MechanismCost()
     df = attribute_pathways(vae, torch.randn(1, 16, 6, 6), [Site(2, 2), Site(0, 5)], radius=1, cost=cost)
@@ -226,7 +227,7 @@ def test_mechanism_checks_fail_when_the_freezing_hooks_are_no_ops(name, monkeypa
     fire and count), the assertions above must fail for every control, the residual ones included."""
     import torch.nn.functional as F
 
-    from vaeprobe import mechanism
+    from vaeprobe.probes import mechanism
 
     monkeypatch.setattr(mechanism, "_frozen_groupnorm", lambda mod, x, mean, var: F.group_norm(
         x.float(), mod.num_groups, mod.weight.float() if mod.affine else None,

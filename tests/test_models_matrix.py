@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vaeprobe import cli
-from vaeprobe.images import load_images
+from vaeprobe.data.images import load_images
 
 MODELS = ["builtin:taef2", "vae_factories:namespace_config", "vae_factories:no_config",
           "vae_factories:inplace_decoder", "vae_factories:tiny16"]

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from vaeprobe.errors import VaeprobeError
-from vaeprobe.perturb import (Compose, Fill, Noise, PerturbError, Scale, Site, Smudge, Swap, Zero, apply_batch,
-                              parse_operator)
+from vaeprobe.probes.perturb import (Compose, Fill, Noise, PerturbError, Scale, Site, Smudge, Swap, Zero, apply_batch, parse_operator)
 
 
 def arange_latent(c=2, h=4, w=5):

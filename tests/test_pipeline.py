@@ -1,7 +1,7 @@
 """The spot through a diffusion pipeline (issue 9), on tiny offline pipelines built from configs.
 
 Ground truth: ``builtin:tiny-sd-planted``'s UNet makes its x0 prediction hold a known vector at a known cell from
-a known timestep on (:class:`vaeprobe.pipeline.ContentUNet`); ``builtin:tiny-sd`` plants nothing.
+a known timestep on (:class:`vaeprobe.testing.ContentUNet`); ``builtin:tiny-sd`` plants nothing.
 """
 
 import json
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_and_kill
-from vaeprobe.pipeline import (PLANTED_CODE, PLANTED_EMERGE_T, ContentUNet, PipelineError, emergence_table, generate,
-                               load_pipeline, parse_seeds, read_prompts, run_pipeline, tiny_sd_pipeline)
-from vaeprobe.vae import VAE
+from vaeprobe.jobs.pipeline import (PipelineError, emergence_table, generate, load_pipeline, parse_seeds, read_prompts,
+                                    run_pipeline)
+from vaeprobe.testing import PLANTED_CODE, PLANTED_EMERGE_T, ContentUNet, tiny_sd_pipeline
+from vaeprobe.models.adapter import VAE
 
 PROMPTS = ["a lighthouse on a cliff", "a red fox in snow", "<script>alert(1)</script> & a \"quoted\" cat"]
 
@@ -128,7 +129,7 @@ def test_run_pipeline_end_to_end(tmp_path, planted):
     own = swap[swap.vae_index == 0]
     assert (own.lpips == 0).all()
 
-    from vaeprobe.report import build_report
+    from vaeprobe.reports.report import build_report
 
     rep = build_report([out], out=tmp_path / "report")
     html = rep["html"].read_text()
@@ -167,7 +168,7 @@ def test_half_precision_pipeline_runs_on_cpu(tmp_path):
 def test_pipeline_from_a_local_folder(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from vaeprobe.pipeline import TINY_UNET
+    from vaeprobe.testing import TINY_UNET
 
     pipe = tiny_sd_pipeline()
     torch.manual_seed(0)
@@ -211,7 +212,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_a_failing_sample_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
-    import vaeprobe.pipeline as vp
+    import vaeprobe.jobs.pipeline as vp
 
     real = vp.generate
 

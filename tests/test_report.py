@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vaeprobe.latents import run_latents
-from vaeprobe.mechanism import run_mechanism
-from vaeprobe.report import ReportError, build_report, md_escape
-from vaeprobe.scan import run_scan
+from vaeprobe.jobs.latents import run_latents
+from vaeprobe.jobs.mechanism import run_mechanism
+from vaeprobe.reports.report import ReportError, build_report, md_escape
+from vaeprobe.jobs.scan import run_scan
 
 from conftest import REPO
 

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vaeprobe.metrics import get_lpips
-from vaeprobe.perturb import Fill, Site, Zero, apply_batch
-from vaeprobe.response import (ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS, MeasureError, cell_distance,
-                               far_colour_shift, far_fraction, far_l2, far_mask, global_effect_ratio, l1, l2,
-                               lpips, lpips_map, measure, psnr, radius90, ssim)
-from vaeprobe.spotcheck import far_field_energy, far_field_mask
+from vaeprobe.probes.metrics import get_lpips
+from vaeprobe.probes.perturb import Fill, Site, Zero, apply_batch
+from vaeprobe.probes.response import (ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS, MeasureError, cell_distance, far_colour_shift, far_fraction, far_l2, far_mask, global_effect_ratio, l1, l2, lpips, lpips_map, measure, psnr, radius90, ssim)
+from vaeprobe.probes.geometry import far_field_energy, far_field_mask
 
 FACTOR = 8
 TINT = torch.tensor([0.25, -0.5, 0.125])  # colour added everywhere per unit of channel 3's mean

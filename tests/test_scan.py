@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from vaeprobe.images import load_images
-from vaeprobe.scan import DEFAULT_GLOBAL_THRESHOLD, ScanError, exact_scan, select_sites, two_stage_scan
-from vaeprobe.spotcheck import zeroed_far_field
-from vaeprobe.vae import load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.scan import DEFAULT_GLOBAL_THRESHOLD, ScanError, exact_scan, select_sites, two_stage_scan
+from vaeprobe.probes.geometry import zeroed_far_field
+from vaeprobe.models.loading import load_vae
 
 from conftest import REPO, run_and_kill
 

@@ -11,10 +11,11 @@ from torch import nn
 
 from conftest import shared_or_skip
 from vaeprobe.errors import VAELoadError
-from vaeprobe.images import load_images
-from vaeprobe.metrics import psnr
-from vaeprobe.plots import tensor_to_unit
-from vaeprobe.vae import VAE, config_dict, load_vae
+from vaeprobe.data.images import load_images
+from vaeprobe.probes.metrics import psnr
+from vaeprobe.reports.plots import tensor_to_unit
+from vaeprobe.models.adapter import VAE, config_dict
+from vaeprobe.models.loading import load_vae
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +148,8 @@ def test_config_dict_and_bad_values():
 @pytest.mark.parametrize("factory, words", [("inplace_decoder", "in place"), ("nograd_decoder", "no_grad"),
                                             ("rounding_decoder", "zero everywhere")])
 def test_not_differentiable_is_named_and_two_stage_falls_back(factory, words):
-    from vaeprobe.linear import NotDifferentiableError, check_differentiable, sensitivity_map
-    from vaeprobe.scan import two_stage_scan
+    from vaeprobe.probes.linear import NotDifferentiableError, check_differentiable, sensitivity_map
+    from vaeprobe.probes.scan import two_stage_scan
 
     vae = load_vae(f"vae_factories:{factory}")
     z = vae.encode(load_images("builtin:photos-heldout", size=64)[0].tensor()).mean
@@ -208,8 +209,8 @@ def test_frozen_groupnorm_of_taef2_matches_a_brute_force_reference(taef2):
     statistics. The far-field energy kept must agree; it must also differ from the live decode (no-op hooks fail)."""
     import copy
 
-    from vaeprobe.mechanism import attribute_pathways
-    from vaeprobe.perturb import Site, apply_batch, parse_operator
+    from vaeprobe.probes.mechanism import attribute_pathways
+    from vaeprobe.probes.perturb import Site, apply_batch, parse_operator
 
     x = load_images("builtin:photos-heldout", size=64)[2].tensor()
     z = taef2.encode(x).mean

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from vaeprobe import load_images, load_vae
-from vaeprobe.controls import EXPECTED_VERDICTS
-from vaeprobe.perturb import Site
-from vaeprobe.scan import run_scan
-from vaeprobe.verdict import (GLOBAL_VERDICTS, VERDICTS, CellVerdict, ReceptiveField, VerdictRules, distance_cells,
-                              make_donors, profile_columns)
+from vaeprobe.models.controls import EXPECTED_VERDICTS
+from vaeprobe.probes.perturb import Site
+from vaeprobe.jobs.scan import run_scan
+from vaeprobe.probes.verdict import (GLOBAL_VERDICTS, VERDICTS, CellVerdict, ReceptiveField, VerdictRules, distance_cells, make_donors, profile_columns)
 
 FACTOR = 8
 
@@ -175,7 +174,7 @@ def test_swap_counterpart_is_the_donors_planted_cell(name, size):
     cell of ordinary norm; at 256 px on coffee the most similar vector of one donor is elsewhere, which is how
     the swap test missed it before), wherever the key direction sits for keyed (the donor's flattest cell, never
     the same position on these photos)."""
-    from vaeprobe.verdict import counterpart_cells, receptive_field
+    from vaeprobe.probes.verdict import counterpart_cells, receptive_field
 
     vae = load_vae(f"builtin:{name}")
     donor_imgs = [d.tensor() for d in load_images("builtin:photos-train", size=size)[:4]]

@@ -5,7 +5,7 @@ from torch import nn
 
 
 def tiny():
-    from vaeprobe.zoo import tiny_random
+    from vaeprobe.models.zoo import tiny_random
 
     return tiny_random(seed=3)
 
@@ -32,14 +32,14 @@ def not_a_module():
 
 def tiny16():
     """A 16-channel AutoencoderKL (SD3/FLUX-like channel count) built from config."""
-    from vaeprobe.zoo import tiny_random
+    from vaeprobe.models.zoo import tiny_random
 
     return tiny_random(seed=4, latent_channels=16)
 
 
 def planted16():
     """A planted direct-mechanism spot on a 16-channel base."""
-    from vaeprobe.controls import PlantedSpotVAE
+    from vaeprobe.models.controls import PlantedSpotVAE
 
     return PlantedSpotVAE(tiny16(), mechanism="direct", location="flattest").eval()
 

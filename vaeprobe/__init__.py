@@ -3,16 +3,17 @@
 Flow: images -> posterior -> latent maps and spot candidates -> perturbation -> response -> table -> report.
 """
 
-from .errors import ImageLoadError, SetupError, VAELoadError, VaeprobeError
-from .images import ImageBatch, LoadedImage, iter_images, load_images
-from .metrics import LPIPS, compare_images, psnr, ssim
-from .latents import LatentStats, find_spots, latent_maps, score_localisation
-from .mechanism import attention_mass, attribute_pathways, decode_frozen, groupnorm_droplets, record_pathways
-from .perturb import Site, apply_batch, parse_operator
-from .response import measure
-from .scan import exact_scan, linear_scan, select_sites, two_stage_scan
-from .taesd import TAESD, load_taesd
-from .vae import VAE, Posterior, load_vae
+from vaeprobe.errors import ImageLoadError, SetupError, VAELoadError, VaeprobeError
+from vaeprobe.data.images import ImageBatch, LoadedImage, iter_images, load_images
+from vaeprobe.probes.metrics import LPIPS, compare_images, psnr, ssim
+from vaeprobe.probes.latents import LatentStats, find_spots, latent_maps, score_localisation
+from vaeprobe.probes.mechanism import (attention_mass, attribute_pathways, decode_frozen, groupnorm_droplets, record_pathways)
+from vaeprobe.probes.perturb import Site, apply_batch, parse_operator
+from vaeprobe.probes.response import measure
+from vaeprobe.probes.scan import exact_scan, linear_scan, select_sites, two_stage_scan
+from vaeprobe.models.taesd import TAESD, load_taesd
+from vaeprobe.models.adapter import VAE, Posterior
+from vaeprobe.models.loading import load_vae
 
 __version__ = "0.1.0"
 
@@ -22,10 +23,12 @@ __all__ = [
     "latent_maps", "find_spots", "LatentStats", "score_localisation", "Site", "apply_batch", "parse_operator",
     "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan", "attribute_pathways",
     "record_pathways", "decode_frozen", "attention_mass", "groupnorm_droplets", "compare_vaes", "load_pipeline",
-    "run_pipeline", "build_report",
+    "run_pipeline", "build_report", "run_latents", "run_scan", "run_mechanism",
 ]
 
-_LAZY = {"compare_vaes": "compare", "load_pipeline": "pipeline", "run_pipeline": "pipeline", "build_report": "report"}
+_LAZY = {"compare_vaes": "jobs.compare", "load_pipeline": "jobs.pipeline", "run_pipeline": "jobs.pipeline",
+         "build_report": "reports.report", "run_latents": "jobs.latents", "run_scan": "jobs.scan",
+         "run_mechanism": "jobs.mechanism"}
 
 
 def __getattr__(name: str):

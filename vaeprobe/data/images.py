@@ -1,0 +1,292 @@
+"""Reading images robustly: folders, globs, file lists, Hugging Face datasets, and the builtin photo set.
+
+Every image comes out as float32 RGB in [0, 1], shape HxWx3, with EXIF orientation applied and its size brought
+to a multiple of the VAE's downsampling factor. A file that cannot be used is reported (path and reason, one
+line each) and skipped; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vaeprobe.errors import ImageLoadError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".tga"}
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Images with more pixels are refused as possible decompression bombs (``max_pixels`` changes it)."""
+
+FIT_POLICIES = ("crop", "resize")
+DEFAULT_FIT = "crop"
+"""Default size policy: center-crop to the largest multiple of the factor (drops at most factor-1 px a side)."""
+
+
+@dataclass
+class LoadedImage:
+    """One image ready for a VAE: ``array`` is float32 HxWx3 in [0, 1]."""
+
+    name: str
+    array: np.ndarray
+    source: str
+    original_size: tuple[int, int]  # (width, height) as stored, after EXIF orientation
+
+    def tensor(self):
+        """The image as a ``[1, 3, H, W]`` torch tensor in [-1, 1] (VAE input convention)."""
+        import torch
+
+        return torch.from_numpy(self.array).permute(2, 0, 1)[None].mul(2).sub(1).contiguous()
+
+
+@dataclass
+class Skipped:
+    source: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+@dataclass
+class ImageBatch:
+    """The result of :func:`load_images`: the good images, and what was skipped and why."""
+
+    images: list[LoadedImage] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[LoadedImage]:
+        return iter(self.images)
+
+    def __getitem__(self, i: int) -> LoadedImage:
+        return self.images[i]
+
+    @property
+    def names(self) -> list[str]:
+        return [im.name for im in self.images]
+
+    def summary(self) -> str:
+        """One line of counts, then one line per skipped item."""
+        lines = [f"loaded {len(self.images)} image(s), skipped {len(self.skipped)}"]
+        lines += [f"  skipped {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1) to float32 RGB in [0, 1].
+
+    Transparency is composited over ``background``; 16-bit and 32-bit integer data keep their full range.
+
+    >>> from PIL import Image
+    >>> float(to_rgb(Image.new("I;16", (2, 2), 65535)).max())
+    1.0
+    """
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+        gray = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        top = 1.0 if arr.max() <= 1.0 else (255.0 if arr.max() <= 255.0 else float(arr.max()))
+        gray = np.clip(arr / top, 0.0, 1.0)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or img.mode == "RGBA":
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, background + (255,))
+        img = Image.alpha_composite(base, rgba)
+    rgb = img.convert("RGB")
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
+def fit_to_factor(arr: np.ndarray, factor: int, policy: str = DEFAULT_FIT, size: int | None = None) -> np.ndarray:
+    """Bring HxWx3 ``arr`` to sides that are multiples of ``factor``.
+
+    ``size``: first resize so the shorter side is ``size`` and center-crop a ``size`` x ``size`` square.
+    ``policy="crop"`` center-crops the remainder; ``policy="resize"`` resizes to the nearest multiples.
+
+    >>> import numpy as np
+    >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8).shape
+    (32, 48, 3)
+    >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8, policy="resize").shape
+    (40, 48, 3)
+    """
+    if policy not in FIT_POLICIES:
+        raise ValueError(f"unknown fit policy {policy!r}; use one of {FIT_POLICIES}")
+    if size is not None:
+        if size % factor:
+            raise ValueError(f"size {size} is not a multiple of the VAE factor {factor}")
+        h, w = arr.shape[:2]
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        arr = resize(arr, nh, nw)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return np.ascontiguousarray(arr[top:top + size, left:left + size])
+    h, w = arr.shape[:2]
+    if policy == "crop":
+        nh, nw = h - h % factor, w - w % factor
+        top, left = (h - nh) // 2, (w - nw) // 2
+        return np.ascontiguousarray(arr[top:top + nh, left:left + nw])
+    nh = max(factor, int(round(h / factor)) * factor)
+    nw = max(factor, int(round(w / factor)) * factor)
+    return arr if (nh, nw) == (h, w) else resize(arr, nh, nw)
+
+
+def resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    if arr.shape[:2] == (h, w):
+        return arr
+    img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return np.asarray(img.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+
+
+def read_image(path: str | os.PathLike, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read one image file; raise :class:`ImageLoadError` with the reason if it cannot be used."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise ImageLoadError("no such file")
+        if path.is_dir():
+            raise ImageLoadError("is a directory, not an image")
+        if path.stat().st_size == 0:
+            raise ImageLoadError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(
+                        f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (possible decompression "
+                        f"bomb); raise max_pixels if the file is trusted")
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                arr = to_rgb(img)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"decompression bomb refused ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in msg.lower() or "broken data" in msg.lower() or "unrecognized data" in msg.lower():
+            raise ImageLoadError(f"truncated or corrupt image data ({msg})") from None
+        raise ImageLoadError(f"unreadable image ({msg})") from None
+    return _finish(path.stem, arr, str(path), factor, policy, size)
+
+
+def _finish(name: str, arr: np.ndarray, source: str, factor: int, policy: str, size: int | None) -> LoadedImage:
+    h, w = arr.shape[:2]
+    if h < factor or w < factor:
+        raise ImageLoadError(f"{w}x{h} is smaller than one latent cell ({factor}x{factor} pixels)")
+    out = fit_to_factor(arr, factor, policy, size)
+    return LoadedImage(name=name, array=out.astype(np.float32, copy=False), source=source, original_size=(w, h))
+
+
+def _expand_source(source: Any) -> list[str] | None:
+    """Paths for a folder, glob or list of files; None if ``source`` is not path-like."""
+    if isinstance(source, (str, os.PathLike)):
+        s = str(source)
+        p = Path(s)
+        if p.is_dir():
+            return sorted(str(f) for f in p.iterdir()
+                          if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+        if any(ch in s for ch in "*?["):
+            return sorted(_glob.glob(s, recursive=True))
+        return [s]
+    if isinstance(source, Sequence) and all(isinstance(x, (str, os.PathLike)) for x in source):
+        return [str(x) for x in source]
+    return None
+
+
+def iter_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str = "image",
+                skipped: list[Skipped] | None = None, report=None) -> Iterator[LoadedImage]:
+    """Stream images one at a time (memory flat in the number of images); see :func:`load_images`.
+
+    Each skipped item is appended to ``skipped`` and passed to ``report`` (default: one line on stderr).
+    """
+    if report is None:
+        def report(s: Skipped) -> None:
+            print(f"vaeprobe: skipped {s}", file=sys.stderr)
+
+    def skip(src: str, reason: str) -> None:
+        s = Skipped(src, reason)
+        if skipped is not None:
+            skipped.append(s)
+        report(s)
+
+    if isinstance(source, str) and source.startswith("builtin:"):
+        from vaeprobe.data.builtin_images import builtin_photos
+
+        for name, arr in builtin_photos(source):
+            try:
+                yield _finish(name, arr, f"{source}/{name}", factor, policy, size)
+            except ImageLoadError as exc:
+                skip(f"{source}/{name}", str(exc))
+        return
+    paths = _expand_source(source)
+    if paths is not None:
+        if not paths:
+            raise ImageLoadError(f"no images found at {source!r}; give a folder, a glob, or image files")
+        if len(paths) == 1 and not Path(paths[0]).exists() and isinstance(source, str):
+            raise ImageLoadError(f"{source!r} is neither a file, a folder, a glob nor builtin:photos")
+        seen: dict[str, int] = {}
+        for p in paths:
+            try:
+                img = read_image(p, factor, policy, size, max_pixels)
+            except ImageLoadError as exc:
+                skip(p, str(exc))
+                continue
+            n = seen.get(img.name, 0)
+            seen[img.name] = n + 1
+            if n:
+                img.name = f"{img.name}~{n}"
+            yield img
+        return
+    # A Hugging Face ``datasets`` dataset (or any iterable of records holding a PIL image).
+    for i, record in enumerate(source):
+        src = f"record {i}"
+        try:
+            img = record[image_column] if isinstance(record, dict) else record
+            if not isinstance(img, Image.Image):
+                raise ImageLoadError(f"column {image_column!r} holds {type(img).__name__}, not a PIL image")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(f"{w}x{h} exceeds the pixel limit {max_pixels}")
+            arr = to_rgb(ImageOps.exif_transpose(img))
+            yield _finish(f"{i:06d}", arr, src, factor, policy, size)
+        except ImageLoadError as exc:
+            skip(src, str(exc))
+        except (KeyError, TypeError) as exc:
+            skip(src, f"record has no image column {image_column!r} ({exc})")
+
+
+def load_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str = "image", report=None) -> ImageBatch:
+    """Load images from a folder, a glob, a list of files, a HF ``datasets`` dataset or ``builtin:photos``.
+
+    Sizes become multiples of ``factor`` by ``policy`` (default ``"crop"``: center-crop the remainder;
+    ``"resize"``: resize to the nearest multiples); ``size=N`` instead resizes the shorter side to N and
+    center-crops N x N. Bad items are skipped with one line each; see :attr:`ImageBatch.skipped`.
+
+    >>> batch = load_images("builtin:photos-heldout", size=64)
+    >>> len(batch) > 0 and batch[0].array.shape
+    (64, 64, 3)
+    """
+    batch = ImageBatch()
+    for img in iter_images(source, factor, policy, size, max_pixels, image_column, batch.skipped, report):
+        batch.images.append(img)
+    return batch

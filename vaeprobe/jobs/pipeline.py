@@ -1,0 +1,573 @@
+"""Downstream: the spot through a full diffusion pipeline (emergence, interventions, VAE swap).
+
+The denoising UNet was trained on encoded latents, so it may generate the spot too. :func:`run_pipeline` runs a
+diffusers text-to-image pipeline (``StableDiffusionPipeline`` or any pipeline with the same latent interface:
+``unet``, ``scheduler``, ``vae``, ``callback_on_step_end`` and ``output_type="latent"``) for every prompt and seed
+and measures three things:
+
+1. **Emergence.** At every denoising step the scheduler's predicted clean latent ``x0`` (its
+   ``pred_original_sample``, or computed from the model output and ``alphas_cumprod`` for schedulers that do not
+   return it) is mapped to the VAE's raw latent space and goes through the latent diagnostics: largest norm over
+   the median norm, where, and whether it passes the spot threshold of :mod:`vaeprobe.probes.latents`. The emergence
+   step is the first step from which a spot is present at every later step.
+2. **Interventions.** The final latent's strongest position (the spot when there is one) is perturbed with any
+   operator of :mod:`vaeprobe.probes.perturb`, and so are ``controls`` random positions; each is decoded and measured
+   against the unperturbed decode with the measures of :mod:`vaeprobe.probes.response`. ``global_ratio`` is a
+   position's far-field energy over the median control's. With ``ablate_from=[k, ...]`` the same operator is also
+   applied to the noisy latent after every step from step ``k`` on (then denoising goes on and the UNet may
+   rebuild what was removed), for the spot and ``step_controls`` random positions.
+3. **VAE swap.** The same generated latents are decoded by the pipeline's own VAE and every VAE given; LPIPS,
+   PSNR and colour statistics compare each with the pipeline's decode. A VAE whose latent space is not the
+   pipeline's (:func:`vaeprobe.jobs.compare.latent_compatibility`: identical encoder outputs) gets no numbers, only
+   the reason, since decoding latents it was not trained on says nothing about the VAE.
+
+Every decode for a measurement runs in float32 (``vae_dtype``), whatever the pipeline's dtype. Generation uses
+a CPU ``torch.Generator`` seeded per (prompt, seed), so an image is reproducible across batch sizes and devices.
+
+Builtin pipelines for tests and demos, built offline from configs (seeded random weights, no download):
+``builtin:tiny-sd`` (tiny UNet2DConditionModel, tiny CLIP text encoder and tokenizer, DDIM, and the builtin
+``mini-kl-f8`` VAE; its UNet (:class:`vaeprobe.testing.ContentUNet`) steers x0 towards a builtin photo's latent, so samples are
+real images) and ``builtin:tiny-sd-planted``, whose UNet also writes a known spot into its x0 prediction from a
+known timestep on: the ground truth for emergence and interventions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vaeprobe.errors import VaeprobeError
+
+__all__ = ["PipelineError", "load_pipeline", "read_prompts", "parse_seeds",
+           "generate", "Generation", "emergence_table", "run_pipeline", "PIPELINE_BUILTINS"]
+
+PIPELINE_BUILTINS = ("tiny-sd", "tiny-sd-planted")
+
+
+class PipelineError(VaeprobeError, ValueError):
+    """A pipeline spec, prompt file or setting that cannot be used (the message says why and what to do)."""
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+def load_pipeline(spec: Any, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+    """A diffusers pipeline from ``builtin:tiny-sd[-planted]``, a local pipeline folder (``model_index.json``)
+    or a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; needs the hub or its cache), moved to
+    ``device``/``dtype``. A pipeline object passes through (moved).
+
+    >>> load_pipeline("builtin:tiny-sd").unet.dtype
+    torch.float32
+    """
+    from vaeprobe.models.adapter import parse_dtype
+    from vaeprobe.models.loading import HUB_ID
+
+    dtype = parse_dtype(dtype)
+    if hasattr(spec, "unet") and hasattr(spec, "scheduler"):
+        pipe = spec
+    elif not isinstance(spec, (str, Path)):
+        raise PipelineError(f"cannot load a pipeline from a {type(spec).__name__}; pass builtin:tiny-sd, a folder "
+                            f"or a hub id")
+    else:
+        s = str(spec)
+        path = Path(s).expanduser()
+        if s.startswith("builtin:"):
+            name = s[len("builtin:"):]
+            if name not in PIPELINE_BUILTINS:
+                raise PipelineError(f"unknown builtin pipeline {name!r}; available: {', '.join(PIPELINE_BUILTINS)}")
+            from vaeprobe.testing import tiny_sd_pipeline
+
+            pipe = tiny_sd_pipeline(planted=name.endswith("planted"))
+        elif path.exists():
+            if not (path / "model_index.json").exists():
+                raise PipelineError(f"{s}: not a diffusers pipeline folder (no model_index.json); save one with "
+                                    f"pipe.save_pretrained(folder) or pass a hub id")
+            pipe = _from_pretrained(str(path), dtype)
+        elif HUB_ID.match(s):
+            pipe = _from_hub(s, dtype)
+        else:
+            raise PipelineError(f"{s!r} is not builtin:NAME, a pipeline folder or a hub id (owner/name)")
+    for part in ("unet", "scheduler", "vae"):
+        if getattr(pipe, part, None) is None:
+            raise PipelineError(f"{type(pipe).__name__} has no {part}; vaeprobe pipeline needs a latent diffusion "
+                                f"pipeline with unet, scheduler and vae (e.g. StableDiffusionPipeline)")
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_hub(repo_id: str, dtype):
+    """From the local hub cache if it is there, else from the hub when reachable; one clear line otherwise."""
+    from vaeprobe.models.loading import _hub_reachable
+
+    online = _hub_reachable()
+    try:
+        return _from_pretrained(repo_id, dtype, local_files_only=not online)
+    except Exception as exc:  # diffusers raises OSError, ValueError or EnvironmentError depending on what is missing
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        where = "its local cache" if not online else "the hub"
+        raise PipelineError(f"{repo_id}: could not load the pipeline from {where} ({why}); download it where the "
+                            f"hub is reachable and pass the local folder") from None
+
+
+def _from_pretrained(where: str, dtype, local_files_only: bool = False):
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict = {"low_cpu_mem_usage": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if local_files_only:
+        kwargs["local_files_only"] = True
+    index = Path(where) / "model_index.json"
+    if index.exists() and "safety_checker" in json.loads(index.read_text()):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # latents only: nothing to check
+    return DiffusionPipeline.from_pretrained(where, **kwargs)
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+
+def read_prompts(source: str | Path | Sequence[str]) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and lines starting with ``#`` are skipped), a JSON
+    file holding a list of strings, or a list.
+
+    >>> read_prompts(["a red fox", " ", "a blue car"])
+    ['a red fox', 'a blue car']
+    """
+    if isinstance(source, (list, tuple)):
+        items = list(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PipelineError(f"{source}: no such prompt file; give a text file with one prompt per line")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}); give a list of "
+                                    f"strings or a text file with one prompt per line") from None
+            if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+                raise PipelineError(f"{source}: the JSON must be a list of strings")
+        else:
+            items = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    prompts = [str(p).strip() for p in items if str(p).strip()]
+    if not prompts:
+        raise PipelineError(f"{source}: no prompts found; write one prompt per line")
+    return prompts
+
+
+def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
+    """Seeds from ``"0,1,5"``, a range ``"0-3"`` (inclusive), an int or a list.
+
+    >>> parse_seeds("0-2,7")
+    [0, 1, 2, 7]
+    """
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        return [int(s) for s in spec]
+    seeds: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                seeds += list(range(int(a), int(b) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise PipelineError(f"bad seed {part!r} in {spec!r}; write e.g. 0,1,2 or 0-7") from None
+    if not seeds:
+        raise PipelineError(f"no seeds in {spec!r}; write e.g. 0,1,2 or 0-7")
+    return list(dict.fromkeys(seeds))
+
+
+# -- generation ----------------------------------------------------------------------------------------------------
+
+def _x0_from_output(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """x0 implied by a model output on a DDPM-type schedule (for schedulers that do not return it)."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise PipelineError(f"{type(scheduler).__name__} neither returns pred_original_sample nor has "
+                            f"alphas_cumprod; use a DDIM, DDPM, Euler or DPM-Solver scheduler")
+    a = float(alphas[int(torch.as_tensor(timestep).flatten()[0])])
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    x, m = sample.double(), model_output.double()
+    if kind == "epsilon":
+        return (x - math.sqrt(1 - a) * m) / math.sqrt(a)
+    if kind == "v_prediction":
+        return math.sqrt(a) * x - math.sqrt(1 - a) * m
+    return m
+
+
+@contextlib.contextmanager
+def _capture_x0(scheduler, store: list) -> Iterator[None]:
+    """Record ``(timestep, x0)`` at every ``scheduler.step`` call; the scheduler is restored afterwards."""
+    had = "step" in vars(scheduler)
+    original = scheduler.step
+
+    def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+        x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:
+            x0 = _x0_from_output(scheduler, model_output, timestep, sample)
+        store.append((int(torch.as_tensor(timestep).flatten()[0]), x0.detach().float().cpu()))
+        return out if return_dict else (out.prev_sample, x0)
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        if had:
+            scheduler.step = original
+        else:
+            del scheduler.step
+
+
+@dataclass
+class Generation:
+    """One generated sample: ``latents`` ``[1, C, h, w]`` float32 CPU in the pipeline's diffusion space (what the
+    pipeline would decode), and per scheduler step the timestep and the predicted clean latent ``x0``."""
+
+    prompt: str
+    seed: int
+    latents: torch.Tensor
+    timesteps: list[int]
+    x0: list[torch.Tensor]
+
+
+def generate(pipe, prompt: str, seed: int, steps: int = 30, guidance: float = 7.5, size: int | None = None,
+             edit=None) -> Generation:
+    """Run ``pipe`` once (CPU generator seeded with ``seed``) and return the final latents and every x0 prediction.
+
+    ``edit(step, latents) -> latents``, if given, is applied to the (diffusion-space) latents after each step.
+
+    >>> from vaeprobe.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline(planted=True)
+    >>> g = generate(pipe, "a lighthouse", seed=0, steps=4)
+    >>> tuple(g.latents.shape), len(g.x0), g.timesteps[0] > g.timesteps[-1]
+    ((1, 4, 8, 8), 4, True)
+    """
+    store: list = []
+    kwargs: dict = {"prompt": prompt, "num_inference_steps": int(steps), "guidance_scale": float(guidance),
+                    "generator": torch.Generator("cpu").manual_seed(int(seed)), "output_type": "latent"}
+    if size is not None:
+        kwargs.update(height=int(size), width=int(size))
+    if edit is not None:
+        def callback(pipeline, step, timestep, callback_kwargs):
+            return {"latents": edit(step, callback_kwargs["latents"])}
+
+        kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    with _capture_x0(pipe.scheduler, store), torch.no_grad():
+        out = pipe(**kwargs)
+    latents = out.images if hasattr(out, "images") else out[0]
+    return Generation(prompt, int(seed), latents.detach().float().cpu(), [t for t, _ in store], [x for _, x in store])
+
+
+# -- emergence -----------------------------------------------------------------------------------------------------
+
+def emergence_table(gen: Generation, to_raw, threshold: float | None = None) -> pd.DataFrame:
+    """One row per denoising step: the x0 prediction's largest latent norm over the median norm (``norm_ratio``)
+    at cell ``(row, col)``, ``max_norm``, ``median_norm`` and ``spot`` (ratio >= ``threshold``, the spot rule of
+    :func:`vaeprobe.probes.latents.find_spots`). ``to_raw`` maps diffusion latents to the VAE's raw latents."""
+    from vaeprobe.probes.latents import DEFAULT_THRESHOLD
+
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    rows = []
+    for step, (t, x0) in enumerate(zip(gen.timesteps, gen.x0)):
+        norm = to_raw(x0)[0].double().norm(dim=0)
+        med = float(norm.median())
+        flat = int(norm.argmax())
+        top = float(norm.flatten()[flat])
+        ratio = top / med if med > 0 else math.inf
+        rows.append({"step": step, "timestep": int(t), "norm_ratio": ratio, "row": flat // norm.shape[1],
+                     "col": flat % norm.shape[1], "max_norm": top, "median_norm": med, "spot": ratio >= threshold})
+    return pd.DataFrame(rows)
+
+
+def emergence_step(table: pd.DataFrame) -> int | None:
+    """First step from which every later step has a spot (``None`` if the last step has none).
+
+    >>> emergence_step(pd.DataFrame({"spot": [False, True, False, True, True]}))
+    3
+    """
+    spots = table["spot"].tolist()
+    if not spots or not spots[-1]:
+        return None
+    k = len(spots)
+    while k > 0 and spots[k - 1]:
+        k -= 1
+    return k
+
+
+# -- the job -------------------------------------------------------------------------------------------------------
+
+SWAP_STATS = ("mean_r", "mean_g", "mean_b", "mean_luma", "std_luma")
+
+
+def _colour_stats(img: torch.Tensor) -> dict:
+    """Colour statistics of a decode in [-1, 1] mapped to [0, 1]."""
+    x = ((img[0].double().clamp(-1, 1) + 1) / 2)
+    luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    return {"mean_r": float(x[0].mean()), "mean_g": float(x[1].mean()), "mean_b": float(x[2].mean()),
+            "mean_luma": float(luma.mean()), "std_luma": float(luma.std())}
+
+
+def _random_cells(h: int, w: int, n: int, avoid: tuple[int, int], radius: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    pool = [(r, c) for r in range(h) for c in range(w) if max(abs(r - avoid[0]), abs(c - avoid[1])) > radius]
+    if not pool:
+        pool = [(r, c) for r in range(h) for c in range(w) if (r, c) != avoid]
+    idx = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+    return [pool[int(i)] for i in sorted(idx)]
+
+
+def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 30, guidance: float = 7.5,
+                 size: int | None = None, op: str = "zero", controls: int = 8, ablate_from: Sequence[int] = (),
+                 step_controls: int = 2, radius: int | None = None, lpips: bool = True, device=None, dtype=None,
+                 vae_dtype: str = "fp32", resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 threshold: float | None = None) -> dict:
+    """Emergence, interventions and VAE swap for every (prompt, seed); writes ``out`` and returns the summary.
+
+    Files: ``config.json`` (model and VAE specs, prompts, seeds and every setting), ``emergence.parquet``,
+    ``interventions.parquet``, ``swap.parquet``, ``compatibility.parquet``, ``summary.json``, ``run.json``,
+    ``figures/emergence.png`` and ``images/KEY/`` (each VAE's decode; the spot ablations and their differences).
+    One part per (prompt, seed) is written atomically, so ``resume=True`` continues a killed run.
+    """
+    from tqdm import tqdm
+
+    from vaeprobe.jobs.compare import latent_compatibility
+    from vaeprobe.probes.perturb import Site, apply_batch, parse_operator
+    from vaeprobe.probes.metrics import compare_images
+    from vaeprobe.reports.plots import save_png, signed_difference, tensor_to_unit
+    from vaeprobe.probes.response import DEFAULT_RADIUS, measure
+    from vaeprobe.jobs.runner import RunDir
+    from vaeprobe.models.adapter import VAE
+    from vaeprobe.models.loading import load_vae
+
+    t_start = time.perf_counter()
+    prompts = read_prompts(prompts)
+    seeds = parse_seeds(seeds)
+    radius = DEFAULT_RADIUS if radius is None else int(radius)
+    steps = int(steps)
+    if steps < 1:
+        raise PipelineError(f"steps must be at least 1; got {steps}")
+    ablate_from = sorted({int(k) for k in ablate_from})
+    for k in ablate_from:
+        if not 0 <= k < steps:
+            raise PipelineError(f"ablate-from step {k} is outside 0..{steps - 1}")
+    operator = parse_operator(op)  # fails early on a bad spec
+    model_spec = model if isinstance(model, str) else type(model).__name__
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    if size is not None and (int(size) % factor or int(size) < 3 * factor):
+        raise PipelineError(f"size {size} must be a multiple of the VAE factor {factor} and at least {3 * factor}")
+    own = VAE(pipe.vae, spec=f"{model_spec} (pipeline VAE)", dtype=vae_dtype)
+    tested = [own] + [v if isinstance(v, VAE) else load_vae(v, device=own.device, dtype=vae_dtype) for v in vaes]
+    to_raw = own.from_diffusion
+    config = {"job": "pipeline", "model": {"spec": model_spec, "class": type(pipe).__name__,
+                                           "scheduler": type(pipe.scheduler).__name__},
+              "vaes": [v.spec for v in tested], "prompts": prompts, "seeds": seeds, "steps": steps,
+              "guidance": float(guidance), "size": size, "op": operator.name, "controls": int(controls),
+              "ablate_from": ablate_from, "step_controls": int(step_controls), "radius": radius, "lpips": bool(lpips),
+              "dtype": str(pipe.unet.dtype).replace("torch.", ""), "vae_dtype": str(vae_dtype),
+              "device": str(pipe.unet.device), "threshold": threshold}
+    run = RunDir(out, config, resume=resume, overwrite=overwrite)
+    measures = ("l2", "far_l2", "far_fraction", "radius90", "far_dy") + (("lpips",) if lpips else ())
+
+    compat_rows = []
+    for k, vae in enumerate(tested):
+        if k == 0:
+            compat_rows.append({"model": vae.spec, "encoder_identical": True, "compatibility": "the pipeline's own VAE"})
+        else:
+            row = latent_compatibility(own, vae)
+            compat_rows.append({kk: row[kk] for kk in ("model", "encoder_identical", "compatibility",
+                                                       "max_latent_diff", "differing_positions")})
+    compatible = [bool(r["encoder_identical"]) for r in compat_rows]
+
+    items = [(pi, seed) for pi in range(len(prompts)) for seed in seeds]
+    failed: list[dict] = []
+    bar = tqdm(total=len(items), desc="pipeline", unit="sample", disable=not progress)
+    for pi, seed in items:
+        key = f"p{pi:04d}-s{seed}"
+        if resume and run.is_done(key):
+            bar.update(1)
+            continue
+        prompt = prompts[pi]
+        try:
+            gen = generate(pipe, prompt, seed, steps=steps, guidance=guidance, size=size)
+            if not bool(torch.isfinite(gen.latents).all()):
+                raise PipelineError("the generated latents are not finite (fp16 overflow? try --dtype bf16 or fp32)")
+        except (RuntimeError, PipelineError) as exc:  # one bad sample (e.g. out of memory) does not end the run
+            failed.append({"key": key, "prompt": prompt, "seed": seed, "error": str(exc).splitlines()[0][:300]})
+            bar.write(f"vaeprobe pipeline: sample {key} failed: {failed[-1]['error']}")
+            bar.update(1)
+            continue
+        em = emergence_table(gen, to_raw, threshold)
+        z = to_raw(gen.latents).float()
+        h, w = z.shape[-2:]
+        final = em.iloc[-1]
+        spot = (int(final.row), int(final.col))
+        cells = _random_cells(h, w, int(controls), spot, radius, seed=seed * 7919 + pi)
+        sites = [Site(*spot)] + [Site(*c) for c in cells]
+        kinds = ["spot"] + ["control"] * len(cells)
+        folder = run.path / "images" / key
+        inter_rows, swap_rows = [], []
+        decodes = []
+        for k, vae in enumerate(tested):
+            ref = vae.decode(z.to(vae.device))
+            decodes.append(ref)
+            save_png(folder / f"vae{k}-generated.png", tensor_to_unit(ref))
+            perturbed = vae.decode(apply_batch(z, sites, operator).to(vae.device))
+            vals = measure(ref, perturbed, sites, vae.factor, radius=radius, measures=measures)
+            med = float(np.nanmedian([v["far_l2"] for v in vals[1:]])) if len(vals) > 1 else math.nan
+            for site, kind, v in zip(sites, kinds, vals):
+                inter_rows.append({"vae": vae.spec, "vae_index": k, "compatible": compatible[k], "when": "final",
+                                   "from_step": -1, "kind": kind, "row": site.row, "col": site.col, **v,
+                                   "global_ratio": v["far_l2"] / med if med > 0 else math.nan})
+            save_png(folder / f"vae{k}-final-spot.png", tensor_to_unit(perturbed[:1]))
+            save_png(folder / f"vae{k}-final-spot-diff.png", signed_difference(perturbed[:1], ref)[0])
+        for k_step in ablate_from:
+            step_cells = [spot] + _random_cells(h, w, int(step_controls), spot, radius, seed=seed * 104729 + pi + k_step)
+            for j, cell in enumerate(step_cells):
+                def edit(step, latents, cell=cell, k_step=k_step):
+                    if step < k_step:
+                        return latents
+                    raw = own.from_diffusion(latents.float())
+                    raw = operator.apply(raw, Site(*cell))
+                    return own.to_diffusion(raw).to(latents.dtype)
+
+                z_edit = to_raw(generate(pipe, prompt, seed, steps=steps, guidance=guidance, size=size,
+                                         edit=edit).latents).float()
+                for k, vae in enumerate(tested):
+                    img = vae.decode(z_edit.to(vae.device))
+                    v = measure(decodes[k], img, [Site(*cell)], vae.factor, radius=radius, measures=measures)[0]
+                    inter_rows.append({"vae": vae.spec, "vae_index": k, "compatible": compatible[k],
+                                       "when": f"from step {k_step}", "from_step": k_step,
+                                       "kind": "spot" if j == 0 else "control", "row": cell[0], "col": cell[1], **v,
+                                       "global_ratio": math.nan})
+                    if j == 0:
+                        save_png(folder / f"vae{k}-from{k_step}-spot.png", tensor_to_unit(img))
+                        save_png(folder / f"vae{k}-from{k_step}-spot-diff.png", signed_difference(img, decodes[k])[0])
+        inter = pd.DataFrame(inter_rows)
+        for k_step in ablate_from:  # step-k ratios: the spot's far field over the median step-k control's
+            for k in range(len(tested)):
+                sel = (inter.from_step == k_step) & (inter.vae_index == k)
+                ctrl = inter.loc[sel & (inter.kind == "control"), "far_l2"]
+                med = float(ctrl.median()) if len(ctrl) else math.nan
+                inter.loc[sel, "global_ratio"] = inter.loc[sel, "far_l2"] / med if med > 0 else math.nan
+        stats0 = _colour_stats(decodes[0])
+        for k, vae in enumerate(tested):
+            row = {"vae": vae.spec, "vae_index": k, "compatible": compatible[k],
+                   "note": compat_rows[k]["compatibility"], "lpips": math.nan, "psnr": math.nan,
+                   **{s: math.nan for s in SWAP_STATS}, **{f"d_{s}": math.nan for s in SWAP_STATS}}
+            if compatible[k]:
+                st = _colour_stats(decodes[k])
+                row.update(st)
+                row.update({f"d_{s}": st[s] - stats0[s] for s in SWAP_STATS})
+                if k > 0:
+                    cmp = compare_images(tensor_to_unit(decodes[0]), tensor_to_unit(decodes[k]))
+                    row.update(lpips=cmp["lpips"], psnr=cmp["psnr"])
+                else:
+                    row.update(lpips=0.0, psnr=math.inf)
+            swap_rows.append(row)
+        ident = {"key": key, "prompt_index": pi, "prompt": prompt, "seed": seed}
+        em = em.assign(**ident)
+        inter = inter.assign(spot_detected=bool(final.spot), **ident)
+        swap = pd.DataFrame(swap_rows).assign(**ident)
+        fin = inter[(inter.when == "final")]
+        spot_gain = {}
+        for k in range(len(tested)):
+            rows_k = fin[fin.vae_index == k]
+            spot_gain[str(k)] = float(rows_k.loc[rows_k.kind == "spot", "global_ratio"].iloc[0])
+        meta = {**ident, "image": key, "h": h, "w": w, "emergence_step": emergence_step(em),
+                "final_spot": bool(final.spot), "spot_row": spot[0], "spot_col": spot[1],
+                "final_norm_ratio": float(final.norm_ratio), "spot_global_ratio": spot_gain}
+        run.write_part(key, None, meta, extra={"emergence": em, "interventions": inter, "swap": swap})
+        bar.update(1)
+    bar.close()
+
+    emergence = run.concat("emergence.parquet", part="emergence")
+    interventions = run.concat("interventions.parquet", part="interventions")
+    swap = run.concat("swap.parquet", part="swap")
+    run.write_table("compatibility.parquet", pd.DataFrame(compat_rows))
+    metas = [m for _, m in run.metas()]
+    _emergence_figure(emergence, run.path / "figures" / "emergence.png", threshold)
+    if not metas:
+        raise PipelineError(f"no sample finished ({len(failed)} failed; first error: "
+                            f"{failed[0]['error'] if failed else 'none'})")
+    summary = _summary(config, metas, emergence, interventions, swap, compat_rows)
+    summary["failed"] = failed
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    run.write_json("summary.json", summary)
+    run.finish(time.perf_counter() - t_start)
+    return summary
+
+
+def _summary(config: dict, metas: list[dict], emergence, interventions, swap, compat_rows) -> dict:
+    n = len(metas)
+    steps = [m["emergence_step"] for m in metas if m["emergence_step"] is not None]
+    per_vae = []
+    for k, spec in enumerate(config["vaes"]):
+        fin = interventions[(interventions.when == "final") & (interventions.vae_index == k)]
+        spot = fin[fin.kind == "spot"]
+        beats = 0
+        for key, grp in fin.groupby("key"):
+            s = grp.loc[grp.kind == "spot", "far_l2"]
+            c = grp.loc[grp.kind == "control", "far_l2"]
+            beats += bool(len(s) and len(c) and float(s.iloc[0]) > float(c.max()))
+        sw = swap[swap.vae_index == k]
+        entry = {"vae": spec, "compatible": bool(compat_rows[k]["encoder_identical"]),
+                 "compatibility": compat_rows[k]["compatibility"],
+                 "median_spot_global_ratio": float(spot.global_ratio.median()) if len(spot) else math.nan,
+                 "spot_beats_every_control": f"{beats}/{fin.key.nunique()}",
+                 "median_spot_far_fraction": float(spot.far_fraction.median()) if len(spot) else math.nan,
+                 "mean_swap_lpips": float(sw.lpips.mean()) if len(sw) and sw.lpips.notna().any() else math.nan,
+                 "mean_swap_d_luma": float(sw.d_mean_luma.mean()) if len(sw) and sw.d_mean_luma.notna().any()
+                 else math.nan}
+        for k_step in config["ablate_from"]:
+            st = interventions[(interventions.from_step == k_step) & (interventions.vae_index == k)
+                               & (interventions.kind == "spot")]
+            entry[f"median_global_ratio_from_step_{k_step}"] = float(st.global_ratio.median()) if len(st) else math.nan
+        per_vae.append(entry)
+    return {"job": "pipeline", "model": config["model"]["spec"], "n_samples": n,
+            "n_prompts": len(config["prompts"]), "seeds": config["seeds"], "steps": config["steps"],
+            "final_spot_rate": (sum(m["final_spot"] for m in metas) / n) if n else math.nan,
+            "emerged": f"{len(steps)}/{n}",
+            "median_emergence_step": float(np.median(steps)) if steps else None,
+            "median_final_norm_ratio": float(np.median([m["final_norm_ratio"] for m in metas])) if n else math.nan,
+            "vaes": per_vae}
+
+
+def _emergence_figure(emergence: pd.DataFrame | None, path: Path, threshold: float | None) -> Path | None:
+    """Largest x0 norm / median norm against the denoising step, one line per (prompt, seed)."""
+    from vaeprobe.probes.latents import DEFAULT_THRESHOLD
+    from vaeprobe.reports.plots import figure, save_figure
+
+    if emergence is None or not len(emergence):
+        return None
+    plt, fig, axes = figure(1, width=5.0)
+    ax = axes[0]
+    for key, grp in emergence.groupby("key", sort=True):
+        label = f"{str(grp.prompt.iloc[0])[:28]} / seed {int(grp.seed.iloc[0])}"
+        ax.plot(grp.step.to_numpy(), grp.norm_ratio.to_numpy(), marker=".", label=label)
+    ax.axhline(DEFAULT_THRESHOLD if threshold is None else threshold, color="k", ls="--", lw=0.8,
+               label="spot threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel("denoising step", fontsize=8)
+    ax.set_ylabel("x0: largest norm / median norm", fontsize=8)
+    ax.set_title("spot emergence in the predicted clean latent", fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, plt, path)

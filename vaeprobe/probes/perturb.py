@@ -1,0 +1,503 @@
+"""Perturbation operators: change a latent at one site and nowhere else.
+
+A :class:`Site` names a square patch of latent cells (optionally a single channel). An operator is a small
+frozen dataclass with one verb, ``apply(z, site, *, index=0)``, that returns a new latent ``[1, C, h, w]`` equal
+to ``z`` everywhere except at the site's cells (and channel). The input is never modified.
+
+Operators: :class:`Zero`, :class:`Fill` (the dataset-mean operator), :class:`Noise`, :class:`Scale`,
+:class:`Swap` (values from another image's latent), :class:`Smudge` (mean of the surrounding ring of cells) and
+:class:`Compose` (several in order; also written ``a + b``). :func:`apply_batch` makes one perturbed copy per
+site in a single tensor, ready to decode; :func:`parse_operator` reads the command-line form, which is also each
+operator's :attr:`~Operator.name`::
+
+    zero | mean | fill:V | noise:SIGMA | scale:F | swap | smudge     joined by "+", e.g. "scale:0.5+noise:0.1"
+
+Noise is seeded from the site itself (seed, row, col, size, channel, index) through a stable hash, so a site
+gets the same noise whatever else is in its batch or scan, and a resumed scan equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from vaeprobe.errors import VaeprobeError
+
+
+class PerturbError(VaeprobeError, ValueError):
+    """A site, operator or operator spec that cannot be used (the message says what to change)."""
+
+
+# -- sites ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Site:
+    """A ``size`` x ``size`` patch of latent cells around ``(row, col)``, in one channel or all (``None``).
+
+    The patch covers rows ``row - (size - 1) // 2 .. row + size // 2`` (and the same for columns), clipped to
+    the latent, so an even size extends one cell further down and to the right.
+
+    >>> Site(0, 0, size=3).cells(4, 4)
+    [(0, 0), (0, 1), (1, 0), (1, 1)]
+    >>> Site(2, 1, size=2, channel=3).slices(8, 8)
+    (slice(3, 4, None), slice(2, 4, None), slice(1, 3, None))
+    """
+
+    row: int
+    col: int
+    size: int = 1
+    channel: int | None = None
+
+    def __post_init__(self):
+        for name in ("row", "col", "size") + (() if self.channel is None else ("channel",)):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise PerturbError(f"Site {name} must be an int, got {value!r}") from None
+        if self.row < 0 or self.col < 0:
+            raise PerturbError(f"Site ({self.row}, {self.col}) has a negative coordinate; use cells from 0")
+        if self.size < 1:
+            raise PerturbError(f"Site size must be at least 1, got {self.size}")
+        if self.channel is not None and self.channel < 0:
+            raise PerturbError(f"Site channel must be None (all channels) or >= 0, got {self.channel}")
+
+    def bounds(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """``(r0, r1, c0, c1)``: the patch's rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1`` inside an
+        ``h`` x ``w`` latent. Raises if the centre lies outside it."""
+        if self.row >= h or self.col >= w:
+            raise PerturbError(f"site ({self.row}, {self.col}) lies outside the {h}x{w} latent; "
+                               f"use rows < {h} and columns < {w}")
+        lo, hi = (self.size - 1) // 2, self.size // 2
+        return (max(self.row - lo, 0), min(self.row + hi + 1, h), max(self.col - lo, 0), min(self.col + hi + 1, w))
+
+    def cells(self, h: int, w: int) -> list[tuple[int, int]]:
+        """The ``(r, c)`` cells of the patch inside an ``h`` x ``w`` latent, row by row."""
+        r0, r1, c0, c1 = self.bounds(h, w)
+        return [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
+
+    def slices(self, h: int, w: int) -> tuple[slice, slice, slice]:
+        """``(channels, rows, cols)`` slices that select the site in a ``[C, h, w]`` tensor (dims kept)."""
+        r0, r1, c0, c1 = self.bounds(h, w)
+        ch = slice(None) if self.channel is None else slice(self.channel, self.channel + 1)
+        return ch, slice(r0, r1), slice(c0, c1)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+def _fmt(x: float) -> str:
+    """Shortest text that reads back to the same float (``2.0`` -> ``2``)."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _finite(value: Any, what: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise PerturbError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise PerturbError(f"{what} must be finite, got {x}")
+    return x
+
+
+def _per_channel(value: Any, what: str) -> float | tuple[float, ...]:
+    """A scalar, or a 1-D per-channel vector (tensor, array or sequence) as a tuple of floats."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite(value, what)
+    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    if t.ndim == 0:
+        return _finite(t.item(), what)
+    if t.ndim != 1 or t.numel() == 0:
+        raise PerturbError(f"{what} must be a scalar or one value per channel (shape [C]), got shape "
+                           f"{tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise PerturbError(f"{what} has non-finite entries; fix the statistics it came from")
+    return tuple(float(v) for v in t.tolist())
+
+
+def _channel_values(value: float | tuple[float, ...], z: torch.Tensor, box: tuple[slice, slice, slice],
+                    what: str) -> torch.Tensor:
+    """``value`` as a ``[c', 1, 1]`` tensor matching the channels that ``box`` selects in ``z``."""
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=z.dtype, device=z.device).reshape(1, 1, 1)
+    channels = z.shape[1]
+    if len(value) != channels:
+        raise PerturbError(f"{what} has {len(value)} values but the latent has {channels} channels; "
+                           f"use statistics of the same VAE")
+    return torch.tensor(value, dtype=z.dtype, device=z.device)[box[0]].reshape(-1, 1, 1)
+
+
+def _check_latent(z: torch.Tensor) -> None:
+    if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[0] != 1:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise PerturbError(f"expected one latent of shape [1, C, h, w], got {shape}; index or unsqueeze it")
+
+
+def _check_site(z: torch.Tensor, site: Site) -> tuple[slice, slice, slice]:
+    if not isinstance(site, Site):
+        raise PerturbError(f"expected a Site, got {site!r}; build one with Site(row, col)")
+    if site.channel is not None and site.channel >= z.shape[1]:
+        raise PerturbError(f"site channel {site.channel} does not exist in a latent with {z.shape[1]} channels")
+    return site.slices(z.shape[-2], z.shape[-1])
+
+
+def _stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` that is the same in every process (unlike the salted built-in ``hash``)."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# -- operators ------------------------------------------------------------------------------------------------
+
+class Operator:
+    """Base class: subclasses implement :meth:`_edit` (new values of the site's patch) and :attr:`name`."""
+
+    @property
+    def name(self) -> str:  # pragma: no cover - every operator overrides it
+        raise NotImplementedError
+
+    def apply(self, z: torch.Tensor, site: Site, *, index: int = 0) -> torch.Tensor:
+        """A new latent ``[1, C, h, w]``: ``z`` changed at ``site`` only. ``index`` numbers repeated draws of
+        the same site (only :class:`Noise` uses it)."""
+        _check_latent(z)
+        box = _check_site(z, site)
+        out = z.clone()
+        out[0][box] = self._edit(z[0][box], z, site, box, index, 0)
+        return out
+
+    def _edit(self, patch: torch.Tensor, z: torch.Tensor, site: Site, box: tuple[slice, slice, slice],
+              index: int, stream: int) -> torch.Tensor:
+        """New values for ``patch`` (the site's current values ``[c', hp, wp]``); ``z`` is the untouched latent
+        (for reads outside the patch); ``stream`` is the position inside a :class:`Compose`."""
+        raise NotImplementedError  # pragma: no cover
+
+    def __add__(self, other: "Operator") -> "Compose":
+        if not isinstance(other, Operator):
+            return NotImplemented
+        return Compose(self, other)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Zero(Operator):
+    """Set the site to 0.
+
+    >>> Zero().apply(torch.ones(1, 2, 2, 2), Site(0, 1))[:, :, 0]
+    tensor([[[1., 0.],
+             [1., 0.]]])
+    """
+
+    @property
+    def name(self) -> str:
+        return "zero"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        return torch.zeros_like(patch)
+
+
+@dataclass(frozen=True)
+class Fill(Operator):
+    """Set the site to ``value``: one number per channel (the dataset-mean operator) or a scalar.
+
+    Build the mean operator with :meth:`from_stats`; its name is ``mean``. A scalar fill is named ``fill:V``.
+
+    >>> op = Fill.from_stats(torch.tensor([0.5, -1.0]))
+    >>> op.name, op.apply(torch.zeros(1, 2, 1, 2), Site(0, 0)).flatten().tolist()
+    ('mean', [0.5, 0.0, -1.0, 0.0])
+    """
+
+    value: Any
+
+    def __post_init__(self):
+        object.__setattr__(self, "value", _per_channel(self.value, "Fill value"))
+
+    @classmethod
+    def from_stats(cls, mean: Any) -> "Fill":
+        """The dataset-mean operator from the per-channel latent mean ``[C]``."""
+        return cls(mean)
+
+    @property
+    def name(self) -> str:
+        return f"fill:{_fmt(self.value)}" if isinstance(self.value, float) else "mean"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        return _channel_values(self.value, z, box, "the fill value").expand_as(patch).clone()
+
+
+@dataclass(frozen=True)
+class Noise(Operator):
+    """Add Gaussian noise of standard deviation ``sigma * std[channel]`` (``sigma`` in units of the latent's
+    per-channel std when ``std`` is that std; ``std=1`` means raw latent units).
+
+    The draw depends only on ``(seed, row, col, size, channel, index)``: the same site gets the same noise in
+    any batch order or scan. ``seed`` and ``std`` are not part of :attr:`name`.
+
+    >>> op = Noise(0.5, seed=3)
+    >>> z = torch.zeros(1, 4, 8, 8)
+    >>> bool(torch.equal(op.apply(z, Site(2, 2)), op.apply(z, Site(2, 2))))
+    True
+    >>> op.name
+    'noise:0.5'
+    """
+
+    sigma: float
+    std: Any = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        sigma = _finite(self.sigma, "Noise sigma")
+        if sigma < 0:
+            raise PerturbError(f"Noise sigma must be >= 0, got {sigma}")
+        std = _per_channel(self.std, "Noise std")
+        if min(std if isinstance(std, tuple) else (std,)) < 0:
+            raise PerturbError("Noise std must be >= 0 in every channel")
+        try:
+            object.__setattr__(self, "seed", operator.index(self.seed))
+        except TypeError:
+            raise PerturbError(f"Noise seed must be an int, got {self.seed!r}") from None
+        object.__setattr__(self, "sigma", sigma)
+        object.__setattr__(self, "std", std)
+
+    @property
+    def name(self) -> str:
+        return f"noise:{_fmt(self.sigma)}"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        parts = [self.seed, site.row, site.col, site.size, site.channel, index] + ([stream] if stream else [])
+        gen = torch.Generator(device="cpu").manual_seed(_stable_seed(*parts))
+        draw = torch.randn(tuple(patch.shape), generator=gen, dtype=torch.float32)
+        scale = _channel_values(self.std, z, box, "the noise std") * self.sigma
+        return patch + draw.to(device=patch.device, dtype=patch.dtype) * scale
+
+
+@dataclass(frozen=True)
+class Scale(Operator):
+    """Multiply the site by ``factor``.
+
+    >>> Scale(2).apply(torch.ones(1, 1, 1, 2), Site(0, 1)).flatten().tolist()
+    [1.0, 2.0]
+    """
+
+    factor: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "factor", _finite(self.factor, "Scale factor"))
+
+    @property
+    def name(self) -> str:
+        return f"scale:{_fmt(self.factor)}"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        return patch * self.factor
+
+
+@dataclass(frozen=True, eq=False)
+class Swap(Operator):
+    """Take the values of ``other`` (another image's latent, same shape ``[1, C, h, w]``) at the site.
+
+    >>> Swap(torch.full((1, 1, 1, 2), 7.0)).apply(torch.zeros(1, 1, 1, 2), Site(0, 0)).flatten().tolist()
+    [7.0, 0.0]
+    """
+
+    other: torch.Tensor = field(repr=False)
+
+    def __post_init__(self):
+        _check_latent(self.other)
+
+    @property
+    def name(self) -> str:
+        return "swap"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        if self.other.shape != z.shape:
+            raise PerturbError(f"swap partner has shape {tuple(self.other.shape)} but the latent has "
+                               f"{tuple(z.shape)}; encode both images at the same size")
+        return self.other[0][box].to(device=patch.device, dtype=patch.dtype).clone()
+
+
+@dataclass(frozen=True)
+class Smudge(Operator):
+    """Replace the site by the per-channel mean of the ring of cells just around it (the 8 neighbours of a
+    single cell; only cells inside the latent count, so a corner cell uses 3).
+
+    >>> z = torch.tensor([[[[9.0, 2.0, 0.0], [4.0, 6.0, 0.0], [0.0, 0.0, 0.0]]]])
+    >>> Smudge().apply(z, Site(0, 0))[0, 0].tolist()  # corner: mean of 2, 4 and 6
+    [[4.0, 2.0, 0.0], [4.0, 6.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+
+    @property
+    def name(self) -> str:
+        return "smudge"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        h, w = z.shape[-2:]
+        chans, rows, cols = box
+        o_r0, o_r1 = max(rows.start - 1, 0), min(rows.stop + 1, h)
+        o_c0, o_c1 = max(cols.start - 1, 0), min(cols.stop + 1, w)
+        count = (o_r1 - o_r0) * (o_c1 - o_c0) - (rows.stop - rows.start) * (cols.stop - cols.start)
+        if count == 0:
+            raise PerturbError("smudge needs at least one cell around the site, but the site covers the whole "
+                               "latent; use a smaller size")
+        plane = z[0][chans].to(torch.float64)
+        ring = plane[:, o_r0:o_r1, o_c0:o_c1].sum((1, 2)) - plane[:, rows, cols].sum((1, 2))
+        mean = (ring / count).to(patch.dtype).reshape(-1, 1, 1)
+        return mean.expand_as(patch).clone()
+
+
+@dataclass(frozen=True, init=False, eq=False)
+class Compose(Operator):
+    """Apply several operators in order to the same site (nested compositions are flattened).
+
+    Two noise operators in one composition draw independent noise (the position is part of the seed after
+    the first operator).
+
+    >>> op = Compose(Scale(0.5), Fill(1.0))
+    >>> op.name, op.apply(torch.full((1, 1, 1, 1), 4.0), Site(0, 0)).item()
+    ('scale:0.5+fill:1', 1.0)
+    >>> (Fill(1.0) + Scale(0.5)).apply(torch.full((1, 1, 1, 1), 4.0), Site(0, 0)).item()
+    0.5
+    """
+
+    ops: tuple[Operator, ...]
+
+    def __init__(self, *ops: Operator):
+        flat: list[Operator] = []
+        for op in ops:
+            if isinstance(op, Compose):
+                flat.extend(op.ops)
+            elif isinstance(op, Operator):
+                flat.append(op)
+            else:
+                raise PerturbError(f"Compose takes operators, got {op!r}")
+        if not flat:
+            raise PerturbError("Compose needs at least one operator")
+        object.__setattr__(self, "ops", tuple(flat))
+
+    def __eq__(self, other):
+        return isinstance(other, Compose) and len(self.ops) == len(other.ops) and all(
+            a == b for a, b in zip(self.ops, other.ops))
+
+    def __hash__(self):
+        return hash(self.ops)
+
+    @property
+    def name(self) -> str:
+        return "+".join(op.name for op in self.ops)
+
+    def _edit(self, patch, z, site, box, index, stream):
+        for i, op in enumerate(self.ops):
+            patch = op._edit(patch, z, site, box, index, i)
+        return patch
+
+
+# -- batches and parsing --------------------------------------------------------------------------------------
+
+def apply_batch(z: torch.Tensor, sites: Sequence[Site], op: Operator,
+                index: int | Sequence[int] = 0) -> torch.Tensor:
+    """One perturbed copy of ``z`` ``[1, C, h, w]`` per site, as ``[N, C, h, w]`` (row ``i`` equals
+    ``op.apply(z, sites[i], index=index[i])``). ``index`` is one int for all sites or one per site.
+
+    >>> out = apply_batch(torch.ones(1, 1, 2, 2), [Site(0, 0), Site(1, 1)], Zero())
+    >>> out[:, 0].tolist()
+    [[[0.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]]]
+    """
+    _check_latent(z)
+    if not isinstance(op, Operator):
+        raise PerturbError(f"expected an operator, got {op!r}; build one with parse_operator('zero')")
+    sites = list(sites)
+    indices = [index] * len(sites) if isinstance(index, int) else list(index)
+    if len(indices) != len(sites):
+        raise PerturbError(f"got {len(indices)} indices for {len(sites)} sites; pass one int or one per site")
+    out = z.repeat(len(sites), 1, 1, 1)
+    for i, (site, idx) in enumerate(zip(sites, indices)):
+        box = _check_site(z, site)
+        out[i][box] = op._edit(z[0][box], z, site, box, idx, 0)
+    return out
+
+
+OPERATORS = ("zero", "mean", "fill:V", "noise:SIGMA", "scale:F", "swap", "smudge")
+"""The operator forms :func:`parse_operator` accepts (join several with ``+``)."""
+
+
+def _stat(stats: Any, key: str) -> Any:
+    """``stats[key]`` / ``stats["channel_" + key]`` for a mapping (e.g. a LatentStats summary) or the attribute
+    ``key`` of an object; ``None`` if absent."""
+    if stats is None:
+        return None
+    if isinstance(stats, dict):
+        for k in (key, f"channel_{key}"):
+            if stats.get(k) is not None:
+                return stats[k]
+        return None
+    return getattr(stats, key, None)
+
+
+def parse_operator(spec: str, *, stats: Any = None, other: torch.Tensor | None = None, seed: int = 0) -> Operator:
+    """Build an operator from its text form (see :data:`OPERATORS`); ``name`` gives the same text back.
+
+    ``stats`` holds per-channel latent statistics (a mapping with ``mean``/``std`` or ``channel_mean``/
+    ``channel_std``, or an object with ``mean``/``std`` attributes): ``mean`` needs the mean, and ``noise``
+    uses the std when present (otherwise sigma is in raw latent units). ``swap`` needs ``other``, the partner
+    latent. ``seed`` seeds every noise operator.
+
+    >>> op = parse_operator("scale:0.5+noise:0.1")
+    >>> op.name
+    'scale:0.5+noise:0.1'
+    >>> parse_operator(op.name) == op
+    True
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise PerturbError(f"empty operator spec {spec!r}; use one of {', '.join(OPERATORS)}")
+    ops: list[Operator] = []
+    for part in spec.split("+"):
+        word, sep, arg = part.strip().lower().partition(":")
+        word, arg = word.strip(), arg.strip()
+        if not word:
+            raise PerturbError(f"empty operator in {spec!r}; join operators with a single '+', e.g. "
+                               f"'scale:0.5+noise:0.1'")
+        takes_arg = word in ("fill", "noise", "scale")
+        if word not in ("zero", "mean", "swap", "smudge") and not takes_arg:
+            raise PerturbError(f"unknown operator {word!r} in {spec!r}; use one of {', '.join(OPERATORS)}")
+        if takes_arg and not arg:
+            example = {"fill": "fill:0", "noise": "noise:0.5", "scale": "scale:2"}[word]
+            raise PerturbError(f"operator {word!r} needs a number, e.g. {example!r}")
+        if not takes_arg and sep:
+            raise PerturbError(f"operator {word!r} takes no argument; write {word!r} instead of {part.strip()!r}")
+        if takes_arg:
+            try:
+                number = float(arg)
+            except ValueError:
+                raise PerturbError(f"{word}:{arg}: {arg!r} is not a number") from None
+            if word == "fill":
+                ops.append(Fill(number))
+            elif word == "scale":
+                ops.append(Scale(number))
+            else:
+                std = _stat(stats, "std")
+                ops.append(Noise(number, 1.0 if std is None else std, seed=seed))
+        elif word == "zero":
+            ops.append(Zero())
+        elif word == "smudge":
+            ops.append(Smudge())
+        elif word == "mean":
+            mean = _stat(stats, "mean")
+            if mean is None:
+                raise PerturbError("operator 'mean' needs the per-channel latent mean of the dataset, but no "
+                                   "statistics were given; pass stats (e.g. a LatentStats summary) or use 'zero'")
+            ops.append(Fill.from_stats(mean))
+        else:  # swap
+            if other is None:
+                raise PerturbError("operator 'swap' needs the latent of a second image to take values from; "
+                                   "pass other (a [1, C, h, w] latent)")
+            ops.append(Swap(other))
+    return ops[0] if len(ops) == 1 else Compose(*ops)

@@ -1,0 +1,283 @@
+"""Perturbation scans: perturb latent positions, decode, measure how far the change spreads.
+
+Three modes, all returning a pandas table with one row per scanned position:
+
+- :func:`exact_scan`: one decode per position (batched), every measure of :mod:`vaeprobe.probes.response`, and the
+  global-effect ratio (the position's far-field energy over the median scanned position's);
+- :func:`linear_scan`: the sensitivity of every position from randomised vector-Jacobian products
+  (:mod:`vaeprobe.probes.linear`); its cost does not grow with the number of positions;
+- :func:`two_stage_scan`: candidates from the latent statistics and the linearised far-field map, exact ablation
+  of those plus a random control sample whose median is the reference for the global-effect ratio.
+
+:func:`run_scan` runs one of them over a stream of images into a resumable run directory
+(``vaeprobe scan``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vaeprobe.errors import VaeprobeError
+from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
+from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
+
+DEFAULT_GLOBAL_THRESHOLD = 1000.0
+"""A position has a global effect when its far-field energy is at least this many times the median position's
+(see docs/scan.md for the data behind it)."""
+
+MODES = ("exact", "linear", "two-stage")
+
+
+class ScanError(VaeprobeError, ValueError):
+    pass
+
+
+# -- choosing positions ------------------------------------------------------------------------------------------
+
+def select_sites(spec: str | Sequence[tuple[int, int]], shape: tuple[int, int], norm: torch.Tensor | None = None,
+                 size: int = 1, channel: int | None = None) -> list[Site]:
+    """Positions to scan on an ``h x w`` latent: ``"all"``, ``"grid:S"`` (every S-th row and column, starting at
+    S // 2), ``"top:K"`` (the K largest latent norms; needs ``norm``), ``"list:R,C;R,C"`` or a list of pairs.
+
+    >>> [(s.row, s.col) for s in select_sites("grid:2", (4, 4))]
+    [(1, 1), (1, 3), (3, 1), (3, 3)]
+    >>> [(s.row, s.col) for s in select_sites("list:0,1;2,2", (4, 4))]
+    [(0, 1), (2, 2)]
+    """
+    h, w = shape
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            cells = [(r, c) for r in range(h) for c in range(w)]
+        elif (m := re.fullmatch(r"grid:(\d+)", s)):
+            step = int(m.group(1))
+            if step < 1:
+                raise ScanError(f"grid step must be >= 1, got {step}")
+            cells = [(r, c) for r in range(step // 2, h, step) for c in range(step // 2, w, step)]
+        elif (m := re.fullmatch(r"top:(\d+)", s)):
+            if norm is None:
+                raise ScanError("top:K needs the latent norm map")
+            k = min(int(m.group(1)), h * w)
+            idx = torch.topk(norm.flatten(), k).indices.tolist()
+            cells = [(i // w, i % w) for i in idx]
+        elif s.startswith("list:"):
+            try:
+                cells = [tuple(int(v) for v in part.split(",")) for part in s[5:].split(";") if part]
+            except ValueError:
+                raise ScanError(f"bad position list {spec!r}; write list:ROW,COL;ROW,COL") from None
+        else:
+            raise ScanError(f"unknown positions {spec!r}; use all, grid:S, top:K or list:R,C;R,C")
+    else:
+        cells = [tuple(int(v) for v in p) for p in spec]
+    for cell in cells:
+        if len(cell) != 2 or not (0 <= cell[0] < h and 0 <= cell[1] < w):
+            raise ScanError(f"position {cell} is outside the {h}x{w} latent")
+    return [Site(r, c, size=size, channel=channel) for r, c in cells]
+
+
+# -- exact -------------------------------------------------------------------------------------------------------
+
+class KeptDecodes:
+    """The ``k`` perturbed decodes with the largest score (far-field energy) seen so far, for figures and reports.
+
+    >>> keep = KeptDecodes(2)
+    >>> for score, cell in ((1.0, (0, 0)), (3.0, (0, 1)), (2.0, (1, 1))):
+    ...     keep.offer(score, cell, torch.zeros(3, 8, 8))
+    >>> [cell for cell, _ in keep.items()]
+    [(0, 1), (1, 1)]
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self._items: list[tuple[float, tuple[int, int], torch.Tensor]] = []
+
+    def offer(self, score: float, cell: tuple[int, int], image: torch.Tensor) -> None:
+        if self.k <= 0 or not math.isfinite(score):
+            return
+        self._items.append((float(score), cell, image.detach().float().cpu().clone()))
+        self._items.sort(key=lambda t: -t[0])
+        del self._items[self.k:]
+
+    def items(self) -> list[tuple[tuple[int, int], torch.Tensor]]:
+        """``[(cell, image [3, H, W]), ...]``, the largest score first."""
+        return [(cell, img) for _, cell, img in self._items]
+
+
+@dataclass
+class ScanCost:
+    decodes: int = 0          # perturbed images decoded (the reference decode not included)
+    decode_calls: int = 0     # batched decoder calls
+    backward: int = 0         # backward passes (linearised map)
+    seconds: float = 0.0
+
+
+def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero",
+               measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
+               ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False,
+               cost: ScanCost | None = None, keep: "KeptDecodes | None" = None, field=None) -> pd.DataFrame:
+    """Perturb each site of latent ``z`` ``[1, C, h, w]`` with ``op``, decode ``batch`` at a time, measure.
+
+    With ``field`` (a :class:`vaeprobe.probes.verdict.ReceptiveField` of this latent) and the ``zero`` operator on
+    single whole cells, the rows also get the verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
+
+    Returns one row per site: ``row, col, size, channel, op``, every measure, and ``global_ratio`` (``far_l2`` over
+    the median ``far_l2`` of the scanned sites; meaningful when the sites are a fair sample, e.g. ``all``).
+    Decoding runs in the VAE's dtype; differences are taken in float32.
+
+    >>> from vaeprobe.models.adapter import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.zeros(1, 3, 32, 32)).mean
+    >>> df = exact_scan(vae, z, select_sites("all", (4, 4)))
+    >>> len(df), bool((df.far_fraction >= 0).all())
+    (16, True)
+    """
+    if isinstance(op, str):
+        op = parse_operator(op)
+    t0 = time.perf_counter()
+    if ref is None:
+        ref = vae.decode(z)
+    rows: list[dict] = []
+    from tqdm import tqdm
+
+    profiles = field is not None and op.name == "zero" and all(s.size == 1 and s.channel is None for s in sites)
+    if profiles:
+        from vaeprobe.probes.verdict import profile_columns
+
+        norm = z[0].float().norm(dim=0)
+        med = float(norm.median().clamp_min(1e-12))
+
+    bar = tqdm(total=len(sites), desc="positions", unit="pos", file=sys.stderr, disable=not progress, leave=False)
+    for start in range(0, len(sites), batch):
+        chunk = list(sites[start:start + batch])
+        zz = apply_batch(z, chunk, op)
+        dec = vae.decode(zz)
+        values = measure(ref, dec, chunk, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
+        if profiles:
+            dz2 = (zz.float() - z.float()).pow(2).flatten(1).sum(1).tolist()
+            ratio = [float(norm[s.row, s.col]) / med for s in chunk]
+            extra = profile_columns(dec.float() - ref.float(), chunk, vae.factor, field, dz2, ratio)
+            values = [{**v, **x} for v, x in zip(values, extra)]
+        for k, (site, v) in enumerate(zip(chunk, values)):
+            rows.append({"row": site.row, "col": site.col, "size": site.size,
+                         "channel": -1 if site.channel is None else site.channel, "op": op.name, **v})
+            if keep is not None:
+                keep.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), dec[k])
+        if cost is not None:
+            cost.decodes += len(chunk)
+            cost.decode_calls += 1
+        bar.update(len(chunk))
+    bar.close()
+    df = pd.DataFrame(rows)
+    if "far_l2" in df and len(df):
+        df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
+    if cost is not None:
+        cost.seconds += time.perf_counter() - t0
+    return df
+
+
+# -- linearised --------------------------------------------------------------------------------------------------
+
+def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = DEFAULT_RADIUS,
+                blocks: tuple[int, int] = (2, 2), far_probes: int = 8, seed: int = 0,
+                cost: ScanCost | None = None, shrink: bool = True) -> pd.DataFrame:
+    """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image, ``n_probes`` probes) and,
+    when ``radius`` is given, ``far_sensitivity`` (the far field relative to each position's block, ``far_probes``
+    probes per block; see :func:`vaeprobe.probes.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far
+    sensitivity over its median. ``n_probes=0`` skips the whole-image map. ``sensitivity`` is the whole-image map
+    after :func:`vaeprobe.probes.linear.shrink_map` (``shrink=False``: not shrunk); ``sensitivity_raw`` is the unbiased
+    map and ``sensitivity_rel_se`` its relative standard error per cell. 32 probes keep the whole-image map within
+    the 40-decode budget of the benchmark (one backward pass costs about one decode there); docs/scan.md has its
+    agreement with exact Jacobian norms."""
+    from vaeprobe.probes.linear import sensitivity_map, shrink_map
+
+    t0 = time.perf_counter()
+    h, w = z.shape[-2:]
+    rows, cols = np.divmod(np.arange(h * w), w)
+    df = pd.DataFrame({"row": rows, "col": cols})
+    n_back = 0
+    if n_probes:
+        total = sensitivity_map(vae, z, n_probes=n_probes, radius=None, seed=seed)
+        df["sensitivity_raw"] = total.map.flatten().numpy()
+        df["sensitivity_rel_se"] = total.rel_se.flatten().numpy()
+        if shrink and n_probes >= 2 and bool((total.map > 0).all()):
+            total = shrink_map(total)
+        df["sensitivity"] = total.map.flatten().numpy()
+        n_back += total.n_backward
+    if radius is not None and far_probes:
+        far = sensitivity_map(vae, z, n_probes=far_probes, radius=radius, blocks=blocks, seed=seed + 1)
+        df["far_sensitivity"] = far.map.flatten().numpy()
+        med = float(np.median(df["far_sensitivity"]))
+        df["far_ratio"] = df["far_sensitivity"] / med if med > 0 else np.nan
+        n_back += far.n_backward
+    if cost is not None:
+        cost.backward += n_back
+        cost.seconds += time.perf_counter() - t0
+    return df
+
+
+# -- two-stage ---------------------------------------------------------------------------------------------------
+
+def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torch.Tensor | None = None,
+                   n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
+                   radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
+                   measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
+                   lpips_model=None, cost: ScanCost | None = None, keep: KeptDecodes | None = None,
+                   field=None) -> pd.DataFrame:
+    """Exact ablation of a few candidates and a random control sample (``field``: see :func:`exact_scan`).
+
+    Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
+    the ``n_linear`` largest linearised far-field sensitivities (``n_probes`` probes per block; skipped when
+    ``n_linear`` is 0). Controls: ``n_control`` other positions drawn at random (seeded). ``global_ratio`` is
+    each position's far-field energy over the median of the controls. Column ``stage``: ``norm``, ``linear``,
+    ``norm+linear`` or ``control``.
+
+    A decoder that autograd cannot go through (:class:`~vaeprobe.probes.linear.NotDifferentiableError`) has no linear
+    map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls, and
+    ``df.attrs["linear_fallback"]`` holds the reason (absent otherwise).
+    """
+    from vaeprobe.probes.linear import NotDifferentiableError
+
+    h, w = z.shape[-2:]
+    if norm is None:
+        norm = z[0].norm(dim=0)
+    by_lin: list[int] = []
+    fallback = None
+    if n_linear:
+        try:
+            lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed,
+                              cost=cost)
+            by_lin = lin["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
+        except NotDifferentiableError as exc:
+            fallback = str(exc)
+            n_norm, n_control = n_norm + n_linear, 2 * n_control
+    by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
+    stage = {}
+    for i in by_norm:
+        stage[i] = "norm"
+    for i in by_lin:
+        stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
+    rest = [i for i in range(h * w) if i not in stage]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(rest), generator=g)[:n_control].tolist()
+    for j in pick:
+        stage[rest[j]] = "control"
+    order = list(stage)
+    sites = [Site(i // w, i % w) for i in order]
+    df = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
+                    lpips_model=lpips_model, cost=cost, keep=keep, field=field)
+    df["stage"] = [stage[i] for i in order]
+    ctrl = df.loc[df.stage == "control", "far_l2"].to_numpy()
+    med = float(np.nanmedian(ctrl)) if len(ctrl) else float("nan")
+    df["global_ratio"] = df["far_l2"] / med if med > 0 else np.nan
+    if fallback is not None:
+        df.attrs["linear_fallback"] = fallback
+    return df

@@ -1,0 +1,578 @@
+"""Reports: one self-contained HTML file, a Markdown summary and the data tables, from one or more run directories.
+
+``build_report(["runs/latents", "runs/scan", "runs/mechanism"], out="runs/report")`` reads the run directories
+written by ``vaeprobe latents``, ``scan`` and ``mechanism`` (any subset, any number of models) and writes
+
+- ``report.html``: headline figures; per model the dataset summaries (spot rate, spot-location histogram, norm
+  ratio and global-effect distributions, pathway shares) and per image a card: input, reconstruction, latent maps
+  with the spots marked, the global-effect heatmap of the scan (click a cell: its measures and, where the scan
+  kept them, its perturbed decode and difference image), the strongest positions before / after / difference,
+  the mechanism shares; the runs' commands, settings, package versions and durations. Images are embedded as
+  data URIs and the script is inline: the file opens offline, anywhere, and a Content-Security-Policy forbids
+  it to load anything. Every string that comes from the user (file names, model specs, settings) is escaped.
+- ``report.md``: the headline figures, each with the run directory it came from, and the summaries.
+- ``report.json``: the same figures, machine-readable; ``tables/*.csv``: the runs' tables.
+
+Nothing in the report is fixed text about results: every figure is read from the run directories.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from vaeprobe._io import write_text_atomic
+from vaeprobe.errors import VaeprobeError
+
+JOBS = ("latents", "scan", "mechanism", "pipeline")
+BLANK = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw=="
+
+
+class ReportError(VaeprobeError, ValueError):
+    """A run directory the report cannot read (the message says which and why)."""
+
+
+@dataclass
+class Run:
+    """One run directory: its job, config, summary, ``run.json`` and the per-image metadata by image name."""
+
+    path: Path
+    job: str
+    config: dict
+    summary: dict
+    info: dict = field(default_factory=dict)
+    metas: dict = field(default_factory=dict)   # image name -> (key, meta)
+
+    @property
+    def spec(self) -> str:
+        if self.job == "pipeline":
+            return str(self.config.get("model", {}).get("spec", "?"))
+        return str(self.config.get("vae", {}).get("spec", "?"))
+
+    def table(self, name: str) -> pd.DataFrame:
+        p = self.path / name
+        return pd.read_parquet(p) if p.exists() else pd.DataFrame()
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a finished run directory (``config.json`` and ``summary.json`` must be there)."""
+    path = Path(path)
+    cfg, summ = path / "config.json", path / "summary.json"
+    if not cfg.exists():
+        raise ReportError(f"{path} is not a vaeprobe run directory (no config.json); pass the --out of "
+                          f"vaeprobe latents, scan or mechanism")
+    config = json.loads(cfg.read_text())
+    job = config.get("job")
+    if job not in JOBS:
+        raise ReportError(f"{path}: job {job!r} has no report section; reports cover {', '.join(JOBS)}")
+    if not summ.exists():
+        raise ReportError(f"{path}: the run has not finished (no summary.json); rerun it with --resume first")
+    info_path = path / "run.json"
+    run = Run(path, job, config, json.loads(summ.read_text()),
+              json.loads(info_path.read_text()) if info_path.exists() else {})
+    for meta_file in sorted((path / "parts").glob("*.json")):
+        meta = json.loads(meta_file.read_text())
+        run.metas.setdefault(str(meta.get("image")), (meta_file.stem, meta))
+    return run
+
+
+# -- small helpers ---------------------------------------------------------------------------------------------
+
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+THUMB_SIDE = 256  # embedded images are at most this many pixels on a side
+
+
+def _file_uri(path: Path, max_side: int = THUMB_SIDE) -> str | None:
+    """A JPEG data URI of the image at ``path`` (downscaled to ``max_side``); ``None`` if it does not exist."""
+    if not path.exists():
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fig_uri(fig, plt) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return _uri(buf.getvalue())
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.{digits}g}"
+        s = f"{v:.{digits}f}"
+        return s.rstrip("0").rstrip(".") if "." in s else s
+    return str(v)
+
+
+def _json_script(obj: Any) -> str:
+    """JSON safe to place inside ``<script type="application/json">`` (no ``<``, ``>`` or ``&`` characters)."""
+    return (json.dumps(obj, allow_nan=False, default=str)
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def md_escape(s: Any) -> str:
+    """Escape a user string for Markdown: HTML-escaped and with Markdown's special characters backslashed."""
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", html.escape(str(s), quote=False))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _hist_uri(values: np.ndarray, title: str, xlabel: str, log: bool = True) -> str | None:
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values) & (values > 0)] if log else values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    ax.hist(np.log10(values) if log else values, bins=min(30, max(5, values.size)), color="#a33")
+    ax.set_xlabel(("log10 " if log else "") + xlabel, fontsize=8)
+    ax.set_ylabel("images", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return _fig_uri(fig, plt)
+
+
+def _grid_uri(grid: np.ndarray, title: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.2, 2.8))
+    im = ax.imshow(grid, cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    return _fig_uri(fig, plt)
+
+
+def _colour(value: float, vmax: float) -> str:
+    from matplotlib import colormaps
+
+    t = 0.0 if not np.isfinite(value) else min(1.0, max(0.0, value / vmax))
+    r, g, b, _ = colormaps["magma"](t)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+
+# -- sections --------------------------------------------------------------------------------------------------
+
+def _headlines_and_summary(run: Run) -> tuple[list[dict], dict]:
+    s, heads = run.summary, []
+
+    def head(what: str, value: str) -> None:
+        heads.append({"model": run.spec, "job": run.job, "what": what, "value": value, "run": str(run.path)})
+
+    figures, table = [], []
+    if run.job == "latents":
+        images = run.table("images.parquet")
+        n = int(s.get("n_images", 0))
+        head("spot rate (images with a detected spot)", f"{_fmt(s.get('spot_rate'))} ({s.get('n_spot_images', 0)}/{n})")
+        if "norm_ratio_max" in images:
+            head("median over images of the largest norm / median norm", _fmt(images.norm_ratio_max.median()))
+            uri = _hist_uri(images.norm_ratio_max, "largest latent norm / median, per image", "ratio")
+            if uri:
+                figures.append({"src": uri, "caption": "norm-ratio distribution", "width": 288})
+        grid = s.get("spot_locations_8x8")
+        if grid is not None and np.asarray(grid).sum() > 0:
+            figures.append({"src": _grid_uri(np.asarray(grid, float), "spot locations (8x8 bins of the latent)"),
+                            "caption": "spot-location histogram", "width": 256})
+        table = [("images", n), ("spot rate", _fmt(s.get("spot_rate"))), ("threshold", _fmt(s.get("threshold"))),
+                 ("suggested shift_factor / scaling_factor",
+                  f"{_fmt(s.get('shift_factor'))} / {_fmt(s.get('scaling_factor'))}"),
+                 ("the same without spots", f"{_fmt(s.get('shift_factor_ordinary'))} / "
+                                            f"{_fmt(s.get('scaling_factor_ordinary'))}"),
+                 ("skipped inputs", len(s.get("skipped", [])))]
+        title = "Latent diagnostics"
+    elif run.job == "scan":
+        images = run.table("images.parquet")
+        n = int(s.get("n_images", 0))
+        rate = s.get("global_rate")
+        if rate is not None and rate == rate:
+            n_glob = int(round(rate * n)) if n else 0
+            head("images with a global cell (verdict global or global-information)",
+                 f"{n_glob}/{n} ({s.get('mode')}, {s.get('op')})")
+        else:
+            head("images with a global cell", f"no verdict ({s.get('mode')} mode has no calibrated rule)")
+        counts = s.get("verdicts") or {}
+        if counts:
+            head("cell verdicts", ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+        if "top_ratio" in images and len(images):
+            head("median over images of the largest global-effect ratio", _fmt(images.top_ratio.median()))
+            uri = _hist_uri(images.top_ratio, "largest global-effect ratio, per image", "ratio")
+            if uri:
+                figures.append({"src": uri, "caption": "global-effect ratio distribution", "width": 288})
+        table = [("mode", s.get("mode")), ("operator", s.get("op")), ("images", n),
+                 ("global rate (verdicts)", _fmt(s.get("global_rate"))), ("decodes", s.get("decodes")),
+                 ("seconds", _fmt(s.get("seconds"), 1)), ("skipped inputs", len(s.get("skipped", [])))]
+        title = "Perturbation scan"
+    elif run.job == "pipeline":
+        n = int(s.get("n_samples", 0))
+        head("samples with a spot in the final latent (x0 norm / median >= threshold)",
+             f"{int(round((s.get('final_spot_rate') or 0) * n))}/{n}; emerged and stayed in {s.get('emerged')}"
+             + (f", median step {_fmt(s.get('median_emergence_step'))} of {s.get('steps')}"
+                if s.get("median_emergence_step") is not None else ""))
+        for v in s.get("vaes", []):
+            heads.append({"model": str(v.get("vae")), "job": run.job,
+                          "what": "ablating the final latent's strongest cell: median global-effect ratio "
+                                  "(far field vs random cells)",
+                          "value": f"{_fmt(v.get('median_spot_global_ratio'))} (beats every control in "
+                                   f"{v.get('spot_beats_every_control')})", "run": str(run.path)})
+        uri = _file_uri(run.path / "figures" / "emergence.png", 1024)
+        if uri:
+            figures.append({"src": uri, "caption": "spot emergence over the denoising steps", "width": 480})
+        table = [("pipeline", run.config.get("model", {}).get("class")),
+                 ("scheduler", run.config.get("model", {}).get("scheduler")),
+                 ("prompts x seeds", f"{s.get('n_prompts')} x {len(s.get('seeds', []))}"), ("steps", s.get("steps")),
+                 ("guidance", run.config.get("guidance")), ("operator", run.config.get("op")),
+                 ("dtype (pipeline / measured decodes)", f"{run.config.get('dtype')} / {run.config.get('vae_dtype')}")]
+        for v in s.get("vaes", []):
+            table.append((f"VAE {v.get('vae')}", (f"swap LPIPS {_fmt(v.get('mean_swap_lpips'))}, mean luma shift "
+                                                  f"{_fmt(v.get('mean_swap_d_luma'))}") if v.get("compatible")
+                          else str(v.get("compatibility"))))
+        table.append(("seconds", _fmt(s.get("seconds"), 1)))
+        title = "Diffusion pipeline (emergence, interventions, VAE swap)"
+    else:
+        dom = s.get("dominant", {})
+        head("dominant pathway at the attributed positions",
+             ", ".join(f"{k} {v}" for k, v in sorted(dom.items(), key=lambda kv: -kv[1])) or "none")
+        shares = s.get("median_shares", {})
+        table = [("positions", s.get("positions")), ("attention frozen by", s.get("attention")),
+                 ("operator", s.get("op"))] + [(f"median share: {k}", _fmt(v)) for k, v in shares.items()] + \
+                [("decodes", s.get("decodes")), ("seconds", _fmt(s.get("seconds"), 1))]
+        title = "Mechanism (pathway attribution)"
+    return heads, {"title": f"{title} — run {run.path}", "table": [(k, _fmt(v)) for k, v in table],
+                   "figures": figures}
+
+
+SCAN_MEASURES = ("verdict", "norm_ratio", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope",
+                 "matched_ratio", "transplant_ratio", "frozen_removed", "global_ratio", "far_ratio", "far_l2",
+                 "far_fraction", "radius90", "far_dy", "l2", "psnr", "far_sensitivity", "stage")
+VERDICT_EVIDENCE = ("norm_ratio", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope", "matched_ratio",
+                    "transplant_ratio", "frozen_removed")
+
+
+def _profile_uri(profiles: dict, erf: float, verdicts: dict) -> str | None:
+    """Distance profiles (mean change energy per pixel against distance in cells), each divided by its value at
+    distance 0, for the evidence cells and the image's ordinary reference cells."""
+    cells = profiles.get("cells") or {}
+    ref = np.asarray(profiles.get("reference") or [], float)
+    if not cells or ref.size == 0:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+
+    def norm(p):
+        p = np.asarray(p, float)
+        return p / p[0] if p.size and p[0] > 0 else p
+
+    ax.plot(np.arange(ref.size), norm(ref), "k--", lw=1.2, label="ordinary cells (median)")
+    for key, prof in list(cells.items())[:6]:
+        ax.plot(np.arange(len(prof)), norm(prof), marker=".", lw=1, label=f"({key}) {verdicts.get(key, '')}")
+    if erf == erf:
+        ax.axvline(erf, color="#888", lw=0.8, ls=":", label="receptive field")
+    ax.set_yscale("log")
+    ax.set_xlabel("distance from the cell (latent cells)", fontsize=8)
+    ax.set_ylabel("energy / energy at the cell", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _fig_uri(fig, plt)
+
+
+def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -> None:
+    folder = run.path / "images" / key
+    front = [{"src": uri, "caption": caption, "width": 192}
+             for name, caption in (("input.png", "input"), ("recon.png", "reconstruction"))
+             if (uri := _file_uri(folder / name))]
+    card["figures"][:0] = front
+    card["op"] = str(run.config.get("op", "perturbed"))
+    if "verdict" in rows and rows.verdict.notna().any():
+        unusual = rows[rows.verdict != "ordinary"].sort_values("far_rel", ascending=False, na_position="last")
+        for r in unusual.head(8).itertuples(index=False):
+            card["verdicts"].append({"row": int(r.row), "col": int(r.col), "verdict": str(r.verdict),
+                                     "values": [_fmt(getattr(r, k, None)) for k in VERDICT_EVIDENCE]})
+        card["verdict_counts"] = ", ".join(f"{k} {v}" for k, v in rows.verdict.value_counts().items())
+        profiles = meta.get("profiles") or {}
+        labels = {f"{int(r.row)},{int(r.col)}": str(r.verdict) for r in rows.itertuples(index=False)}
+        uri = _profile_uri(profiles, float(meta.get("erf", math.nan)), labels)
+        if uri:
+            card["figures"].append({"src": uri, "caption": "distance profiles of the unusual cells", "width": 336})
+    h, w = int(meta.get("h", 0)), int(meta.get("w", 0))
+    score = "global_ratio" if "global_ratio" in rows else ("far_ratio" if "far_ratio" in rows else None)
+    if not (h and w and score):
+        return
+    kept = {(int(k["row"]), int(k["col"])): k for k in meta.get("kept", [])}
+    logs = np.log10(np.maximum(rows[score].to_numpy(float), 1e-12))
+    vmax = max(3.0, float(np.nanmax(logs)) if np.isfinite(logs).any() else 3.0)
+    by_cell = {(int(r.row), int(r.col)): (r, lg) for r, lg in zip(rows.itertuples(index=False), logs)}
+    cells, data = [], {"cells": {}, "blank": BLANK}
+    for r in range(h):
+        for c in range(w):
+            if (r, c) in by_cell:
+                row, lg = by_cell[(r, c)]
+                cells.append({"r": r, "c": c, "fill": _colour(lg, vmax), "label": f"ratio {_fmt(getattr(row, score))}"})
+                entry = {"measures": {m: _fmt(getattr(row, m)) for m in SCAN_MEASURES if hasattr(row, m)}}
+                if (r, c) in kept:
+                    entry.update(after=_file_uri(folder / f"r{r}_c{c}.png"),
+                                 diff=_file_uri(folder / f"r{r}_c{c}_diff.png"), gain=_fmt(kept[(r, c)]["gain"], 1))
+                data["cells"][f"{r},{c}"] = entry
+            else:
+                cells.append({"r": r, "c": c, "fill": "#cccccc", "label": "not scanned"})
+    scale = max(8, min(24, 320 // max(h, w)))
+    card["heat"] = {"h": h, "w": w, "px_w": w * scale, "px_h": h * scale, "cells": cells, "vmax": _fmt(vmax, 1),
+                    "score": score}
+    card["data_json"] = _json_script(data)
+    recon = _file_uri(folder / "recon.png")
+    strongest = sorted(kept, key=lambda rc: -float(getattr(by_cell[rc][0], score)) if rc in by_cell else 0.0)
+    for r, c in strongest[:3]:
+        row = by_cell.get((r, c))
+        card["strongest"].append({"row": r, "col": c, "before": recon or BLANK,
+                                  "after": _file_uri(folder / f"r{r}_c{c}.png") or BLANK,
+                                  "diff": _file_uri(folder / f"r{r}_c{c}_diff.png") or BLANK,
+                                  "gain": _fmt(kept[(r, c)]["gain"], 1),
+                                  "ratio": _fmt(getattr(row[0], score)) if row else "—"})
+
+
+def _new_card(name: str) -> dict:
+    """An empty per-image card of the report template."""
+    return {"id": 0, "name": name, "figures": [], "heat": None, "data_json": "{}", "strongest": [], "mechanism": [],
+            "thumb": 128, "op": "", "verdicts": [], "verdict_counts": "", "evidence_names": VERDICT_EVIDENCE}
+
+
+def _pipeline_cards(run: Run, model: dict) -> None:
+    """One card per (prompt, seed): each VAE's decode, the final-latent spot ablation and its difference, and the
+    ablations from step k."""
+    vaes = run.config.get("vaes", [])
+    for name, (key, meta) in run.metas.items():
+        label = f"{meta.get('prompt', name)} (seed {meta.get('seed', '?')})"
+        card = model["images"].setdefault(label, _new_card(label))
+        folder = run.path / "images" / key
+        step = meta.get("emergence_step")
+        for k, spec in enumerate(vaes):
+            for suffix, what in (("generated", "generated"), ("final-spot", f"cell ({meta.get('spot_row')}, "
+                                 f"{meta.get('spot_col')}) ablated in the final latent"),
+                                 ("final-spot-diff", "difference (grey: none)")):
+                uri = _file_uri(folder / f"vae{k}-{suffix}.png")
+                if uri:
+                    card["figures"].append({"src": uri, "caption": f"{spec}: {what}", "width": 160})
+            for k_step in run.config.get("ablate_from", []):
+                uri = _file_uri(folder / f"vae{k}-from{k_step}-spot.png")
+                if uri:
+                    card["figures"].append({"src": uri, "caption": f"{spec}: spot ablated from step {k_step} on",
+                                            "width": 160})
+        card["note"] = ((f"Spot emerged at step {step} and stayed" if step is not None else
+                         "No spot in the final x0 prediction") +
+                        f"; final largest norm / median {_fmt(meta.get('final_norm_ratio'))}.")
+
+
+def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+                 title: str = "vaeprobe report") -> dict:
+    """Write ``report.html``, ``report.md``, ``report.json`` and ``tables/`` into ``out`` (default: ``report``
+    beside the first run directory). Returns ``{"html", "markdown", "json", "tables", "headlines"}``.
+
+    >>> import tempfile
+    >>> from vaeprobe.probes.latents import run_latents
+    >>> d = tempfile.mkdtemp()
+    >>> _ = run_latents("builtin:tiny-random", "builtin:photos-heldout", d + "/lat", size=32, progress=False)
+    >>> rep = build_report([d + "/lat"], out=d + "/report")
+    >>> rep["html"].name, rep["headlines"][0]["what"]
+    ('report.html', 'spot rate (images with a detected spot)')
+    """
+    import jinja2
+
+    from . import __version__
+
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(out) if out is not None else Path(run_dirs[0]).parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    headlines, models, tables = [], {}, []
+    order = {"latents": 0, "scan": 1, "mechanism": 2, "pipeline": 3}
+    for run in sorted(runs, key=lambda r: order[r.job]):
+        heads, summary = _headlines_and_summary(run)
+        headlines += heads
+        model = models.setdefault(run.spec, {"spec": run.spec, "summaries": [], "images": {}, "scan_done": set()})
+        model["summaries"].append(summary)
+        main = {"latents": "images.parquet", "scan": "scan.parquet", "mechanism": "mechanism.parquet",
+                "pipeline": "interventions.parquet"}[run.job]
+        frames = {"latents": ("images.parquet", "spots.parquet"), "scan": ("scan.parquet", "images.parquet"),
+                  "mechanism": ("mechanism.parquet", "attention.parquet", "groupnorm.parquet"),
+                  "pipeline": ("emergence.parquet", "interventions.parquet", "swap.parquet",
+                               "compatibility.parquet")}[run.job]
+        for name in frames:
+            df = run.table(name)
+            if len(df):
+                target = out / "tables" / f"{len(tables):02d}-{run.job}-{Path(name).stem}.csv"
+                target.parent.mkdir(exist_ok=True)
+                write_text_atomic(target, df.to_csv(index=False))
+                tables.append(target)
+        table = run.table(main)
+        if run.job == "pipeline":
+            _pipeline_cards(run, model)
+            continue
+        for name, (key, meta) in run.metas.items():
+            card = model["images"].setdefault(name, _new_card(name))
+            if run.job == "latents":
+                maps = sorted((run.path / "maps").glob(f"{key}-*.png"))
+                if maps:
+                    card["figures"].append({"src": _file_uri(maps[0], 1024), "caption": "latent maps (spots circled)",
+                                            "width": 640})
+            elif run.job == "scan" and name not in model["scan_done"]:
+                model["scan_done"].add(name)
+                rows = table[table.image == name] if "image" in table else table.iloc[0:0]
+                _scan_card(run, key, meta, rows, card)
+            elif run.job == "mechanism" and "image" in table:
+                for r in table[table.image == name].itertuples(index=False):
+                    card["mechanism"].append({"row": r.row, "col": r.col, "far": _fmt(r.far_l2_live),
+                                              "gn": _fmt(r.share_groupnorm), "att": _fmt(r.share_attention),
+                                              "res": _fmt(r.share_residual), "inter": _fmt(r.interaction),
+                                              "dominant": r.dominant})
+    counter = 0
+    model_list = []
+    for m in models.values():
+        cards = list(m["images"].values())
+        for c in cards:
+            c["id"] = counter
+            counter += 1
+        model_list.append({"spec": m["spec"], "summaries": m["summaries"], "images": cards})
+    run_rows = [{"path": str(r.path), "job": r.job, "spec": r.spec, "command": r.info.get("command", "—"),
+                 "settings": json.dumps({k: v for k, v in r.config.items() if k != "vae"}, sort_keys=True,
+                                        default=str),
+                 "versions": json.dumps(r.info.get("versions", {}), sort_keys=True),
+                 "finished": r.info.get("finished", "—"), "seconds": r.info.get("seconds", "—")} for r in runs]
+    env = jinja2.Environment(loader=jinja2.PackageLoader("vaeprobe.reports", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
+    generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    page = env.get_template("report.html.j2").render(
+        title=title, generated=generated, version=__version__, runs=run_rows, headlines=headlines,
+        models=model_list, blank=BLANK)
+    html_path, md_path, json_path = out / "report.html", out / "report.md", out / "report.json"
+    write_text_atomic(html_path, page)
+    write_text_atomic(md_path, _markdown(title, generated, headlines, model_list, run_rows))
+    write_text_atomic(json_path, json.dumps({"title": title, "generated": generated, "headlines": headlines,
+                                             "runs": run_rows}, indent=1, default=str))
+    return {"html": html_path, "markdown": md_path, "json": json_path, "tables": tables, "headlines": headlines}
+
+
+def _markdown(title: str, generated: str, headlines: list[dict], models: list[dict], runs: list[dict]) -> str:
+    lines = [f"# {md_escape(title)}", "", f"Generated {generated}. The HTML report beside this file has the images.",
+             "", "## Headline figures", ""]
+    for h in headlines:
+        lines.append(f"- `{h['model'].replace('`', '')}`, {h['job']}: {md_escape(h['what'])}: "
+                     f"**{md_escape(h['value'])}** (run `{h['run'].replace('`', '')}`)")
+    for m in models:
+        lines += ["", f"## Model `{m['spec'].replace('`', '')}`", ""]
+        for s in m["summaries"]:
+            lines += [f"### {md_escape(s['title'])}", "", "| | |", "|---|---|"]
+            lines += [f"| {md_escape(k)} | {md_escape(v)} |" for k, v in s["table"]]
+            lines.append("")
+        mech = [(c["name"], r) for c in m["images"] for r in c["mechanism"]]
+        if mech:
+            lines += ["### Pathway shares per position", "",
+                      "| image | cell | GroupNorm | attention | residual | dominant |", "|---|---|---|---|---|---|"]
+            lines += [f"| {md_escape(n)} | ({r['row']}, {r['col']}) | {r['gn']} | {r['att']} | {r['res']} | "
+                      f"{r['dominant']} |" for n, r in mech]
+            lines.append("")
+    lines += ["## Runs", ""]
+    for r in runs:
+        lines.append(f"- `{r['path'].replace('`', '')}` ({r['job']}, `{r['spec'].replace('`', '')}`): "
+                     f"`{str(r['command']).replace('`', '')}`, finished {r['finished']}, {r['seconds']} s")
+    return "\n".join(lines) + "\n"
+
+
+# -- comparison reports ------------------------------------------------------------------------------------------
+
+def _pm(m: dict, key: str, digits: int = 3) -> str:
+    return f"{_fmt(m[key + '_mean'], digits)} ± {_fmt(m[key + '_std'], digits)}"
+
+
+def build_comparison_report(out: str | Path, summary: dict, title: str = "vaeprobe comparison") -> dict:
+    """Write ``comparison.html`` and ``comparison.md`` into ``out`` from a :func:`~vaeprobe.jobs.compare.compare_vaes`
+    summary (verdicts first, then reconstruction, the spot and latent compatibility)."""
+    import jinja2
+
+    from . import __version__
+
+    out = Path(out)
+    models = [{"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
+               "lpips": _pm(m, "lpips"),
+               "rfid": _fmt(m["rfid"]) if m.get("rfid") is not None and np.isfinite(m["rfid"]) else "—", "spot_rate": _fmt(m["spot_rate"]),
+               "norm_ratio": f"{_fmt(m['median_norm_ratio'])} / {_fmt(m['max_norm_ratio'])}",
+               "clamp": _fmt(m["clamp_hits_per_image"]), "global_rate": _fmt(m["global_rate"]),
+               "top_ratio": _fmt(m["median_top_global_ratio"]), "dominant": m["dominant"],
+               "latent_mean": _fmt(m["latent_mean"]), "latent_std": _fmt(m["latent_std"]),
+               "shift": _fmt(m["suggested_shift_factor"]), "scale": _fmt(m["suggested_scaling_factor"]),
+               "configured": _fmt(m["configured_scaling_factor"])} for m in summary["models"]]
+    cands = [{"model": c["model"], "verdict": c["verdict"],
+              "shape": "same" if c["same_latent_shape"] else f"differs: {c['shape_note']}",
+              "encoder_identical": _fmt(c["encoder_identical"]),
+              "encoder_weights_identical": _fmt(c["encoder_weights_identical"]) if c["encoder_weights_identical"]
+              is not None else "not comparable", "max_latent_diff": _fmt(c["max_latent_diff"]),
+              "decoder_change": (f"{_fmt(c['decoder_psnr_on_shared_latents'], 2)} dB / "
+                                 f"{_fmt(c['decoder_lpips_on_shared_latents'])}" if c["encoder_identical"]
+                                 else "— (encoders differ)")} for c in summary["candidates"]]
+    env = jinja2.Environment(loader=jinja2.PackageLoader("vaeprobe.reports", "templates"),
+                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
+    generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    page = env.get_template("compare.html.j2").render(
+        title=title, generated=generated, version=__version__, n_images=summary["n_images"],
+        images=summary["images"], size=summary.get("size"), reference=summary["reference"], models=models,
+        candidates=cands, rfid_note=summary["rfid"])
+    write_text_atomic(out / "comparison.html", page)
+    lines = [f"# {md_escape(title)}", "", f"{summary['n_images']} images from `{summary['images'].replace('`', '')}`; "
+             f"reference `{summary['reference'].replace('`', '')}`; run `{out}`.", "", "## Verdicts", ""]
+    lines += [f"- `{c['model'].replace('`', '')}`: {md_escape(c['verdict'])}" for c in cands]
+    lines += ["", "## Reconstruction (mean ± std)", "", "| model | PSNR | SSIM | LPIPS | rFID |", "|---|---|---|---|---|"]
+    lines += [f"| `{m['model'].replace('`', '')}` | {m['psnr']} | {m['ssim']} | {m['lpips']} | {m['rfid']} |"
+              for m in models]
+    lines += ["", f"rFID: {md_escape(summary['rfid'])}", "", "## The spot", "",
+              "| model | spot rate | norm ratio median / max | clamp hits / image | global rate | dominant pathway |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| `{m['model'].replace('`', '')}` | {m['spot_rate']} | {m['norm_ratio']} | {m['clamp']} | "
+              f"{m['global_rate']} | {m['dominant']} |" for m in models]
+    lines += ["", "## Latent compatibility", "", "| candidate | latent shape | encoder identical | max dz | "
+              "decoder change PSNR / LPIPS |", "|---|---|---|---|---|"]
+    lines += [f"| `{c['model'].replace('`', '')}` | {md_escape(c['shape'])} | {c['encoder_identical']} | "
+              f"{c['max_latent_diff']} | {c['decoder_change']} |" for c in cands]
+    write_text_atomic(out / "comparison.md", "\n".join(lines) + "\n")
+    return {"html": out / "comparison.html", "markdown": out / "comparison.md"}
