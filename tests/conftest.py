@@ -49,3 +49,24 @@ def run_and_kill(args: list[str], out: Path, min_parts: int, total: int) -> dict
     done = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*")}
     assert min_parts <= len([n for n in done if n.endswith(".json")]) < total, "the kill came too late to test resume"
     return done
+
+
+def random_fid_state(seed: int = 0) -> dict:
+    """A random-init state dict with the exact keys and shapes of the standard FID Inception (pytorch-fid's
+    ``fid_inception_v3``), its convolutions He-scaled so activations stay O(1) (tiny, denormal ones make CPUs
+    crawl). No download: the library's loader is handed a random torchvision state."""
+    import pytest
+    import torch
+    from pytorch_fid import inception as lib
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(seed)
+    seed_state = inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False).state_dict()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lib, "load_state_dict_from_url", lambda *a, **k: seed_state)
+        net = lib.fid_inception_v3()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for k in state:
+        if k.endswith("conv.weight"):
+            state[k] *= 6 ** 0.5
+    return state

@@ -8,48 +8,71 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.linalg
 import torch
 
-from vaeprobe.jobs.compare import feature_fid, find_inception_weights, frechet_distance, compare_vaes
+from vaeprobe.jobs.compare import compare_vaes
 
 from conftest import REPO
 
 
-def test_frechet_distance_against_closed_form_and_symmetric_scipy_form():
-    rng = np.random.default_rng(0)
-    # commuting (diagonal) covariances: FD = |dmu|^2 + sum (sqrt(s1) - sqrt(s2))^2
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    s1, s2 = rng.uniform(0.5, 3, 5), rng.uniform(0.5, 3, 5)
-    closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
-    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(closed, rel=1e-9)
-    # general features: the trace term via the symmetric form sqrt(S1)^(1/2) S2 sqrt(S1)^(1/2), computed directly
-    a = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6))
-    b = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 0.5
-    ma, mb, ca, cb = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(ca).real
-    direct = float(((ma - mb) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(scipy.linalg.sqrtm(root @ cb @ root).real))
-    assert feature_fid(a, b) == pytest.approx(direct, rel=1e-6)
-    assert feature_fid(a, a) == pytest.approx(0.0, abs=1e-6)
-
-
 def test_rfid_runs_with_local_weights_and_is_stated_missing_without(tmp_path, monkeypatch):
-    from torchvision.models import inception_v3
+    """rFID goes through the standard FID Inception (vaeprobe.probes.fid; its own tests check the network, the
+    preprocessing and the distance): absent weights are stated in the summary, a weights file gives finite values,
+    and resuming the run reuses every finished image."""
+    from vaeprobe.probes.fid import FID_WEIGHTS_FILE
+
+    from conftest import random_fid_state
 
     monkeypatch.setenv("VAEPROBE_INCEPTION", str(tmp_path / "absent.pth"))
-    assert find_inception_weights() is None
-    s = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "a",
-                     size=32, scan=False, mechanism=False, progress=False)
-    assert s["rfid"].startswith("not computed: no Inception-v3 weights")
-    assert all(np.isnan(m["rfid"]) for m in s["models"])
-    torch.manual_seed(0)
-    weights = tmp_path / "inception.pth"
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
-    monkeypatch.setenv("VAEPROBE_INCEPTION", str(weights))
-    s = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "b",
-                     size=32, scan=False, mechanism=False, progress=False)
-    assert s["rfid"].startswith("computed with")
-    assert all(np.isfinite(m["rfid"]) and m["rfid"] >= -1e-6 for m in s["models"])
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
+    run = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "a",
+                       size=32, scan=False, mechanism=False, progress=False)
+    assert run.summary["rfid"].startswith("not computed") and FID_WEIGHTS_FILE in run.summary["rfid"]
+    assert all(np.isnan(m["rfid"]) for m in run.summary["models"])
+    weights = tmp_path / FID_WEIGHTS_FILE
+    torch.save(random_fid_state(), weights)
+    run = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "b",
+                       size=32, scan=False, mechanism=False, progress=False, inception=weights)
+    assert run.summary["rfid"].startswith("computed with")
+    first = [m["rfid"] for m in run.summary["models"]]
+    assert all(np.isfinite(v) and v >= -1e-6 for v in first)
+    # a resumed run recomputes nothing and gives the same numbers
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b" / "parts").glob("*.json")}
+    again = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "b",
+                         size=32, scan=False, mechanism=False, progress=False, inception=weights, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b" / "parts").glob("*.json")} == stamps
+    assert [m["rfid"] for m in again.summary["models"]] == pytest.approx(first)
+
+
+def test_compare_resumes_after_a_failed_image(tmp_path, monkeypatch):
+    """A failing image is reported and left out; --resume computes only that image, and the tables then equal an
+    uninterrupted run's."""
+    from vaeprobe.jobs import compare as cmp
+
+    args = (["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout")
+    kw = {"size": 32, "scan": False, "mechanism": False, "rfid": False, "progress": False}
+    full = compare_vaes(*args, tmp_path / "full", **kw)
+    real = cmp.CompareJob._model_image
+
+    def flaky(self, vae, img):
+        if img.name == "rocket" and vae.spec == "vae_factories:tiny":
+            raise RuntimeError("out of memory")
+        return real(self, vae, img)
+
+    monkeypatch.setattr(cmp.CompareJob, "_model_image", flaky)
+    part = compare_vaes(*args, tmp_path / "part", **kw)
+    assert [f["image"] for f in part.summary["failed"]] == ["rocket"]
+    assert "vae_factories:tiny" in part.summary["failed"][0]["error"]
+    assert part.summary["n_images"] == full.summary["n_images"] - 1
+    monkeypatch.setattr(cmp.CompareJob, "_model_image", real)
+    calls = []
+    monkeypatch.setattr(cmp.CompareJob, "_model_image", lambda self, vae, img: calls.append(img.name) or
+                        real(self, vae, img))
+    done = compare_vaes(*args, tmp_path / "part", resume=True, **kw)
+    assert set(calls) == {"rocket"}
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "part" / "models.parquet"),
+                                  pd.read_parquet(tmp_path / "full" / "models.parquet"))
+    assert done.summary["failed"] == []
 
 
 def test_compare_builtin_models_cli_directions(tmp_path):
@@ -89,7 +112,7 @@ def test_compare_builtin_models_cli_directions(tmp_path):
 
 def test_different_latent_shapes_are_named_not_crashed_on(tmp_path):
     s = compare_vaes(["builtin:mini-kl-f8", "vae_factories:tiny16"], "builtin:photos-heldout", tmp_path,
-                     size=32, scan=False, mechanism=False, progress=False)
+                     size=32, scan=False, mechanism=False, progress=False).summary
     (c,) = s["candidates"]
     assert not c["same_latent_shape"] and not c["same_channels"] and c["same_factor"]
     assert "4 ch" in c["shape_note"] and "16 ch" in c["shape_note"]

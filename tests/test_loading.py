@@ -132,6 +132,47 @@ def test_bad_specs_fail_with_one_clear_line(spec, match, monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_builtin_names_list_the_controls_and_a_broken_controls_import_surfaces(monkeypatch):
+    from vaeprobe.models.controls import CONTROLS, VERDICT_CONTROLS
+    from vaeprobe.models.zoo import builtin_names
+
+    names = builtin_names()
+    assert {"tiny-random", "mini-kl-f8", "taef2"} <= set(names) and CONTROLS and VERDICT_CONTROLS
+    assert set(CONTROLS) | set(VERDICT_CONTROLS) <= set(names)
+    monkeypatch.setitem(sys.modules, "vaeprobe.models.controls", None)  # the import now fails
+    with pytest.raises(ImportError):
+        builtin_names()                                                 # not hidden behind a shorter list
+
+
+def test_hub_check_keeps_the_users_socket_timeout(monkeypatch):
+    """The reachability check must not touch the process-wide socket timeout (it used to reset it to None)."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    def snapshot_download(repo_id, *, local_files_only=False, **kwargs):
+        assert local_files_only, "the test must not fetch anything"
+        raise FileNotFoundError(f"{repo_id} is not in the cache")
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)       # so the check really runs
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(7.0)
+    try:
+        with pytest.raises(VAELoadError, match="cannot be reached") as err:
+            load_vae("owner/name")
+        assert "\n" not in str(err.value)
+        assert socket.getdefaulttimeout() == 7.0
+    finally:
+        socket.setdefaulttimeout(before)
+
+
 def test_hub_id_cli_offline_is_one_line(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "info", "--vae", "stabilityai/sd-vae-ft-mse"],

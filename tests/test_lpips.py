@@ -51,6 +51,18 @@ def test_published_example_distances():
     assert round(lpips_distance(ref, _rgb(DATA / "ex_p1.png")), 4) == 0.1376
 
 
+def test_normalize_flag_matches_the_hand_conversion_exactly():
+    """[0, 1] inputs with lpips' own normalize=True give bit-for-bit the distance of inputs mapped to [-1, 1]."""
+    metric = LPIPS()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 48, 48, generator=g), torch.rand(2, 3, 48, 48, generator=g)
+    with torch.no_grad():
+        assert torch.equal(metric(a, b, normalize=True), metric(a * 2 - 1, b * 2 - 1))
+        assert torch.equal(metric(a, b, spatial=True, normalize=True), metric(a * 2 - 1, b * 2 - 1, spatial=True))
+        one = metric(a[:1] * 2 - 1, b[:1] * 2 - 1)[0]
+    assert lpips_distance(a[0].permute(1, 2, 0).numpy(), b[0].permute(1, 2, 0).numpy()) == float(one)
+
+
 def test_iqa_calibration_values():
     root = shared_or_skip("iqa-calibration")
     published = {"I03": (0.7237, 21.11), "I04": (0.2572, 20.99), "I06": (0.0508, 27.01), "I08": (0.0521, 23.30),

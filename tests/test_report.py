@@ -13,7 +13,9 @@ from PIL import Image
 
 from vaeprobe.jobs.latents import run_latents
 from vaeprobe.jobs.mechanism import run_mechanism
-from vaeprobe.reports.report import ReportError, build_report, md_escape
+from vaeprobe.reports import report as report_module
+from vaeprobe.reports.report import (ReportError, build_comparison_report, build_report, md_code, md_escape,
+                                     md_table)
 from vaeprobe.jobs.scan import run_scan
 
 from conftest import REPO
@@ -77,6 +79,86 @@ def test_report_figures_come_from_the_runs(hostile_report):
     assert len(rep["tables"]) == 7 and all(p.exists() for p in rep["tables"])
     run_info = json.loads((runs[1] / "run.json").read_text())
     assert run_info["versions"]["torch"] and run_info["seconds"] > 0
+
+
+HOSTILE_MD = "x|y <script>alert(1)</script> *b* [l](u)"
+
+
+def _write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def synthetic_runs(tmp_path):
+    """A finished pipeline run (its headline says ``>=``) and a mechanism run over an image with a hostile name,
+    written by hand: the report reads only the files, so no model runs."""
+    import pandas as pd
+
+    pipe = tmp_path / "pipeline"
+    _write_json(pipe / "config.json", {"job": "pipeline", "model": {"spec": "builtin:tiny-sd", "class": "Tiny"},
+                                       "vaes": ["builtin:mini-kl-f8"]})
+    _write_json(pipe / "summary.json", {"n_samples": 2, "final_spot_rate": 0.5, "emerged": "1/2", "steps": 4,
+                                        "n_prompts": 1, "seeds": [0, 1], "vaes": []})
+    mech = tmp_path / "mechanism"
+    _write_json(mech / "config.json", {"job": "mechanism", "vae": {"spec": "builtin:planted-direct"}, "op": "zero"})
+    _write_json(mech / "summary.json", {"dominant": {"groupnorm": 1}, "median_shares": {"groupnorm": 0.9},
+                                        "positions": "top:1", "op": "zero", "decodes": 4, "seconds": 1.0})
+    _write_json(mech / "parts" / "00000.json", {"image": HOSTILE_MD})
+    pd.DataFrame({"image": [HOSTILE_MD], "row": [1], "col": [2], "far_l2_live": [0.5], "share_groupnorm": [0.9],
+                  "share_attention": [0.05], "share_residual": [0.05], "interaction": [0.0],
+                  "dominant": ["groupnorm"]}).to_parquet(mech / "mechanism.parquet")
+    return [pipe, mech]
+
+
+def test_markdown_has_no_html_entities_for_report_text_and_escapes_user_strings(synthetic_runs, tmp_path):
+    rep = build_report(synthetic_runs, out=tmp_path / "report", title="t <i>x</i> | y")
+    md = rep["markdown"].read_text()
+    assert "median >= threshold" in md and "&gt;" not in md      # the report's own ">=" is written as is
+    assert HOSTILE_MD not in md and "<script>" not in md and "[l](u)" not in md
+    assert md_escape(HOSTILE_MD) in md                             # shown, Markdown-escaped
+    row = next(line for line in md.splitlines() if "alert(1)" in line)
+    assert len(re.split(r"(?<!\\)\|", row)) == 8                  # still one cell: 6 columns, the pipe escaped
+    assert md.startswith("# t &lt;i>x&lt;/i> \\| y\n")
+    page = rep["html"].read_text()
+    assert HOSTILE_MD not in page and "<script>alert(1)" not in page
+    assert str(markupsafe.escape(HOSTILE_MD)) in page               # HTML escaping in the HTML report
+    assert "median &gt;= threshold" in page
+
+
+def test_markdown_helpers():
+    assert md_escape("spot rate >= 2") == "spot rate >= 2"
+    assert md_escape("# x") == "\\# x" and md_escape("> q") == "\\> q" and md_escape("-0.5") == "-0.5"
+    assert md_escape("a\nb") == "a b" and md_escape("a&b") == "a&amp;b"
+    assert md_code("a``b") == "```a``b```" and md_code("`x`") == "`` `x` ``"
+    table = md_table([("a|b", "c|d")], ("name", "spec"), code=("spec",)).splitlines()
+    assert table[2] == "| a\\|b   | `c\\|d` |"
+
+
+def test_one_jinja_environment_autoescaping_by_template_name():
+    env = report_module._environment()
+    assert env is report_module._environment()
+    assert env.autoescape("report.html.j2") and env.autoescape("compare.html.j2") and env.autoescape(None)
+    assert not env.autoescape("report.md.j2")
+    assert env.from_string("{{ s }}").render(s="<b>") == "&lt;b&gt;"
+
+
+def test_comparison_markdown_tables(tmp_path):
+    model = {"model": "ref|<b>", "role": "reference", "rfid": None, "spot_rate": 0.5, "median_norm_ratio": 2.0,
+             "max_norm_ratio": 3.0, "clamp_hits_per_image": 0, "global_rate": 0.25, "median_top_global_ratio": 4.0,
+             "dominant": "groupnorm", "latent_mean": 0.1, "latent_std": 1.0, "suggested_shift_factor": 0.0,
+             "suggested_scaling_factor": 0.2, "configured_scaling_factor": 0.18215,
+             **{f"{k}_{s}": 0.5 for k in ("psnr", "ssim", "lpips") for s in ("mean", "std")}}
+    cand = {"model": "cand*", "verdict": "drop-in >= reference", "same_latent_shape": True, "shape_note": "",
+            "encoder_identical": True, "encoder_weights_identical": None, "max_latent_diff": 0.0,
+            "decoder_psnr_on_shared_latents": 30.0, "decoder_lpips_on_shared_latents": 0.01}
+    summary = {"n_images": 3, "images": "imgs", "size": 64, "reference": "ref|<b>", "rfid": "too few images",
+               "models": [model], "candidates": [cand]}
+    rep = build_comparison_report(tmp_path, summary, title="cmp")
+    md = rep["markdown"].read_text()
+    assert "- `cand*`: drop-in >= reference" in md and "&gt;" not in md and "<b>" in md  # <b> only in code
+    assert "| `ref\\|<b>` |" in md.replace("  ", " ").replace("  ", " ")
+    assert "ref|&lt;b&gt;" in rep["html"].read_text()
 
 
 def test_report_bad_input_is_one_line(tmp_path):

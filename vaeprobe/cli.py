@@ -153,12 +153,16 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from vaeprobe.jobs.compare import compare_vaes
 
-    summary = compare_vaes([args.reference, *args.candidates], args.images, args.out, size=args.size, fit=args.fit,
-                           scan=not args.no_scan, mechanism=not args.no_mechanism, progress=not args.quiet)
+    run = compare_vaes([args.reference, *args.candidates], args.images, args.out, size=args.size, fit=args.fit,
+                       scan=not args.no_scan, mechanism=not args.no_mechanism, rfid=not args.no_rfid,
+                       inception=args.inception, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.quiet, device=args.device, dtype=args.dtype)
+    summary = run.summary
     for c in summary["candidates"]:
         print(f"{c['model']}: {c['verdict']}")
     print(f"rFID: {summary['rfid']}")
     print(f"comparison: {Path(args.out) / 'comparison.html'} (and comparison.md, parquet tables)")
+    _print_failed(summary)
     return 0
 
 
@@ -302,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT)
     p.add_argument("--no-scan", action="store_true", help="skip the two-stage scans and their verdicts (global-cell rate)")
     p.add_argument("--no-mechanism", action="store_true", help="skip the pathway attribution")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-rfid", action="store_true", help="skip rFID even when the FID Inception weights are on disk")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="the standard FID Inception weights (pt_inception-2015-12-05-6726825d.pth; default: "
+                        "$VAEPROBE_INCEPTION, then torch hub's checkpoints folder); nothing is downloaded")
+    _add_run_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("pipeline", help="the spot through a diffusion pipeline: emergence over the denoising "
@@ -347,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import rundir
+    from vaeprobe.jobs import runner
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    rundir.COMMAND = ["vaeprobe", *(sys.argv[1:] if argv is None else argv)]
+    runner.COMMAND = ["vaeprobe", *(sys.argv[1:] if argv is None else argv)]
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

@@ -4,8 +4,9 @@
 treats the first VAE as the reference and each other one as a candidate. Per VAE, on the same images:
 
 - reconstruction in the model-card format (sd-vae-ft-mse reports rFID, PSNR, SSIM, PSIM as mean ± std): PSNR,
-  SSIM and LPIPS mean ± std, and rFID when Inception-v3 weights are on disk (:func:`find_inception_weights`;
-  nothing is downloaded) — otherwise the summary says why it is missing;
+  SSIM and LPIPS mean ± std, and rFID with the standard FID Inception network and preprocessing when its weights
+  file is on disk (:mod:`vaeprobe.probes.fid`; nothing is downloaded) — otherwise the summary says why it is
+  missing;
 - spot diagnostics: spot rate and norm ratio (:func:`~vaeprobe.probes.latents.find_spots`), positions at the logvar
   clamp, the largest global-effect ratio of a two-stage scan and the share of images with a cell whose verdict
   (:mod:`vaeprobe.probes.verdict`, among the two-stage scan's cells) is ``global`` or ``global-information``, and
@@ -18,17 +19,13 @@ treats the first VAE as the reference and each other one as a candidate. Per VAE
 Incompatible parts (another latent shape or factor) are compared where meaningful and named, not crashed on.
 The verdict per candidate says in plain words: spot removed or not, at what reconstruction cost, latent-compatible
 or not. Files: ``reconstruction.parquet``, ``models.parquet``, ``compatibility.parquet``, ``summary.json``,
-``comparison.html``, ``comparison.md``.
+``comparison.html``, ``comparison.md``, and as for every job ``config.json``, ``run.json`` and ``parts/`` (one part
+per image: a killed comparison resumes with ``resume=True``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -36,86 +33,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vaeprobe._io import write_text_atomic
 from vaeprobe.errors import VaeprobeError, one_line
+from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job, vae_config
 
 ENCODER_TOL = 1e-5        # max |difference| of the latent means below which two encoders count as identical
 SPOT_PRESENT = 0.5        # a VAE "has the spot" when the spot rate or the global rate reaches this share of images
-INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "inception_v3_google-0cc3c7bd.pth",
-                   "inception_v3_google-1a9a5a14.pth")
 
 
 class CompareError(VaeprobeError, ValueError):
     """A comparison that cannot run (the message says what to change)."""
 
-
-# -- Frechet distance / rFID ---------------------------------------------------------------------------------------
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
-    ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``.
-
-    >>> round(frechet_distance(np.zeros(2), np.eye(2), np.ones(2), 4 * np.eye(2)), 6)   # 2 + (1 + 4 - 4) * 2
-    4.0
-    """
-    import scipy.linalg
-
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    with warnings.catch_warnings():  # singular covariances (fewer samples than dimensions) are expected here
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(covmean).all():  # near-singular product: regularise, as is customary for FID
-            eps = np.eye(s1.shape[0]) * 1e-6
-            covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def feature_fid(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance of two feature sets ``[N, D]`` (their means and sample covariances)."""
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
-
-
-def find_inception_weights() -> Path | None:
-    """A local Inception-v3 checkpoint (``$VAEPROBE_INCEPTION``, or torch hub's checkpoint cache), else ``None``."""
-    env = os.environ.get("VAEPROBE_INCEPTION")
-    if env:
-        return Path(env) if Path(env).exists() else None
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in INCEPTION_FILES:
-        if (hub / name).exists():
-            return hub / name
-    return None
-
-
-class InceptionFeatures:
-    """Pool features (2048-d) of torchvision's Inception-v3 with weights from a local file (``weights_only``)."""
-
-    def __init__(self, path: Path):
-        from torchvision.models import inception_v3
-
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if len(missing) > 10:
-            raise CompareError(f"{path} is not a torchvision Inception-v3 state dict ({len(missing)} keys missing); "
-                               f"pass one with VAEPROBE_INCEPTION or drop it to skip rFID")
-        net.fc = torch.nn.Identity()
-        self.net = net.eval()
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """``images`` ``[B, 3, H, W]`` in [-1, 1] -> ``[B, 2048]``."""
-        x = torch.nn.functional.interpolate((images.float().clamp(-1, 1) + 1) / 2, size=(299, 299),
-                                            mode="bilinear", align_corners=False)
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        return self.net((x - mean) / std).numpy()
-
-
-# -- compatibility -------------------------------------------------------------------------------------------------
 
 def _encoder_weights_identical(a, b) -> bool | None:
     ea, eb = getattr(a.model, "encoder", None), getattr(b.model, "encoder", None)
@@ -160,13 +87,28 @@ def _verdict(ref: dict, cand: dict, compat: dict) -> str:
     return f"{spot}; {cost}; {lat}."
 
 
-def _compat_row(ref, cand, lat_ref: Sequence[torch.Tensor], lat_cand: Sequence[torch.Tensor]) -> dict:
-    """Latent compatibility of ``cand`` with ``ref`` from their encodings of the same images (see
-    :func:`latent_compatibility`)."""
-    from vaeprobe.probes.metrics import compare_images
+def _compat_image(ref, cand, z_ref: torch.Tensor, z_cand: torch.Tensor) -> dict:
+    """One image's latent-compatibility facts: max |dz|, share of positions that differ and, when the latents agree
+    within ``ENCODER_TOL``, the two decoders compared on the reference's latent."""
     from vaeprobe.reports.plots import tensor_to_unit
+    from vaeprobe.probes.metrics import compare_images
 
-    same_shape = all(a.shape == b.shape for a, b in zip(lat_ref, lat_cand))
+    row = {"same_shape": tuple(z_ref.shape) == tuple(z_cand.shape), "max_diff": math.nan, "differing": math.nan,
+           "psnr": math.nan, "lpips": math.nan}
+    if row["same_shape"]:
+        d = (z_ref - z_cand).abs()
+        row["max_diff"] = float(d.max())
+        row["differing"] = float((d.amax(1) > ENCODER_TOL).float().mean())
+        if row["max_diff"] <= ENCODER_TOL:
+            pair = compare_images(tensor_to_unit(ref.decode(z_ref)), tensor_to_unit(cand.decode(z_ref)))
+            row["psnr"], row["lpips"] = float(pair["psnr"]), float(pair["lpips"])
+    return row
+
+
+def _compat_row(ref, cand, images: Sequence[dict]) -> dict:
+    """Latent compatibility of ``cand`` with ``ref`` from the per-image facts of :func:`_compat_image` (see
+    :func:`latent_compatibility`)."""
+    same_shape = all(r["same_shape"] for r in images)
     row = {"model": cand.spec, "reference": ref.spec, "same_factor": cand.factor == ref.factor,
            "same_channels": cand.latent_channels == ref.latent_channels, "same_latent_shape": same_shape,
            "shape_note": "" if same_shape else
@@ -174,16 +116,13 @@ def _compat_row(ref, cand, lat_ref: Sequence[torch.Tensor], lat_cand: Sequence[t
            "encoder_weights_identical": _encoder_weights_identical(ref, cand),
            "encoder_identical": False, "max_latent_diff": math.nan, "differing_positions": math.nan,
            "decoder_psnr_on_shared_latents": math.nan, "decoder_lpips_on_shared_latents": math.nan}
-    if same_shape:
-        diffs = [(a - b).abs() for a, b in zip(lat_ref, lat_cand)]
-        row["max_latent_diff"] = float(max(float(d.max()) for d in diffs))
-        row["differing_positions"] = float(np.mean([float((d.amax(1) > ENCODER_TOL).float().mean()) for d in diffs]))
+    if same_shape and images:
+        row["max_latent_diff"] = float(max(r["max_diff"] for r in images))
+        row["differing_positions"] = float(np.mean([r["differing"] for r in images]))
         row["encoder_identical"] = row["max_latent_diff"] <= ENCODER_TOL
     if row["encoder_identical"]:
-        pairs = [compare_images(tensor_to_unit(ref.decode(z)), tensor_to_unit(cand.decode(z))) for z in lat_ref]
-        row["decoder_psnr_on_shared_latents"] = float(np.mean([p["psnr"] for p in pairs]))
-        row["decoder_lpips_on_shared_latents"] = float(np.mean([p["lpips"] for p in pairs]))
-    if row["encoder_identical"]:
+        row["decoder_psnr_on_shared_latents"] = float(np.mean([r["psnr"] for r in images]))
+        row["decoder_lpips_on_shared_latents"] = float(np.mean([r["lpips"] for r in images]))
         row["compatibility"] = "latent-compatible (identical encoder: a drop-in decoder replacement)"
     elif not same_shape:
         row["compatibility"] = f"not latent-compatible ({row['shape_note']})"
@@ -193,14 +132,14 @@ def _compat_row(ref, cand, lat_ref: Sequence[torch.Tensor], lat_cand: Sequence[t
     return row
 
 
-def latent_compatibility(ref, cand, images="builtin:photos-heldout", size: int | None = 64) -> dict:
+def latent_compatibility(ref, cand, images="builtin:photos-heldout", *, size: int | None = 64) -> dict:
     """Whether ``cand`` decodes ``ref``'s latent space: both encode the same ``images`` (default: the builtin
     held-out photos at ``size`` px) and the encoders count as identical when every latent agrees within
     ``ENCODER_TOL`` (max |dz|). Returns the row of ``compatibility.parquet``: ``encoder_identical`` (the verdict),
     ``compatibility`` (one sentence), ``max_latent_diff``, ``differing_positions``, shape facts and, for identical
     encoders, the two decoders compared on the shared latents.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> row = latent_compatibility(load_vae("builtin:tiny-random"), load_vae("builtin:tiny-random"), size=32)
     >>> row["encoder_identical"], row["compatibility"].split(" (")[0]
     (True, 'latent-compatible')
@@ -211,140 +150,183 @@ def latent_compatibility(ref, cand, images="builtin:photos-heldout", size: int |
     batch = load_images(images, factor=factor, size=size)
     if not len(batch):
         raise CompareError(f"{images}: no readable image for the compatibility check")
-    lat_ref = [ref.encode(img.tensor()).mean for img in batch]
-    lat_cand = [cand.encode(img.tensor()).mean for img in batch]
-    return _compat_row(ref, cand, lat_ref, lat_cand)
+    return _compat_row(ref, cand, [_compat_image(ref, cand, ref.encode(img.tensor()).mean,
+                                                 cand.encode(img.tensor()).mean) for img in batch])
 
 
 # -- the job -------------------------------------------------------------------------------------------------------
 
-def compare_vaes(specs: Sequence, images, out, size: int | None = 128, fit: str = "crop", scan: bool = True,
-                 mechanism: bool = True, rfid: bool = True, progress: bool = True) -> dict:
-    """Compare ``specs[1:]`` against the reference ``specs[0]`` on ``images`` and write ``out``.
+class CompareJob(Job):
+    """Per image: every VAE's reconstruction, spot facts, scan verdicts, pathway and latent moments, and each
+    candidate's latent compatibility with the reference (see :func:`compare_vaes`)."""
 
-    Returns the summary dict (also ``summary.json``): per model the reconstruction means ± std, rFID or the reason
-    it is missing, the spot diagnostics; per candidate the compatibility and the verdict.
-    """
-    from tqdm import tqdm
+    name = desc = "compare"
 
-    from vaeprobe.data.images import load_images
-    from vaeprobe.probes.latents import find_spots, latent_maps
-    from vaeprobe.probes.mechanism import attribute_pathways
-    from vaeprobe.probes.metrics import compare_images
-    from vaeprobe.probes.perturb import Site
-    from vaeprobe.reports.plots import tensor_to_unit
-    from vaeprobe.probes.scan import two_stage_scan
-    from vaeprobe.models.loading import load_vae
+    def __init__(self, vaes, images, *, size, fit, scan, mechanism, fid):
+        self.vaes, self.images, self.size, self.fit = vaes, images, size, fit
+        self.factor = int(np.lcm.reduce(sorted({v.factor for v in vaes})))
+        self.scan, self.mechanism, self.fid = scan, mechanism, fid
 
-    if len(specs) < 2:
-        raise CompareError("give at least two VAEs: the reference first, then the candidates")
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    vaes = [s if hasattr(s, "encode") and hasattr(s, "factor") else load_vae(s) for s in specs]
-    factors = {v.factor for v in vaes}
-    batch = load_images(images, factor=int(np.lcm.reduce(sorted(factors))), size=size, policy=fit)
-    if not len(batch):
-        raise CompareError(f"{images}: no readable image")
-    weights = find_inception_weights() if rfid else None
-    inception = InceptionFeatures(weights) if weights is not None else None
-    rfid_note = (f"computed with {weights}" + (f"; from only {len(batch)} images the 2048-d covariances are "
-                                                f"singular, so treat it as a rough indication (FID wants thousands)"
-                                                if len(batch) < 2048 else "")) if inception else (
-        "not computed: rfid disabled" if not rfid else
-        "not computed: no Inception-v3 weights on disk (set VAEPROBE_INCEPTION to a torchvision inception_v3 "
-        "state dict, or put it in torch hub's checkpoints folder); with only a few images it would be unreliable "
-        "anyway")
-    rec_rows, models, latents, failed = [], [], [], []
-    real_feats = inception(torch.cat([img.tensor() for img in batch])) if inception else None
-    bar = tqdm(total=len(vaes) * len(batch), desc="compare", unit="img", disable=not progress)
-    for k, vae in enumerate(vaes):
-        means, recons = [], []
-        spot_images = clamp_hits = global_images = 0
-        ratios, top_ratios, dominant = [], [], []
-        for img in batch:
+    def config(self) -> dict:
+        return {"job": "compare", "vaes": [vae_config(v) for v in self.vaes], "images": str(self.images),
+                "size": self.size, "fit": self.fit, "scan": self.scan, "mechanism": self.mechanism,
+                "fid_weights": str(self.fid.weights_path) if self.fid is not None else None}
+
+    def _model_image(self, vae, img) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+        """One VAE on one image: its reconstruction row, its facts and its latent and decode."""
+        from vaeprobe.reports.plots import tensor_to_unit
+        from vaeprobe.probes.latents import find_spots, latent_maps
+        from vaeprobe.probes.metrics import compare_images
+
+        post = vae.encode(img.tensor())
+        z = post.mean
+        rec = vae.decode(z)
+        rec_row = {"model": vae.spec, "image": img.name, **compare_images(img.array, tensor_to_unit(rec))}
+        m = latent_maps(post, [img.name])[0]
+        facts = {"spot": bool(find_spots(m).is_spot.any()), "ratio": float(m.norm_ratio.max()),
+                 "clamp_hits": int(m.at_clamp.sum()) if m.clamp_channels is not None else 0,
+                 "top": None, "global": None, "dominant": None, "z_sum": float(z.double().sum()),
+                 "z_sumsq": float(z.double().pow(2).sum()), "z_n": int(z.numel())}
+        if self.scan:
+            from vaeprobe.probes.latents import robust_channel_stats
+            from vaeprobe.probes.scan import two_stage_scan
+            from vaeprobe.probes.verdict import attach_verdicts, receptive_field
+
+            field = receptive_field(vae, z, rec, exclude=robust_channel_stats(z)["excluded"])
+            cells = attach_verdicts(vae, z, rec, two_stage_scan(vae, z, "zero", ref=rec, field=field), field,
+                                    evidence=0)
+            facts["top"], facts["global"] = float(cells.global_ratio.max()), bool(cells.is_global.any())
+        if self.mechanism:
+            from vaeprobe.probes.mechanism import attribute_pathways
+            from vaeprobe.probes.perturb import Site
+
+            r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
+            facts["dominant"] = str(attribute_pathways(vae, z, [Site(r, c)]).dominant[0])
+        return rec_row, facts, z, rec
+
+    def process(self, run: RunDir, key: str, img) -> None:
+        rows, facts, latents, features = [], [], [], {}
+        for vae in self.vaes:
             try:
-                x = img.tensor()
-                post = vae.encode(x)
-                z = post.mean
-                rec = vae.decode(z)
-                rec_row = {"model": vae.spec, "image": img.name, **compare_images(img.array, tensor_to_unit(rec))}
-                m = latent_maps(post, [img.name])[0]
-                top = dom = None
-                glob = False
-                if scan:
-                    from vaeprobe.probes.latents import robust_channel_stats
-                    from vaeprobe.probes.verdict import attach_verdicts, receptive_field
+                rec_row, fact, z, rec = self._model_image(vae, img)
+            except VaeprobeError:
+                raise
+            except Exception as exc:  # name the model that failed; the runner records the image and goes on
+                raise CompareError(f"{vae.spec}: {one_line(exc)}") from exc
+            rows.append(rec_row)
+            facts.append(fact)
+            latents.append(z)
+            if self.fid is not None:
+                features[vae.spec] = self.fid(rec)[0].tolist()
+        if self.fid is not None:
+            features["real"] = self.fid(img.tensor())[0].tolist()
+        compat = [_compat_image(self.vaes[0], cand, latents[0], z) for cand, z in zip(self.vaes[1:], latents[1:])]
+        run.write_part(key, pd.DataFrame(rows), {"image": img.name, "facts": facts, "compat": compat,
+                                                 "features": features})
 
-                    field = receptive_field(vae, z, rec, exclude=robust_channel_stats(z)["excluded"])
-                    cells = two_stage_scan(vae, z, "zero", ref=rec, field=field)
-                    cells = attach_verdicts(vae, z, rec, cells, field, evidence=0)
-                    top = float(cells.global_ratio.max())
-                    glob = bool(cells.is_global.any())
-                if mechanism:
-                    r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
-                    dom = str(attribute_pathways(vae, z, [Site(r, c)]).dominant[0])
-                # the image counts only once all of it worked
-                means.append(z)
-                recons.append(rec)
-                rec_rows.append(rec_row)
-                spot_images += bool(find_spots(m).is_spot.any())
-                ratios.append(float(m.norm_ratio.max()))
-                clamp_hits += int(m.at_clamp.sum()) if m.clamp_channels is not None else 0
-                if top is not None:
-                    top_ratios.append(top)
-                    global_images += glob
-                if dom is not None:
-                    dominant.append(dom)
-            except Exception as exc:  # one bad image must not lose the comparison
-                error = one_line(exc)
-                failed.append({"model": vae.spec, "image": img.name, "error": error})
-                tqdm.write(f"vaeprobe: {vae.spec} on {img.name}: failed ({error}); going on", file=sys.stderr)
-                means.append(None)
-            bar.update(1)
-        latents.append(means)
-        rec_df = pd.DataFrame([r for r in rec_rows if r["model"] == vae.spec])
-        n = len(rec_df)
-        if n == 0:
-            raise CompareError(f"{vae.spec}: every image failed; the first, {failed[-1]['image']}: "
-                               f"{failed[-1]['error']}")
-        zs = torch.cat([z.flatten() for z in means if z is not None])
+    def _model_row(self, k: int, vae, rec: pd.DataFrame, metas: list[dict]) -> dict:
+        facts = [m["facts"][k] for m in metas]
+        n = len(facts)
+        mean = sum(f["z_sum"] for f in facts) / sum(f["z_n"] for f in facts)
+        var = sum(f["z_sumsq"] for f in facts) / sum(f["z_n"] for f in facts) - mean ** 2
+        total = sum(f["z_n"] for f in facts)
+        std = math.sqrt(max(var, 0.0) * total / max(total - 1, 1))
+        tops = [f["top"] for f in facts if f["top"] is not None]
+        dominant = [f["dominant"] for f in facts if f["dominant"] is not None]
         row = {"model": vae.spec, "role": "reference" if k == 0 else "candidate", "channels": vae.latent_channels,
                "factor": vae.factor, "n_images": n,
-               **{f"{m}_{s}": float(getattr(rec_df[m], s)()) for m in ("psnr", "ssim", "lpips") for s in ("mean", "std")},
-               "rfid": math.nan, "spot_rate": spot_images / n, "median_norm_ratio": float(np.median(ratios)),
-               "max_norm_ratio": float(np.max(ratios)), "clamp_hits_per_image": clamp_hits / n,
-               "global_rate": global_images / n if scan else math.nan,
-               "median_top_global_ratio": float(np.median(top_ratios)) if top_ratios else math.nan,
-               "dominant": (pd.Series(dominant).value_counts().idxmax() if dominant else "not run"),
-               "latent_mean": float(zs.mean()), "latent_std": float(zs.std()),
-               "suggested_shift_factor": float(zs.mean()), "suggested_scaling_factor": float(1 / zs.std()),
+               **{f"{m}_{s}": float(getattr(rec[m], s)()) for m in ("psnr", "ssim", "lpips") for s in ("mean", "std")},
+               "rfid": math.nan, "spot_rate": sum(f["spot"] for f in facts) / n,
+               "median_norm_ratio": float(np.median([f["ratio"] for f in facts])),
+               "max_norm_ratio": float(np.max([f["ratio"] for f in facts])),
+               "clamp_hits_per_image": sum(f["clamp_hits"] for f in facts) / n,
+               "global_rate": sum(bool(f["global"]) for f in facts) / n if self.scan else math.nan,
+               "median_top_global_ratio": float(np.median(tops)) if tops else math.nan,
+               "dominant": pd.Series(dominant).value_counts().idxmax() if dominant else "not run",
+               "latent_mean": mean, "latent_std": std, "suggested_shift_factor": mean,
+               "suggested_scaling_factor": 1 / std if std > 0 else math.nan,
                "configured_scaling_factor": vae.scaling_factor}
-        if inception is not None:
-            row["rfid"] = feature_fid(real_feats, inception(torch.cat(recons)))
-        models.append(row)
-    bar.close()
-    ref = vaes[0]
-    compat_rows = []
-    for k in range(1, len(vaes)):
-        cand = vaes[k]
-        both = [(a, b) for a, b in zip(latents[0], latents[k]) if a is not None and b is not None]
-        row = _compat_row(ref, cand, [a for a, _ in both], [b for _, b in both])
-        row["verdict"] = _verdict(models[0], models[k], row)
-        compat_rows.append(row)
-    rec_table, model_table, compat_table = pd.DataFrame(rec_rows), pd.DataFrame(models), pd.DataFrame(compat_rows)
-    for name, table in (("reconstruction.parquet", rec_table), ("models.parquet", model_table),
-                        ("compatibility.parquet", compat_table)):
-        from vaeprobe._io import atomic_path
+        if self.fid is not None:
+            from vaeprobe.probes.fid import frechet_distance as fid_distance
 
-        with atomic_path(out / name) as tmp:
-            table.to_parquet(tmp, index=False)
-    summary = {"reference": ref.spec, "images": str(images), "n_images": len(batch), "size": size,
-               "skipped": [str(s) for s in batch.skipped], "failed": failed, "rfid": rfid_note,
-               "models": model_table.to_dict("records"), "candidates": compat_table.to_dict("records"),
-               "seconds": round(time.perf_counter() - t0, 1)}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
-    from vaeprobe.reports.report import build_comparison_report
+            row["rfid"] = fid_distance(np.array([m["features"]["real"] for m in metas]),
+                                       np.array([m["features"][vae.spec] for m in metas]))
+        return row
 
-    build_comparison_report(out, summary)
-    return summary
+    def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        rec = run.concat("reconstruction.parquet", keys)
+        metas = [run.meta(k) for k in keys]
+        models = [self._model_row(k, vae, rec[rec.model == vae.spec], metas) for k, vae in enumerate(self.vaes)]
+        compat = []
+        for k, cand in enumerate(self.vaes[1:], start=1):
+            row = _compat_row(self.vaes[0], cand, [m["compat"][k - 1] for m in metas])
+            row["verdict"] = _verdict(models[0], models[k], row)
+            compat.append(row)
+        model_table, compat_table = pd.DataFrame(models), pd.DataFrame(compat)
+        run.write_table("models.parquet", model_table)
+        run.write_table("compatibility.parquet", compat_table)
+        return {"reference": self.vaes[0].spec, "images": str(self.images), "n_images": len(metas),
+                "size": self.size, "rfid": self._fid_note(len(metas)), "models": model_table.to_dict("records"),
+                "candidates": compat_table.to_dict("records")}
+
+    def _fid_note(self, n: int) -> str:
+        if self.fid is None:
+            return self.fid_reason
+        return f"computed with {self.fid.weights_path}" + (
+            f"; from only {n} images the 2048-d covariances are singular, so treat it as a rough indication (FID "
+            f"wants thousands)" if n < 2048 else "")
+
+    def after(self, run: RunDir, summary: dict) -> None:
+        from vaeprobe.reports.report import build_comparison_report
+
+        build_comparison_report(run.path, summary)
+
+
+def compare_vaes(specs: Sequence, images, out, *, size: int | None = 128, fit: str = "crop", scan: bool = True,
+                 mechanism: bool = True, rfid: bool = True, inception: str | Path | None = None,
+                 resume: bool = False, overwrite: bool = False, progress: bool = True, device=None,
+                 dtype=None) -> RunDir:
+    """Compare ``specs[1:]`` against the reference ``specs[0]`` on ``images`` and write the run directory ``out``.
+
+    Parameters
+    ----------
+    specs : sequence
+        VAE adapters or specs of :func:`~vaeprobe.models.loading.load_vae`, the reference first.
+    images : str, path or sequence
+        What :func:`~vaeprobe.data.images.iter_images` reads.
+    out : path
+        The run directory (resumable: ``resume=True`` skips the images a killed run finished).
+    size, fit : int or None, str
+        Image size in pixels and how sides become multiples of every VAE's factor.
+    scan, mechanism : bool
+        Run the two-stage scan with verdicts (global-cell rate) and the pathway attribution per image and VAE.
+    rfid, inception : bool, path or None
+        Compute rFID with the standard FID Inception weights from ``inception`` (or ``$VAEPROBE_INCEPTION`` or
+        torch hub's cache; :func:`~vaeprobe.probes.fid.find_fid_weights`); nothing is downloaded, and the summary
+        says why rFID is missing.
+    device, dtype :
+        Where and in what precision the VAEs run.
+
+    Returns
+    -------
+    RunDir
+        ``summary`` holds ``summary.json``: per model the reconstruction means ± std, rFID or the reason it is
+        missing, the spot diagnostics; per candidate the compatibility and the verdict. Files:
+        ``reconstruction.parquet``, ``models.parquet``, ``compatibility.parquet``, ``summary.json``,
+        ``comparison.html``, ``comparison.md``, ``config.json``, ``run.json`` and ``parts/``.
+    """
+    if len(specs) < 2:
+        raise CompareError("give at least two VAEs: the reference first, then the candidates")
+    vaes = [coerce_vae(s, device=device, dtype=dtype) for s in specs]
+    fid, reason = None, "not computed: rfid disabled"
+    if rfid:
+        from vaeprobe.probes.fid import FIDFeatures, find_fid_weights, missing_fid_weights_reason
+
+        path = find_fid_weights(inception)
+        if path is None:
+            reason = missing_fid_weights_reason(inception)
+        else:
+            fid = FIDFeatures(path, device=vaes[0].device)
+    job = CompareJob(vaes, images, size=size, fit=fit, scan=scan, mechanism=mechanism, fid=fid)
+    job.fid_reason = reason
+    return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -1,77 +1,110 @@
 """The ``vaeprobe latents`` job: latent maps, spot table and dataset statistics over a folder of images."""
 
 from __future__ import annotations
-import time
+
 import pandas as pd
-from vaeprobe.probes.latents import (DEFAULT_THRESHOLD, LatentStats, SPOT_COLUMNS, find_spots, image_moments, latent_maps)
+
+from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job, vae_config
+from vaeprobe.probes.latents import DEFAULT_THRESHOLD, SPOT_COLUMNS, LatentStats, find_spots, image_moments, latent_maps
 
 
-# -- the `vaeprobe latents` job ------------------------------------------------------------------------------
+def safe_name(name: str) -> str:
+    """``name`` with only letters, digits and ``-_.`` (others become ``_``), at most 80 characters, for file names.
 
-def _safe(name: str) -> str:
+    >>> safe_name("a photo/of a cat.png")
+    'a_photo_of_a_cat.png'
+    """
     keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     return keep[:80] or "image"
 
 
-def run_latents(vae, images, out, size: int | None = None, fit: str = "crop", threshold: float = DEFAULT_THRESHOLD,
-                top_k: int = 3, resume: bool = False, overwrite: bool = False, maps: bool = True,
-                progress: bool = True, positions_table: bool = True):
+class LatentsJob(Job):
+    """Per image: the posterior's maps, spot candidates and moments (see :func:`run_latents`)."""
+
+    name = desc = "latents"
+
+    def __init__(self, vae, images, *, size, fit, threshold, top_k, maps, positions_table):
+        self.vae, self.images, self.size, self.fit = vae, images, size, fit
+        self.factor = vae.factor
+        self.threshold, self.top_k, self.maps, self.positions_table = threshold, top_k, maps, positions_table
+        self.stats = LatentStats()
+
+    def config(self) -> dict:
+        return {"job": "latents", "vae": vae_config(self.vae), "images": str(self.images), "size": self.size,
+                "fit": self.fit, "threshold": self.threshold, "top_k": self.top_k, "maps": self.maps,
+                "positions_table": self.positions_table}
+
+    def process(self, run: RunDir, key: str, img) -> None:
+        post = self.vae.encode(img.tensor())
+        m = latent_maps(post, [img.name])[0]
+        spots = find_spots(m, threshold=self.threshold, top_k=self.top_k)
+        cells = [(int(r), int(c)) for r, c in spots.loc[spots.is_spot, ["row", "col"]].values]
+        summary = {**m.summary(), "n_spots": len(cells), "source": img.source}
+        meta = {"image": img.name, "summary": summary, "moments": image_moments(post.mean[0], cells),
+                "spots": cells, "spot_table": spots.to_dict(orient="list")}
+        if self.maps:
+            from vaeprobe.reports.plots import save_latent_maps
+
+            save_latent_maps(run.path / "maps" / f"{key}-{safe_name(img.name)}.png", img.array, m, cells)
+        run.write_part(key, m.table() if self.positions_table else None, meta)
+
+    def collect(self, run: RunDir, key: str, meta: dict) -> None:
+        self.stats.add_summary(meta["summary"], meta["moments"], [tuple(c) for c in meta["spots"]])
+        run.bar.set_postfix(spots=self.stats.n_spot_images)
+
+    def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        if self.positions_table:
+            run.concat("positions.parquet", keys)
+        metas = [run.meta(k) for k in keys]
+        run.write_table("images.parquet", pd.DataFrame([m["summary"] for m in metas]))
+        frames = [pd.DataFrame(m["spot_table"], columns=SPOT_COLUMNS) for m in metas]
+        spot_table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SPOT_COLUMNS)
+        run.write_table("spots.parquet", spot_table.astype({"image": str}))
+        return {**self.stats.summary(), "threshold": self.threshold, "vae": vae_config(self.vae),
+                "images": str(self.images)}
+
+
+def run_latents(vae, images, out, *, size: int | None = None, fit: str = "crop",
+                threshold: float = DEFAULT_THRESHOLD, top_k: int = 3, resume: bool = False, overwrite: bool = False,
+                maps: bool = True, progress: bool = True, positions_table: bool = True, device=None,
+                dtype=None) -> RunDir:
     """Encode ``images`` with ``vae``; write maps, spot candidates and dataset statistics to run directory ``out``.
 
-    Files: ``config.json``; ``positions.parquet`` (one row per image and latent position, columns of
-    :meth:`LatentMaps.table`); ``images.parquet`` (one row per image, :meth:`LatentMaps.summary` plus
-    ``n_spots``); ``spots.parquet`` (:func:`find_spots`); ``summary.json`` (:meth:`LatentStats.summary`, skipped
-    inputs); ``maps/NNNNNN-NAME.png`` (image, norm ratio, raw log-variance and KL maps, spots circled). Each
-    image's results are first written as a part under ``parts/``; ``resume=True`` skips finished images.
-    Returns the :class:`~vaeprobe.jobs.runner.RunDir`.
+    Parameters
+    ----------
+    vae : VAE or str
+        An adapter or any spec of :func:`~vaeprobe.models.loading.load_vae` (loaded on ``device``/``dtype``).
+    images : str, path or sequence
+        What :func:`~vaeprobe.data.images.iter_images` reads (a folder, files, ``builtin:NAME``, a dataset).
+    out : path
+        The run directory.
+    size, fit : int or None, str
+        Resize to ``size`` px on the short side (``None``: native) and fit to the latent grid by ``fit``.
+    threshold, top_k : float, int
+        The spot rule of :func:`~vaeprobe.probes.latents.find_spots` and how many candidates per image.
+    resume, overwrite : bool
+        Skip the images a killed run finished; or discard an existing run in ``out``.
+    maps, positions_table : bool
+        Write the per-image map figures; write ``positions.parquet``.
+
+    Returns
+    -------
+    RunDir
+        The run directory; ``summary`` holds ``summary.json``. Files: ``config.json``; ``positions.parquet`` (one
+        row per image and latent position, columns of :meth:`LatentMaps.table`); ``images.parquet`` (one row per
+        image, :meth:`LatentMaps.summary` plus ``n_spots``); ``spots.parquet`` (:func:`find_spots`);
+        ``summary.json`` (:meth:`LatentStats.summary`, skipped inputs, failed images); ``maps/NNNNNN-NAME.png``
+        (image, norm ratio, raw log-variance and KL maps, spots circled).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = run_latents("builtin:tiny-random", "builtin:photos-heldout", tempfile.mkdtemp(), size=32,
+    ...                   maps=False, progress=False)
+    >>> run.summary["n_images"], sorted(p.name for p in run.path.glob("*.parquet"))
+    (7, ['images.parquet', 'positions.parquet', 'spots.parquet'])
     """
-    from vaeprobe.jobs.runner import RunDir
-    from vaeprobe.models.loading import load_vae
-
-    if not hasattr(vae, "encode") or not hasattr(vae, "factor"):
-        vae = load_vae(vae)
-    config = {"job": "latents", "vae": vae.info(), "images": str(images), "size": size, "fit": fit,
-              "threshold": threshold, "top_k": top_k, "maps": maps, "positions_table": positions_table}
-    config["vae"].pop("device", None)
-    started = time.perf_counter()
-    run = RunDir(out, config, resume=resume, overwrite=overwrite)
-    skipped: list = []
-    stats = LatentStats()
-    keys: list[str] = []
-    for key, img, done in run.items(images, vae.factor, fit, size, skipped, "latents", progress):
-        keys.append(key)
-        if not done:
-            with run.guard(key, img.name):
-                post = vae.encode(img.tensor())
-                m = latent_maps(post, [img.name])[0]
-                spots = find_spots(m, threshold=threshold, top_k=top_k)
-                cells = [(int(r), int(c)) for r, c in spots.loc[spots.is_spot, ["row", "col"]].values]
-                summary = {**m.summary(), "n_spots": len(cells), "source": img.source}
-                meta = {"image": img.name, "summary": summary, "moments": image_moments(post.mean[0], cells),
-                        "spots": cells, "spot_table": spots.to_dict(orient="list")}
-                if maps:
-                    from vaeprobe.reports.plots import save_latent_maps
-
-                    save_latent_maps(run.path / "maps" / f"{key}-{_safe(img.name)}.png", img.array, m, cells)
-                run.write_part(key, m.table() if positions_table else None, meta)
-        if not run.is_done(key):
-            continue
-        meta = run.meta(key)
-        stats.add_summary(meta["summary"], meta["moments"], [tuple(c) for c in meta["spots"]])
-        run.bar.set_postfix(spots=stats.n_spot_images)
-    keys = run.finished(keys)
-    if positions_table:
-        run.concat("positions.parquet", keys)
-    image_rows, spot_frames = [], []
-    for key in keys:
-        meta = run.meta(key)
-        image_rows.append(meta["summary"])
-        spot_frames.append(pd.DataFrame(meta["spot_table"], columns=SPOT_COLUMNS))
-    run.write_table("images.parquet", pd.DataFrame(image_rows))
-    spot_table = pd.concat(spot_frames, ignore_index=True) if spot_frames else pd.DataFrame(columns=SPOT_COLUMNS)
-    run.write_table("spots.parquet", spot_table.astype({"image": str}))
-    summary = {**stats.summary(), "threshold": threshold, "vae": config["vae"], "images": str(images),
-               "skipped": [str(s) for s in skipped], "failed": run.failed}
-    run.write_json("summary.json", summary)
-    run.finish(time.perf_counter() - started)
-    return run
+    vae = coerce_vae(vae, device=device, dtype=dtype)
+    job = LatentsJob(vae, images, size=size, fit=fit, threshold=threshold, top_k=top_k, maps=maps,
+                     positions_table=positions_table)
+    return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

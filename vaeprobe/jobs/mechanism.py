@@ -5,6 +5,7 @@ import re
 import time
 import numpy as np
 import pandas as pd
+from vaeprobe.jobs.runner import Job, RunDir, check_operator, check_positions, coerce_vae, run_job, vae_config
 from vaeprobe.probes.latents import robust_channel_stats
 from vaeprobe.probes.perturb import parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS
@@ -13,10 +14,92 @@ from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, Mechanism
 
 # -- the `vaeprobe mechanism` job --------------------------------------------------------------------------------
 
-def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", attention: str = "context",
+class MechanismJob(Job):
+    """Per image: pathway attribution, attention mass and GroupNorm droplets (see :func:`run_mechanism`)."""
+
+    name = desc = "mechanism"
+
+    def __init__(self, vae, images, *, positions, op, attention, size, fit, radius, batch, seed, figures):
+        self.vae, self.images, self.size, self.fit, self.factor = vae, images, size, fit, vae.factor
+        self.positions, self.op, self.attention, self.radius = positions, op, attention, radius
+        self.batch, self.seed, self.figures = batch, seed, figures
+        self.layers = pathway_layers(vae)
+
+    def config(self) -> dict:
+        return {"job": "mechanism", "vae": vae_config(self.vae), "images": str(self.images),
+                "positions": self.positions, "op": self.op, "attention": self.attention, "size": self.size,
+                "fit": self.fit, "radius": self.radius, "seed": self.seed,
+                "layers": {k: len(v) for k, v in self.layers.items()}}
+
+    def _attention_rows(self, run: RunDir, key: str, img, x, z, top) -> list[dict]:
+        rows = []
+        for part, arg in (("decoder", z), ("encoder", x)):
+            for m in attention_mass(self.vae, arg, part):
+                h, w = m.mass.shape
+                cell = (min(h - 1, top[0] * h // z.shape[-2]), min(w - 1, top[1] * w // z.shape[-1]))
+                am = m.argmax()
+                rows.append({"part": part, "layer": m.layer, "call": m.call, "top_norm_row": top[0],
+                             "top_norm_col": top[1], "sink_score": m.sink_score(cell), "max_mass": float(m.mass.max()),
+                             "max_row": am[0], "max_col": am[1], "max_over_median": m.sink_score(am)})
+                if self.figures:
+                    _save_mass(run.path / "figures" / f"{key}_attention_{part}_{m.call}_{_slug(m.layer)}.png", m,
+                               img.name)
+        return rows
+
+    def process(self, run: RunDir, key: str, img) -> None:
+        from vaeprobe.probes.scan import select_sites
+
+        t0 = time.perf_counter()
+        x = img.tensor()
+        z = self.vae.encode(x).mean
+        norm = z[0].norm(dim=0)
+        top = divmod(int(norm.argmax()), z.shape[-1])
+        operator = parse_operator(self.op, stats=robust_channel_stats(z), seed=self.seed)
+        sites = select_sites(self.positions, z.shape[-2:], norm=norm)
+        cost = MechanismCost()
+        df = attribute_pathways(self.vae, z, sites, operator, radius=self.radius, attention=self.attention,
+                                batch=self.batch, cost=cost)
+        df.insert(0, "image", img.name)
+        att_rows = self._attention_rows(run, key, img, x, z, top)
+        drops = droplet_layers(groupnorm_droplets(self.vae, z))
+        if self.figures:
+            _save_shares(run.path / "figures" / f"{key}_shares.png", df, img.name)
+            _save_droplets(run.path / "figures" / f"{key}_groupnorm.png", drops, img.name)
+        meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
+                "top_norm": list(top), "positions": len(df), "decodes": cost.decodes,
+                "dominant": df.dominant.value_counts().to_dict() if len(df) else {},
+                "attention": att_rows, "groupnorm": drops.to_dict("records"),
+                "seconds": round(time.perf_counter() - t0, 3)}
+        run.write_part(key, df, meta)
+
+    def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        table = run.concat("mechanism.parquet", keys)
+        metas = [run.meta(k) for k in keys]
+        att = pd.DataFrame([{"image": m["image"], **r} for m in metas for r in m["attention"]])
+        gn = pd.DataFrame([{"image": m["image"], **r} for m in metas for r in m["groupnorm"]])
+        run.write_table("attention.parquet", att)
+        run.write_table("groupnorm.parquet", gn)
+        counts: dict[str, int] = {}
+        for m in metas:
+            for k, v in m["dominant"].items():
+                counts[k] = counts.get(k, 0) + int(v)
+        return {"n_images": len(metas), "positions": int(sum(m["positions"] for m in metas)),
+                "dominant": counts, "attention": self.attention, "op": self.op, "radius": self.radius,
+                "decodes": int(sum(m["decodes"] for m in metas)), "seconds": float(sum(m["seconds"] for m in metas)),
+                "median_shares": ({p: float(table[f"share_{p}"].median()) for p in PATHWAYS}
+                                  if table is not None and len(table) else {}),
+                "attention_layers": ([] if att.empty else att.groupby(["part", "layer"]).agg(
+                    median_sink_score=("sink_score", "median"), median_max_over_median=("max_over_median", "median"))
+                    .reset_index().to_dict("records")),
+                "groupnorm_layers": ([] if gn.empty else gn.groupby(["order", "layer"]).agg(
+                    median_max_share=("max_share", "median")).reset_index().to_dict("records")),
+                "vae": vae_config(self.vae)}
+
+
+def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero", attention: str = "context",
                   size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS, batch: int = 8,
                   seed: int = 0, figures: bool = True, resume: bool = False, overwrite: bool = False,
-                  progress: bool = True):
+                  progress: bool = True, device=None, dtype=None) -> RunDir:
     """Attribute the pathways for the chosen positions of every image and write a run directory ``out``.
 
     Files: ``config.json``; ``parts/NNNNNN.parquet`` + ``.json`` per image (atomic; ``resume=True`` skips
@@ -25,94 +108,17 @@ def run_mechanism(vae, images, out, positions: str = "top:1", op: str = "zero", 
     and encoder: the sink score at the image's largest-norm cell, the largest mass and where it is);
     ``groupnorm.parquet`` (per image and decoder GroupNorm call: the droplet share of the strongest group, where,
     and the median share); ``figures/NAME.png`` (shares per position, attention mass maps, droplet shares over
-    layers); ``summary.json`` (dominant-pathway counts). Returns the :class:`~vaeprobe.jobs.runner.RunDir`.
+    layers); ``summary.json`` (dominant-pathway counts). Returns the :class:`~vaeprobe.jobs.runner.RunDir`
+    (``summary`` holds ``summary.json``).
     """
-    from vaeprobe.jobs.runner import RunDir
-    from vaeprobe.probes.scan import select_sites
-    from vaeprobe.models.loading import load_vae
-
     if attention not in ATTENTION_MODES:
         raise MechanismError(f"unknown attention freezing {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
-    if not (isinstance(positions, str) and re.fullmatch(r"all|grid:\d+|top:\d+|list:[\d,;\s]+",
-                                                        positions.strip().lower())):
-        raise MechanismError(f"unknown positions {positions!r}; use all, grid:S, top:K or list:R,C;R,C")
-    if not hasattr(vae, "encode") or not hasattr(vae, "factor"):
-        vae = load_vae(vae)
-    parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels}, seed=seed)
-    layers = pathway_layers(vae)
-    info = vae.info()
-    info.pop("device", None)
-    config = {"job": "mechanism", "vae": info, "images": str(images), "positions": positions, "op": op,
-              "attention": attention, "size": size, "fit": fit, "radius": radius, "seed": seed,
-              "layers": {k: len(v) for k, v in layers.items()}}
-    started = time.perf_counter()
-    run = RunDir(out, config, resume=resume, overwrite=overwrite)
-    fig_dir = run.path / "figures"
-    skipped: list = []
-    keys: list[str] = []
-    for key, img, done in run.items(images, vae.factor, fit, size, skipped, "mechanism", progress):
-        keys.append(key)
-        if done:
-            continue
-        with run.guard(key, img.name):
-            t0 = time.perf_counter()
-            x = img.tensor()
-            z = vae.encode(x).mean
-            norm = z[0].norm(dim=0)
-            top = divmod(int(norm.argmax()), z.shape[-1])
-            stats = robust_channel_stats(z)
-            operator = parse_operator(op, stats=stats, seed=seed)
-            sites = select_sites(positions, z.shape[-2:], norm=norm)
-            cost = MechanismCost()
-            df = attribute_pathways(vae, z, sites, operator, radius=radius, attention=attention, batch=batch, cost=cost)
-            df.insert(0, "image", img.name)
-            att_rows = []
-            for part, arg in (("decoder", z), ("encoder", x)):
-                for m in attention_mass(vae, arg, part):
-                    h, w = m.mass.shape
-                    cell = (min(h - 1, top[0] * h // z.shape[-2]), min(w - 1, top[1] * w // z.shape[-1]))
-                    am = m.argmax()
-                    att_rows.append({"part": part, "layer": m.layer, "call": m.call, "top_norm_row": top[0],
-                                     "top_norm_col": top[1], "sink_score": m.sink_score(cell),
-                                     "max_mass": float(m.mass.max()), "max_row": am[0], "max_col": am[1],
-                                     "max_over_median": m.sink_score(am)})
-                    if figures:
-                        _save_mass(fig_dir / f"{key}_attention_{part}_{m.call}_{_slug(m.layer)}.png", m, img.name)
-            drops = droplet_layers(groupnorm_droplets(vae, z))
-            if figures:
-                _save_shares(fig_dir / f"{key}_shares.png", df, img.name)
-                _save_droplets(fig_dir / f"{key}_groupnorm.png", drops, img.name)
-            meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
-                    "top_norm": list(top), "positions": len(df), "decodes": cost.decodes,
-                    "dominant": df.dominant.value_counts().to_dict() if len(df) else {},
-                    "attention": att_rows, "groupnorm": drops.to_dict("records"),
-                    "seconds": round(time.perf_counter() - t0, 3)}
-            run.write_part(key, df, meta)
-    keys = run.finished(keys)
-    table = run.concat("mechanism.parquet", keys)
-    metas = [run.meta(k) for k in keys]
-    att = pd.DataFrame([{"image": m["image"], **r} for m in metas for r in m["attention"]])
-    gn = pd.DataFrame([{"image": m["image"], **r} for m in metas for r in m["groupnorm"]])
-    run.write_table("attention.parquet", att)
-    run.write_table("groupnorm.parquet", gn)
-    counts: dict[str, int] = {}
-    for m in metas:
-        for k, v in m["dominant"].items():
-            counts[k] = counts.get(k, 0) + int(v)
-    summary = {"n_images": len(metas), "positions": int(sum(m["positions"] for m in metas)),
-               "dominant": counts, "attention": attention, "op": op, "radius": radius,
-               "decodes": int(sum(m["decodes"] for m in metas)), "seconds": float(sum(m["seconds"] for m in metas)),
-               "median_shares": ({p: float(table[f"share_{p}"].median()) for p in PATHWAYS}
-                                 if table is not None and len(table) else {}),
-               "attention_layers": ([] if att.empty else att.groupby(["part", "layer"]).agg(
-                   median_sink_score=("sink_score", "median"), median_max_over_median=("max_over_median", "median"))
-                   .reset_index().to_dict("records")),
-               "groupnorm_layers": ([] if gn.empty else gn.groupby(["order", "layer"]).agg(
-                   median_max_share=("max_share", "median")).reset_index().to_dict("records")),
-               "skipped": [str(s) for s in skipped], "failed": run.failed, "vae": info}
-    run.write_json("summary.json", summary)
-    run.finish(time.perf_counter() - started)
-    return run
+    check_positions(positions, MechanismError)
+    vae = coerce_vae(vae, device=device, dtype=dtype)
+    check_operator(op, vae, seed=seed)
+    job = MechanismJob(vae, images, positions=positions, op=op, attention=attention, size=size, fit=fit,
+                       radius=radius, batch=batch, seed=seed, figures=figures)
+    return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def _slug(name: str) -> str:

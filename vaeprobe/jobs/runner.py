@@ -1,4 +1,5 @@
-"""Run directories: a config, per-item part files written atomically, and resume after a kill.
+"""The job runner: run directories (a config, per-item part files written atomically, resume after a kill) and
+:func:`run_job`, the one loop every job goes through.
 
 Every long job (``vaeprobe latents``, ``vaeprobe scan``) writes one part per finished item (image) under
 ``parts/`` with an atomic rename, so a killed run leaves only whole parts behind. Rerun with ``resume=True`` and
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -184,20 +186,17 @@ class RunDir:
         rows = pq.ParquetFile(target).metadata.num_rows if files else 0
         return pd.read_parquet(target) if rows < 2_000_000 else None
 
-    def items(self, images: Any, factor: int, fit: str, size: int | None, skipped: list, desc: str,
-              progress: bool = True) -> Iterator[tuple[str, Any, bool]]:
-        """Yield ``(key, image, done)`` for every readable image of ``images`` (keys ``000000``, ``000001``, ...)
-        with a progress bar (``self.bar`` while it runs); ``done`` is true when a finished part of the same image
-        exists, so the caller skips it. Unreadable inputs are appended to ``skipped`` and the run goes on."""
+    def iterate(self, units: Iterable[tuple[str, str, Any]], desc: str, *, unit: str = "img",
+                progress: bool = True) -> Iterator[tuple[str, Any, bool]]:
+        """Yield ``(key, item, done)`` for every ``(key, name, item)`` of ``units`` with a progress bar (``self.bar``
+        while it runs); ``done`` is true when a finished part of the same key and name exists, so the caller skips
+        it."""
         from tqdm import tqdm
 
-        from vaeprobe.data.images import iter_images
-
-        self.bar = tqdm(desc=desc, unit="img", file=sys.stderr, disable=not progress)
+        self.bar = tqdm(desc=desc, unit=unit, file=sys.stderr, disable=not progress)
         try:
-            for i, img in enumerate(iter_images(images, factor=factor, policy=fit, size=size, skipped=skipped)):
-                key = f"{i:06d}"
-                yield key, img, self.is_done(key) and self.meta(key).get("image") == img.name
+            for key, name, item in units:
+                yield key, item, self.is_done(key) and self.meta(key).get("image") == name
                 self.bar.update(1)
         finally:
             self.bar.close()
@@ -226,3 +225,127 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# -- the job runner ------------------------------------------------------------------------------------------------
+
+POSITIONS = re.compile(r"all|grid:\d+|top:\d+|list:[\d,;\s]+")
+
+
+def coerce_vae(vae, *, device=None, dtype=None):
+    """``vae`` as a :class:`~vaeprobe.models.adapter.VAE` adapter: a spec is loaded, an adapter moved to ``device``
+    and ``dtype`` when given."""
+    from vaeprobe.models.loading import load_vae
+
+    if hasattr(vae, "encode") and hasattr(vae, "factor") and device is None and dtype is None:
+        return vae
+    return load_vae(vae, device=device, dtype=dtype)
+
+
+def vae_config(vae) -> dict:
+    """The VAE's description for ``config.json`` (without the device, which does not decide the results)."""
+    info = vae.info()
+    info.pop("device", None)
+    return info
+
+
+def check_positions(positions, error: type[Exception]) -> None:
+    """Fail fast on a positions spec that :func:`~vaeprobe.probes.scan.select_sites` would refuse."""
+    if not (isinstance(positions, str) and POSITIONS.fullmatch(positions.strip().lower())):
+        raise error(f"unknown positions {positions!r}; use all, grid:S, top:K or list:R,C;R,C")
+
+
+def check_operator(op: str, vae, *, seed: int = 0) -> None:
+    """Fail fast on an operator spec (parsed once against neutral statistics)."""
+    import torch
+
+    from vaeprobe.probes.perturb import parse_operator
+
+    parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels},
+                   other=torch.zeros(1, vae.latent_channels, 1, 1), seed=seed)
+
+
+def image_units(images, *, factor: int, fit: str, size: int | None,
+                skipped: list) -> Iterator[tuple[str, str, Any]]:
+    """``(key, name, image)`` for every readable image of ``images`` (keys ``000000``, ``000001``, ...);
+    unreadable inputs are appended to ``skipped``."""
+    from vaeprobe.data.images import iter_images
+
+    for i, img in enumerate(iter_images(images, factor=factor, policy=fit, size=size, skipped=skipped)):
+        yield f"{i:06d}", img.name, img
+
+
+class Job:
+    """What one job adds to the runner: its settings, its per-item work and its summary.
+
+    Subclasses set :attr:`name` and :attr:`desc` and implement :meth:`config`, :meth:`process` (one item: write
+    its part with ``run.write_part``) and :meth:`summarise` (write the final tables from the finished parts and
+    return the summary dict). :meth:`units` yields ``(key, name, item)``; by default the images of
+    ``self.images`` at ``self.factor``, ``self.fit`` and ``self.size``.
+    """
+
+    name = "job"
+    desc = "job"
+    unit = "img"
+    images: Any = None
+    factor = 1
+    fit = "crop"
+    size: int | None = None
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def units(self, skipped: list) -> Iterator[tuple[str, str, Any]]:
+        return image_units(self.images, factor=self.factor, fit=self.fit, size=self.size, skipped=skipped)
+
+    def process(self, run: "RunDir", key: str, item: Any) -> None:
+        raise NotImplementedError
+
+    def collect(self, run: "RunDir", key: str, meta: dict) -> None:
+        """Called for every finished item (new or resumed), in order: running totals, the bar's postfix."""
+
+    def summarise(self, run: "RunDir", keys: list[str]) -> dict:
+        raise NotImplementedError
+
+    def after(self, run: "RunDir", summary: dict) -> None:
+        """Called once ``summary.json`` and ``run.json`` are written (a report, for instance)."""
+
+
+def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> "RunDir":
+    """Run ``job`` into the run directory ``out``: every item once (finished ones skipped with ``resume``), a
+    failing item reported in one line and recorded while the run goes on, then the job's summary (plus the
+    skipped inputs and failed items) in ``summary.json`` and ``run.json``. Returns the :class:`RunDir`, whose
+    ``summary`` attribute holds the summary.
+
+    >>> import tempfile, pandas as pd
+    >>> class Count(Job):
+    ...     name = desc = "count"
+    ...     def config(self): return {"job": "count"}
+    ...     def units(self, skipped): return ((f"{i:06d}", str(i), i) for i in range(3))
+    ...     def process(self, run, key, item): run.write_part(key, pd.DataFrame({"x": [item]}), {"image": str(item)})
+    ...     def summarise(self, run, keys): return {"total": int(run.concat("x.parquet", keys).x.sum())}
+    >>> run_job(Count(), tempfile.mkdtemp(), progress=False).summary["total"]
+    3
+    """
+    import time
+
+    started = time.perf_counter()
+    run = RunDir(out, job.config(), resume=resume, overwrite=overwrite)
+    skipped: list = []
+    keys: list[str] = []
+    for key, item, done in run.iterate(job.units(skipped), job.desc, unit=job.unit, progress=progress):
+        keys.append(key)
+        if not done:
+            with run.guard(key, getattr(item, "name", str(item))):
+                job.process(run, key, item)
+        if run.is_done(key):
+            job.collect(run, key, run.meta(key))
+    keys = run.finished(keys)
+    summary = job.summarise(run, keys)
+    summary.setdefault("skipped", [str(s) for s in skipped])
+    summary.setdefault("failed", run.failed)
+    run.write_json("summary.json", summary)
+    run.finish(time.perf_counter() - started)
+    run.summary = summary
+    job.after(run, summary)
+    return run

@@ -1,13 +1,16 @@
 """The ``vaeprobe scan`` job: a perturbation scan per image, with verdicts, kept decodes and a summary."""
 
 from __future__ import annotations
+
+import json
 import math
-import re
 import time
 from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+
+from vaeprobe.jobs.runner import Job, RunDir, check_operator, check_positions, coerce_vae, run_job, vae_config
 from vaeprobe.probes.latents import robust_channel_stats
 from vaeprobe.probes.perturb import parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS
@@ -38,20 +41,159 @@ def _sum_counts(dicts) -> dict:
     return out
 
 
-def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: str = "exact",
+class ScanJob(Job):
+    """Per image: a perturbation scan with verdicts (see :func:`run_scan`)."""
+
+    name = "scan"
+
+    def __init__(self, vae, images, *, op, positions, mode, size, fit, radius, measures, batch, n_probes, seed,
+                 patch, channel, threshold, swap_with, keep_images, verdicts, evidence, n_donors, progress):
+        self.vae, self.images, self.size, self.fit, self.factor = vae, images, size, fit, vae.factor
+        self.op, self.positions, self.mode, self.radius, self.measures = op, positions, mode, radius, list(measures)
+        self.batch, self.n_probes, self.seed, self.patch, self.channel = batch, n_probes, seed, patch, channel
+        self.threshold, self.swap_with, self.n_donors = threshold, swap_with, n_donors
+        self.keep_images = keep_images if mode != "linear" else 0
+        self.verdicts, self.evidence, self.progress = bool(verdicts), evidence, progress
+        self.desc = f"scan ({mode})"
+        self.lpips_model = None
+        if "lpips" in self.measures:
+            from vaeprobe.probes.metrics import get_lpips
+
+            self.lpips_model = get_lpips(vae.device)
+        self._partner: dict = {}
+        self._donors: dict = {}
+
+    def config(self) -> dict:
+        return {"job": "scan", "vae": vae_config(self.vae), "images": str(self.images), "op": self.op,
+                "positions": self.positions, "mode": self.mode, "verdicts": self.verdicts,
+                "evidence": self.evidence, "n_donors": self.n_donors, "size": self.size, "fit": self.fit,
+                "radius": self.radius, "measures": self.measures, "n_probes": self.n_probes, "seed": self.seed,
+                "patch": self.patch, "channel": self.channel, "threshold": self.threshold,
+                "keep_images": self.keep_images}
+
+    def _swap_images(self, n: int, shape: tuple[int, int]) -> list:
+        """The first ``n`` images of ``swap_with`` resized to ``shape``, as ``[1, 3, H, W]`` tensors in [-1, 1]."""
+        from vaeprobe.data.images import iter_images, resize
+
+        got = []
+        for item in iter_images(self.swap_with, factor=1, report=lambda s: None):
+            arr = resize(item.array, shape[0], shape[1])
+            got.append((item.name, torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() * 2 - 1))
+            if len(got) >= n:
+                break
+        return got
+
+    def donors(self, shape: tuple[int, int]):
+        """The swap test's donors at this image size (cached)."""
+        if shape not in self._donors:
+            from vaeprobe.probes.verdict import make_donors
+
+            got = self._swap_images(self.n_donors, shape)
+            self._donors[shape] = make_donors(self.vae, [x for _, x in got], [n for n, _ in got]) if got else None
+        return self._donors[shape]
+
+    def swap_latent(self, shape: tuple[int, int]) -> torch.Tensor:
+        """The ``swap`` operator's partner latent at this image size (cached)."""
+        if shape not in self._partner:
+            got = self._swap_images(1, shape)
+            if not got:
+                raise ScanError(f"--swap-with {self.swap_with!r} holds no readable image")
+            self._partner[shape] = self.vae.encode(got[0][1]).mean
+        return self._partner[shape]
+
+    def _scan(self, run: RunDir, z, ref, norm, operator, cost, keep, field):
+        vae, mode = self.vae, self.mode
+        common = {"radius": self.radius, "measures": self.measures, "batch": self.batch, "ref": ref,
+                  "lpips_model": self.lpips_model, "cost": cost, "keep": keep, "field": field}
+        if mode == "exact":
+            sites = select_sites(self.positions, z.shape[-2:], norm=norm, size=self.patch, channel=self.channel)
+            return exact_scan(vae, z, sites, operator, progress=self.progress, **common)
+        if mode == "linear":
+            return linear_scan(vae, z, n_probes=self.n_probes, radius=self.radius, seed=self.seed, cost=cost)
+        df = two_stage_scan(vae, z, operator, norm=norm, seed=self.seed, **common)
+        if df.attrs.get("linear_fallback"):
+            run.say(f"vaeprobe: note: {vae.spec}: no linear map, since the decoder is not differentiable "
+                    f"({df.attrs['linear_fallback']}); two-stage takes latent-norm candidates and a larger "
+                    f"random control sample instead", once=True)
+        return df
+
+    def process(self, run: RunDir, key: str, img) -> None:
+        vae = self.vae
+        t0 = time.perf_counter()
+        z = vae.encode(img.tensor()).mean
+        norm = z[0].norm(dim=0)
+        stats = robust_channel_stats(z)
+        other = self.swap_latent(tuple(img.array.shape[:2])) if "swap" in self.op else None
+        operator = parse_operator(self.op, stats=stats, other=other, seed=self.seed)
+        cost = ScanCost()
+        ref = vae.decode(z)
+        keep = KeptDecodes(self.keep_images) if self.keep_images else None
+        field = None
+        if self.verdicts and self.mode != "linear":
+            from vaeprobe.probes.verdict import receptive_field
+
+            field = receptive_field(vae, z, ref, seed=self.seed, exclude=stats["excluded"])
+            cost.decodes += len(field.cells)
+        df = self._scan(run, z, ref, norm, operator, cost, keep, field)
+        kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
+        df.insert(0, "image", img.name)
+        profiles = None
+        if field is not None:
+            from vaeprobe.probes.verdict import attach_verdicts
+
+            df = attach_verdicts(vae, z, ref, df, field, donors=self.donors(tuple(img.array.shape[:2])),
+                                 evidence=self.evidence, cost=cost)
+            profiles = df.attrs.get("profiles")
+        else:
+            df["verdict"] = None
+            df["is_global"] = False
+        meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
+                **self._top(df), "n_global": int(df["is_global"].sum()), "positions": len(df),
+                "verdicts": {str(k): int(v) for k, v in df["verdict"].value_counts().items()},
+                "erf": float(field.erf) if field is not None else math.nan, "profiles": profiles,
+                "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
+                "linear_fallback": df.attrs.get("linear_fallback"), "seconds": round(time.perf_counter() - t0, 3)}
+        run.write_part(key, df, meta)
+
+    def _top(self, df: pd.DataFrame) -> dict:
+        score = "global_ratio" if "global_ratio" in df else "far_ratio"
+        top = df.loc[df[score].idxmax()] if score in df and df[score].notna().any() else None
+        return {"top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
+                "top_ratio": float(top[score]) if top is not None else math.nan,
+                "n_ratio_over": int((df[score] >= self.threshold).sum()) if score in df else 0}
+
+    def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        run.concat("scan.parquet", keys)
+        rows = [run.meta(k) for k in keys]
+        # nested per-image records stay in parts/*.json; the table keeps flat columns (verdict counts as JSON text)
+        images_df = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("profiles", "verdicts")},
+                                   "verdicts": json.dumps(r.get("verdicts") or {}, sort_keys=True)} for r in rows])
+        run.write_table("images.parquet", images_df)
+        with_verdicts = self.verdicts and self.mode != "linear"
+        return {"n_images": len(rows), "mode": self.mode, "op": self.op, "threshold": self.threshold,
+                "global_rate": (float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan)
+                if with_verdicts else math.nan,
+                "verdicts": _sum_counts(r.get("verdicts") or {} for r in rows),
+                "decodes": int(sum(r["decodes"] for r in rows)), "seconds": float(sum(r["seconds"] for r in rows)),
+                "linear_fallback": sorted({r["linear_fallback"] for r in rows if r.get("linear_fallback")}),
+                "vae": vae_config(self.vae)}
+
+
+def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode: str = "exact",
              size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
              measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 32, seed: int = 0,
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
              swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
              overwrite: bool = False, progress: bool = True, verdicts: bool = True, evidence: int = 4,
-             n_donors: int = 4):
+             n_donors: int = 4, device=None, dtype=None) -> RunDir:
     """Scan every image of ``images`` and write a run directory ``out``.
 
     Files: ``config.json`` (every setting and the VAE's description), ``parts/NNNNNN.parquet`` + ``.json`` (one
     image each, written atomically; ``resume=True`` skips finished ones), ``scan.parquet`` (one row per image and
     scanned position: ``image, row, col, ...`` measures, ``global_ratio``, the verdict columns, ``is_global``),
     ``images.parquet`` (per image: the top far-field position, its ratio, the verdict counts, decode count and
-    seconds) and ``summary.json``. Returns the :class:`~vaeprobe.jobs.runner.RunDir`.
+    seconds) and ``summary.json``. Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds
+    ``summary.json``).
 
     Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
     ``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
@@ -74,17 +216,11 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
     decode (``rR_cC.png``) and the signed difference (``rR_cC_diff.png``, amplified by the ``gain`` recorded in
     the image's metadata under ``kept``). Reports show them.
     """
-    from vaeprobe.jobs.runner import RunDir
-    from vaeprobe.models.loading import load_vae
-
     if mode not in MODES:
         raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if not (isinstance(positions, str) and re.fullmatch(r"all|grid:\d+|top:\d+|list:[\d,;\s]+", positions.strip().lower())):
-        raise ScanError(f"unknown positions {positions!r}; use all, grid:S, top:K or list:R,C;R,C")
-    if not hasattr(vae, "encode") or not hasattr(vae, "factor"):
-        vae = load_vae(vae)
-    parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels},
-                   other=torch.zeros(1, vae.latent_channels, 1, 1), seed=seed)  # fail fast on a bad spec
+    check_positions(positions, ScanError)
+    vae = coerce_vae(vae, device=device, dtype=dtype)
+    check_operator(op, vae, seed=seed)
     if mode == "linear":
         from vaeprobe.probes.linear import check_differentiable
 
@@ -93,133 +229,8 @@ def run_scan(vae, images, out, op: str = "zero", positions: str = "all", mode: s
         if reason:
             raise ScanError(f"{vae.spec}: --mode linear needs a decoder that autograd can go through, but {reason}; "
                             f"use --mode exact or --mode two-stage")
-    info = vae.info()
-    info.pop("device", None)
-    config = {"job": "scan", "vae": info, "images": str(images), "op": op, "positions": positions, "mode": mode,
-              "verdicts": bool(verdicts), "evidence": evidence, "n_donors": n_donors,
-              "size": size, "fit": fit, "radius": radius, "measures": list(measures), "n_probes": n_probes,
-              "seed": seed, "patch": patch, "channel": channel, "threshold": threshold,
-              "keep_images": keep_images if mode != "linear" else 0}
-    started = time.perf_counter()
-    run = RunDir(out, config, resume=resume, overwrite=overwrite)
-    skipped: list = []
-    keys: list[str] = []
-    names: list[str] = []
-    lpips_model = None
-    if "lpips" in measures:
-        from vaeprobe.probes.metrics import get_lpips
-
-        lpips_model = get_lpips(vae.device)
-    partner: dict = {}
-    donor_sets: dict = {}
-
-    def donors_for(shape: tuple[int, int]):
-        if shape not in donor_sets:
-            from vaeprobe.data.images import resize, iter_images
-            from vaeprobe.probes.verdict import make_donors
-
-            got = []
-            for item in iter_images(swap_with, factor=1, report=lambda s: None):
-                got.append(item)
-                if len(got) >= n_donors:
-                    break
-            if not got:
-                donor_sets[shape] = None
-            else:
-                xs = [torch.from_numpy(np.ascontiguousarray(resize(g.array, shape[0], shape[1]))).permute(2, 0, 1)[None]
-                      .float() * 2 - 1 for g in got]
-                donor_sets[shape] = make_donors(vae, xs, [g.name for g in got])
-        return donor_sets[shape]
-
-    def swap_latent(shape: tuple[int, int]) -> torch.Tensor:
-        if shape not in partner:
-            from vaeprobe.data.images import resize, iter_images
-
-            first = next(iter_images(swap_with, factor=1, report=lambda s: None), None)
-            if first is None:
-                raise ScanError(f"--swap-with {swap_with!r} holds no readable image")
-            arr = resize(first.array, shape[0], shape[1])
-            x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() * 2 - 1
-            partner[shape] = vae.encode(x).mean
-        return partner[shape]
-
-    for key, img, done in run.items(images, vae.factor, fit, size, skipped, f"scan ({mode})", progress):
-        keys.append(key)
-        names.append(img.name)
-        if done:
-            continue
-        with run.guard(key, img.name):
-            t0 = time.perf_counter()
-            post = vae.encode(img.tensor())
-            z = post.mean
-            norm = z[0].norm(dim=0)
-            stats = robust_channel_stats(z)
-            other = swap_latent(tuple(img.array.shape[:2])) if "swap" in op else None
-            operator = parse_operator(op, stats=stats, other=other, seed=seed)
-            cost = ScanCost()
-            ref = vae.decode(z)
-            keep = KeptDecodes(keep_images) if keep_images and mode != "linear" else None
-            field = None
-            if verdicts and mode != "linear":
-                from vaeprobe.probes.verdict import receptive_field
-
-                field = receptive_field(vae, z, ref, seed=seed, exclude=stats["excluded"])
-                cost.decodes += len(field.cells)
-            if mode == "exact":
-                sites = select_sites(positions, z.shape[-2:], norm=norm, size=patch, channel=channel)
-                df = exact_scan(vae, z, sites, operator, measures=measures, radius=radius, batch=batch, ref=ref,
-                                lpips_model=lpips_model, progress=progress, cost=cost, keep=keep, field=field)
-            elif mode == "linear":
-                df = linear_scan(vae, z, n_probes=n_probes, radius=radius, seed=seed, cost=cost)
-            else:
-                df = two_stage_scan(vae, z, operator, norm=norm, radius=radius, seed=seed, measures=measures,
-                                    batch=batch, ref=ref, lpips_model=lpips_model, cost=cost, keep=keep,
-                                    field=field)
-                if df.attrs.get("linear_fallback"):
-                    run.say(f"vaeprobe: note: {vae.spec}: no linear map, since the decoder is not differentiable "
-                            f"({df.attrs['linear_fallback']}); two-stage takes latent-norm candidates and a larger "
-                            f"random control sample instead", once=True)
-            kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
-            df.insert(0, "image", img.name)
-            score = "global_ratio" if "global_ratio" in df else "far_ratio"
-            profiles = None
-            if field is not None:
-                from vaeprobe.probes.verdict import attach_verdicts
-
-                df = attach_verdicts(vae, z, ref, df, field, donors=donors_for(tuple(img.array.shape[:2])),
-                                     evidence=evidence, cost=cost)
-                profiles = df.attrs.get("profiles")
-            else:
-                df["verdict"] = None
-                df["is_global"] = False
-            top = df.loc[df[score].idxmax()] if score in df and df[score].notna().any() else None
-            meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
-                    "top_row": int(top.row) if top is not None else -1, "top_col": int(top.col) if top is not None else -1,
-                    "top_ratio": float(top[score]) if top is not None else math.nan,
-                    "n_global": int(df["is_global"].sum()), "positions": len(df),
-                    "n_ratio_over": int((df[score] >= threshold).sum()) if score in df else 0,
-                    "verdicts": {str(k): int(v) for k, v in df["verdict"].value_counts().items()},
-                    "erf": float(field.erf) if field is not None else math.nan, "profiles": profiles,
-                    "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
-                    "linear_fallback": df.attrs.get("linear_fallback"),
-                    "seconds": round(time.perf_counter() - t0, 3)}
-            run.write_part(key, df, meta)
-    keys = run.finished(keys)
-    run.concat("scan.parquet", keys)
-    rows = [run.meta(k) for k in keys]
-    import json
-
-    # nested per-image records stay in parts/*.json; the table keeps flat columns (verdict counts as JSON text)
-    images_df = pd.DataFrame([{**{k: v for k, v in r.items() if k not in ("profiles", "verdicts")},
-                               "verdicts": json.dumps(r.get("verdicts") or {}, sort_keys=True)} for r in rows])
-    run.write_table("images.parquet", images_df)
-    summary = {"n_images": len(rows), "mode": mode, "op": op, "threshold": threshold,
-               "global_rate": (float(np.mean([r["n_global"] > 0 for r in rows])) if rows else math.nan)
-               if verdicts and mode != "linear" else math.nan,
-               "verdicts": _sum_counts(r.get("verdicts") or {} for r in rows),
-               "decodes": int(sum(r["decodes"] for r in rows)), "seconds": float(sum(r["seconds"] for r in rows)),
-               "linear_fallback": sorted({r["linear_fallback"] for r in rows if r.get("linear_fallback")}),
-               "skipped": [str(s) for s in skipped], "failed": run.failed, "vae": info}
-    run.write_json("summary.json", summary)
-    run.finish(time.perf_counter() - started)
-    return run
+    job = ScanJob(vae, images, op=op, positions=positions, mode=mode, size=size, fit=fit, radius=radius,
+                  measures=measures, batch=batch, n_probes=n_probes, seed=seed, patch=patch, channel=channel,
+                  threshold=threshold, swap_with=swap_with, keep_images=keep_images, verdicts=verdicts,
+                  evidence=evidence, n_donors=n_donors, progress=progress)
+    return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

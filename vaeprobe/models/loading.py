@@ -110,19 +110,24 @@ def _load_factory(spec: str, device, dtype) -> VAE:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint opens within ``timeout`` seconds.
+
+    The connection is closed at once. The process-wide default socket timeout is neither read nor changed
+    (the user's own ``socket.setdefaulttimeout`` stays in force).
+    """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(constants.ENDPOINT).hostname or ""
-    try:
-        socket.setdefaulttimeout(timeout)
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
+    endpoint = urlparse(constants.ENDPOINT)
+    if not endpoint.hostname:
         return False
-    finally:
-        socket.setdefaulttimeout(None)
+    try:
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):  # no network, DNS failure, refused, timed out; a malformed port
+        return False
 
 
 def _load_hub(repo_id: str, subfolder: str | None):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vaeprobe.data.images import luma
 from vaeprobe.errors import SetupError
 from . import lpips_weights
 
@@ -48,9 +49,29 @@ def ssim(a: np.ndarray, b: np.ndarray, luminance: bool = False) -> float:
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
-    """BT.601 luma in [0, 1] (MATLAB's ``rgb2ycbcr`` Y channel rescaled to [0, 1])."""
-    img = np.asarray(img, np.float64)
-    return (16.0 + 65.481 * img[..., 0] + 128.553 * img[..., 1] + 24.966 * img[..., 2]) / 255.0
+    """BT.601 studio-range luma in [0, 1]: MATLAB's ``rgb2ycbcr`` Y channel divided by 255.
+
+    That is ``(16 + 219 * luma) / 255`` with the full-range BT.601 luma of :func:`vaeprobe.data.images.luma`
+    (black 16/255, white 235/255).
+
+    Parameters
+    ----------
+    img : numpy.ndarray
+        ``[..., H, W, 3]`` RGB in [0, 1].
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[..., H, W]``, float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> (rgb_to_y(np.ones((1, 1, 3))) * 255).round(6).tolist()
+    [[235.0]]
+    """
+    rgb = torch.from_numpy(np.asarray(img, np.float64)).movedim(-1, -3)
+    return (16.0 + 219.0 * luma(rgb).numpy()) / 255.0
 
 
 class LPIPS(nn.Module):
@@ -81,14 +102,35 @@ class LPIPS(nn.Module):
             raise SetupError(f"LPIPS trunk weights do not fit the AlexNet layout ({bad[:3]}...)")
         self.eval().requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, spatial: bool = False) -> torch.Tensor:
-        """Distance per image (shape ``[B]``), or with ``spatial=True`` a map ``[B, 1, H, W]``.
+    def forward(self, x: torch.Tensor, y: torch.Tensor, spatial: bool = False, *,
+                normalize: bool = False) -> torch.Tensor:
+        """LPIPS distance of two image batches; gradients flow to the inputs (usable as a training loss).
 
-        Inputs are ``[B, 3, H, W]`` in [-1, 1]; gradients flow to the inputs (usable as a training loss).
+        Parameters
+        ----------
+        x, y : torch.Tensor
+            Images ``[B, 3, H, W]``, in [-1, 1] (the VAE convention), or in [0, 1] with ``normalize=True``.
+        spatial : bool
+            Return the distance map ``[B, 1, H, W]`` instead of one distance per image.
+        normalize : bool, keyword-only
+            The inputs are in [0, 1]: ``lpips.LPIPS`` maps them to [-1, 1] itself (its own ``normalize`` flag).
+
+        Returns
+        -------
+        torch.Tensor
+            Distance per image (shape ``[B]``), or with ``spatial=True`` a map ``[B, 1, H, W]``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> metric = LPIPS()
+        >>> x, y = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+        >>> bool(torch.equal(metric(x, y, normalize=True), metric(x * 2 - 1, y * 2 - 1)))
+        True
         """
         self.inner.spatial = spatial
         try:
-            out = self.inner(x, y)
+            out = self.inner(x, y, normalize=normalize)
         finally:
             self.inner.spatial = False
         return out if spatial else out.flatten()
@@ -129,10 +171,10 @@ def get_lpips(device: str | torch.device = "cpu") -> LPIPS:
 def lpips_distance(a: np.ndarray, b: np.ndarray) -> float:
     """LPIPS of two float HxWx3 images in [0, 1] (whole image, no resizing)."""
     metric = get_lpips()
-    ta = torch.from_numpy(np.asarray(a, np.float32)).permute(2, 0, 1)[None] * 2 - 1
-    tb = torch.from_numpy(np.asarray(b, np.float32)).permute(2, 0, 1)[None] * 2 - 1
+    ta = torch.from_numpy(np.asarray(a, np.float32)).permute(2, 0, 1)[None]
+    tb = torch.from_numpy(np.asarray(b, np.float32)).permute(2, 0, 1)[None]
     with torch.no_grad():
-        return float(metric(ta, tb)[0])
+        return float(metric(ta, tb, normalize=True)[0])  # lpips maps [0, 1] to [-1, 1] itself
 
 
 def compare_images(a: np.ndarray, b: np.ndarray) -> dict[str, float]:

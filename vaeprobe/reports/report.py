@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import base64
 import datetime
-import html
+import functools
+import importlib.metadata
 import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -144,9 +146,133 @@ def _json_script(obj: Any) -> str:
             .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
+_MD_BACKSLASHED = re.compile(r"[\\`*_\[\]|~$&<]")
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;"}
+# what would make a line a heading, quote, list item, rule or setext underline (not "-0.5" or "0.5")
+_MD_LINE_START = re.compile(r"^(\s*)(?:(#(?=#{0,5}(?:\s|$))|>|[-+=](?=[-+=\s]|$))|(\d{1,9})([.)])(?=\s|$))")
+
+
 def md_escape(s: Any) -> str:
-    """Escape a user string for Markdown: HTML-escaped and with Markdown's special characters backslashed."""
-    return re.sub(r"([\\`*_\[\]|])", r"\\\1", html.escape(str(s), quote=False))
+    """Escape a user string for inline Markdown (a list item, a heading or a table cell).
+
+    Markdown's inline syntax is backslashed (``\\``, backticks, ``*``, ``_``, ``[``, ``]``, ``|``, ``~``,
+    ``$``), ``<`` and ``&`` become ``&lt;`` and ``&amp;`` so that no HTML tag, autolink or entity can start,
+    line breaks become spaces so that no new block can start, and a leading ``#``, ``>``, ``+``, ``-``, ``=`` or
+    list marker is backslashed. Nothing else changes: ``>`` on its own (as in ``>=``) stays as it is.
+    For HTML the templates escape (jinja's autoescape); this is for ``report.md`` and ``comparison.md`` only.
+
+    Parameters
+    ----------
+    s : Any
+        The value to show; ``str(s)`` is escaped.
+
+    Returns
+    -------
+    str
+        Markdown source that renders as exactly ``str(s)`` (line breaks as spaces).
+
+    Examples
+    --------
+    >>> print(md_escape("a|b <script>*x*</script> [link](u)"))
+    a\\|b &lt;script>\\*x\\*&lt;/script> \\[link\\](u)
+    >>> print(md_escape("# norm / median >= 4"), md_escape("1. x"), md_escape("-0.5"))
+    \\# norm / median >= 4 1\\. x -0.5
+    """
+    text = " ".join(str(s).splitlines())
+    text = _MD_BACKSLASHED.sub(lambda m: _MD_ENTITIES.get(m[0], "\\" + m[0]), text)
+    return _MD_LINE_START.sub(lambda m: m[1] + ("\\" + m[2] if m[2] else m[3] + "\\" + m[4]), text, count=1)
+
+
+def md_code(s: Any, *, in_table: bool = False) -> str:
+    """A Markdown code span that shows ``str(s)`` verbatim (specs, paths, commands).
+
+    The fence is one backtick longer than the longest run of backticks in the string, so none can close it;
+    nothing inside a code span is Markdown or HTML. Line breaks become spaces.
+
+    Parameters
+    ----------
+    s : Any
+        The value to show.
+    in_table : bool, keyword-only
+        The span goes into a table cell: ``|`` is backslashed, as GitHub-flavoured tables need even inside code.
+
+    Returns
+    -------
+    str
+        The code span (a blank string is returned as :func:`md_escape` gives it).
+
+    Examples
+    --------
+    >>> print(md_code("owner/name"), md_code("a`b"), md_code("x|y", in_table=True))
+    `owner/name` ``a`b`` `x\\|y`
+    """
+    text = " ".join(str(s).splitlines())
+    if not text.strip():
+        return md_escape(text)
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    span = f"{fence}{pad}{text}{pad}{fence}"
+    return span.replace("|", "\\|") if in_table else span
+
+
+def md_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], *, code: Sequence[str] = ()) -> str:
+    """A GitHub-flavoured Markdown table (``pandas.DataFrame.to_markdown``) with every cell escaped.
+
+    Parameters
+    ----------
+    rows : sequence of sequences
+        The table's rows, one value per column.
+    columns : sequence of str
+        The column headers (escaped as well).
+    code : sequence of str, keyword-only
+        Columns whose cells are shown as code spans (:func:`md_code`); the others go through :func:`md_escape`.
+
+    Returns
+    -------
+    str
+        The table; cells are strings as given (no number parsing or reformatting).
+
+    Examples
+    --------
+    >>> print(md_table([("a|b", "x", 0.50)], ["image", "spec", "share"], code=["spec"]))
+    | image   | spec   | share   |
+    |:--------|:-------|:--------|
+    | a\\|b    | `x`    | 0.5     |
+    """
+    cells = [[md_code(v, in_table=True) if c in code else md_escape(v) for c, v in zip(columns, row)]
+             for row in rows]
+    frame = pd.DataFrame(cells, columns=[md_escape(c) for c in columns], dtype=object)
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _environment():
+    """The one jinja environment of the report templates, built on first use and shared by every report.
+
+    Autoescape is chosen per template by its name: HTML templates (``*.html``, ``*.html.j2``) and strings escape
+    HTML; Markdown templates (``*.md``, ``*.md.j2``) do not (they would write ``&gt;`` for ``>``), and have the
+    ``md`` and ``md_code`` filters (:func:`md_escape`, :func:`md_code`) for user strings instead.
+    """
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("vaeprobe.reports", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm", "html.j2", "htm.j2"),
+                                            disabled_extensions=("md", "md.j2"), default_for_string=True,
+                                            default=True))
+    env.filters.update(md=md_escape, md_code=md_code)
+    return env
+
+
+def _version() -> str:
+    """vaeprobe's version, read without importing the package root (reports sit below it in the layers)."""
+    version = getattr(sys.modules.get("vaeprobe"), "__version__", None)
+    if version:
+        return str(version)
+    try:
+        return importlib.metadata.version("vaeprobe")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _plt():
@@ -410,17 +536,13 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     beside the first run directory). Returns ``{"html", "markdown", "json", "tables", "headlines"}``.
 
     >>> import tempfile
-    >>> from vaeprobe.probes.latents import run_latents
+    >>> from vaeprobe.jobs.latents import run_latents
     >>> d = tempfile.mkdtemp()
     >>> _ = run_latents("builtin:tiny-random", "builtin:photos-heldout", d + "/lat", size=32, progress=False)
     >>> rep = build_report([d + "/lat"], out=d + "/report")
     >>> rep["html"].name, rep["headlines"][0]["what"]
     ('report.html', 'spot rate (images with a detected spot)')
     """
-    import jinja2
-
-    from . import __version__
-
     if not run_dirs:
         raise ReportError("no run directories given")
     runs = [load_run(p) for p in run_dirs]
@@ -480,11 +602,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
                                         default=str),
                  "versions": json.dumps(r.info.get("versions", {}), sort_keys=True),
                  "finished": r.info.get("finished", "—"), "seconds": r.info.get("seconds", "—")} for r in runs]
-    env = jinja2.Environment(loader=jinja2.PackageLoader("vaeprobe.reports", "templates"),
-                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    page = env.get_template("report.html.j2").render(
-        title=title, generated=generated, version=__version__, runs=run_rows, headlines=headlines,
+    page = _environment().get_template("report.html.j2").render(
+        title=title, generated=generated, version=_version(), runs=run_rows, headlines=headlines,
         models=model_list, blank=BLANK)
     html_path, md_path, json_path = out / "report.html", out / "report.md", out / "report.json"
     write_text_atomic(html_path, page)
@@ -495,28 +615,26 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
 
 
 def _markdown(title: str, generated: str, headlines: list[dict], models: list[dict], runs: list[dict]) -> str:
+    """``report.md``: every user string through :func:`md_escape` or :func:`md_code`, the report's own text as is."""
     lines = [f"# {md_escape(title)}", "", f"Generated {generated}. The HTML report beside this file has the images.",
              "", "## Headline figures", ""]
     for h in headlines:
-        lines.append(f"- `{h['model'].replace('`', '')}`, {h['job']}: {md_escape(h['what'])}: "
-                     f"**{md_escape(h['value'])}** (run `{h['run'].replace('`', '')}`)")
+        lines.append(f"- {md_code(h['model'])}, {md_escape(h['job'])}: {md_escape(h['what'])}: "
+                     f"**{md_escape(h['value'])}** (run {md_code(h['run'])})")
     for m in models:
-        lines += ["", f"## Model `{m['spec'].replace('`', '')}`", ""]
+        lines += ["", f"## Model {md_code(m['spec'])}", ""]
         for s in m["summaries"]:
-            lines += [f"### {md_escape(s['title'])}", "", "| | |", "|---|---|"]
-            lines += [f"| {md_escape(k)} | {md_escape(v)} |" for k, v in s["table"]]
-            lines.append("")
+            lines += [f"### {md_escape(s['title'])}", "", md_table(s["table"], ("quantity", "value")), ""]
         mech = [(c["name"], r) for c in m["images"] for r in c["mechanism"]]
         if mech:
             lines += ["### Pathway shares per position", "",
-                      "| image | cell | GroupNorm | attention | residual | dominant |", "|---|---|---|---|---|---|"]
-            lines += [f"| {md_escape(n)} | ({r['row']}, {r['col']}) | {r['gn']} | {r['att']} | {r['res']} | "
-                      f"{r['dominant']} |" for n, r in mech]
-            lines.append("")
+                      md_table([(n, f"({r['row']}, {r['col']})", r["gn"], r["att"], r["res"], r["dominant"])
+                                for n, r in mech],
+                               ("image", "cell", "GroupNorm", "attention", "residual", "dominant")), ""]
     lines += ["## Runs", ""]
     for r in runs:
-        lines.append(f"- `{r['path'].replace('`', '')}` ({r['job']}, `{r['spec'].replace('`', '')}`): "
-                     f"`{str(r['command']).replace('`', '')}`, finished {r['finished']}, {r['seconds']} s")
+        lines.append(f"- {md_code(r['path'])} ({md_escape(r['job'])}, {md_code(r['spec'])}): "
+                     f"{md_code(r['command'])}, finished {md_escape(r['finished'])}, {md_escape(r['seconds'])} s")
     return "\n".join(lines) + "\n"
 
 
@@ -529,10 +647,6 @@ def _pm(m: dict, key: str, digits: int = 3) -> str:
 def build_comparison_report(out: str | Path, summary: dict, title: str = "vaeprobe comparison") -> dict:
     """Write ``comparison.html`` and ``comparison.md`` into ``out`` from a :func:`~vaeprobe.jobs.compare.compare_vaes`
     summary (verdicts first, then reconstruction, the spot and latent compatibility)."""
-    import jinja2
-
-    from . import __version__
-
     out = Path(out)
     models = [{"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
                "lpips": _pm(m, "lpips"),
@@ -551,28 +665,28 @@ def build_comparison_report(out: str | Path, summary: dict, title: str = "vaepro
               "decoder_change": (f"{_fmt(c['decoder_psnr_on_shared_latents'], 2)} dB / "
                                  f"{_fmt(c['decoder_lpips_on_shared_latents'])}" if c["encoder_identical"]
                                  else "— (encoders differ)")} for c in summary["candidates"]]
-    env = jinja2.Environment(loader=jinja2.PackageLoader("vaeprobe.reports", "templates"),
-                             autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    page = env.get_template("compare.html.j2").render(
-        title=title, generated=generated, version=__version__, n_images=summary["n_images"],
+    page = _environment().get_template("compare.html.j2").render(
+        title=title, generated=generated, version=_version(), n_images=summary["n_images"],
         images=summary["images"], size=summary.get("size"), reference=summary["reference"], models=models,
         candidates=cands, rfid_note=summary["rfid"])
     write_text_atomic(out / "comparison.html", page)
-    lines = [f"# {md_escape(title)}", "", f"{summary['n_images']} images from `{summary['images'].replace('`', '')}`; "
-             f"reference `{summary['reference'].replace('`', '')}`; run `{out}`.", "", "## Verdicts", ""]
-    lines += [f"- `{c['model'].replace('`', '')}`: {md_escape(c['verdict'])}" for c in cands]
-    lines += ["", "## Reconstruction (mean ± std)", "", "| model | PSNR | SSIM | LPIPS | rFID |", "|---|---|---|---|---|"]
-    lines += [f"| `{m['model'].replace('`', '')}` | {m['psnr']} | {m['ssim']} | {m['lpips']} | {m['rfid']} |"
-              for m in models]
-    lines += ["", f"rFID: {md_escape(summary['rfid'])}", "", "## The spot", "",
-              "| model | spot rate | norm ratio median / max | clamp hits / image | global rate | dominant pathway |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| `{m['model'].replace('`', '')}` | {m['spot_rate']} | {m['norm_ratio']} | {m['clamp']} | "
-              f"{m['global_rate']} | {m['dominant']} |" for m in models]
-    lines += ["", "## Latent compatibility", "", "| candidate | latent shape | encoder identical | max dz | "
-              "decoder change PSNR / LPIPS |", "|---|---|---|---|---|"]
-    lines += [f"| `{c['model'].replace('`', '')}` | {md_escape(c['shape'])} | {c['encoder_identical']} | "
-              f"{c['max_latent_diff']} | {c['decoder_change']} |" for c in cands]
+    lines = [f"# {md_escape(title)}", "", f"{md_escape(summary['n_images'])} images from "
+             f"{md_code(summary['images'])}; reference {md_code(summary['reference'])}; run {md_code(out)}.", "",
+             "## Verdicts", ""]
+    lines += [f"- {md_code(c['model'])}: {md_escape(c['verdict'])}" for c in cands]
+    lines += ["", "## Reconstruction (mean ± std)", "",
+              md_table([(m["model"], m["psnr"], m["ssim"], m["lpips"], m["rfid"]) for m in models],
+                       ("model", "PSNR", "SSIM", "LPIPS", "rFID"), code=("model",)),
+              "", f"rFID: {md_escape(summary['rfid'])}", "", "## The spot", "",
+              md_table([(m["model"], m["spot_rate"], m["norm_ratio"], m["clamp"], m["global_rate"], m["dominant"])
+                        for m in models],
+                       ("model", "spot rate", "norm ratio median / max", "clamp hits / image", "global rate",
+                        "dominant pathway"), code=("model",)),
+              "", "## Latent compatibility", "",
+              md_table([(c["model"], c["shape"], c["encoder_identical"], c["max_latent_diff"], c["decoder_change"])
+                        for c in cands],
+                       ("candidate", "latent shape", "encoder identical", "max dz", "decoder change PSNR / LPIPS"),
+                       code=("candidate",))]
     write_text_atomic(out / "comparison.md", "\n".join(lines) + "\n")
     return {"html": out / "comparison.html", "markdown": out / "comparison.md"}
