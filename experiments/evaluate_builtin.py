@@ -20,12 +20,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the zeroing test is a test oracle
 
 from vaeprobe import load_images, load_vae  # noqa: E402
 from vaeprobe._io import write_text_atomic# noqa: E402
 from vaeprobe.models.controls import CONTROLS# noqa: E402
 from vaeprobe.probes.metrics import compare_images# noqa: E402
-from vaeprobe.probes.geometry import zeroed_far_field, zeroing_test# noqa: E402
+from oracles import zeroed_far_field, zeroing_test  # noqa: E402
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "vaeprobe" / "models" / "builtin" / "mini-kl-f8"
 HELDOUT = "builtin:photos-heldout"
@@ -255,7 +256,7 @@ def render_card(r: dict, folder: Path, mini: dict | None, blob: dict | None) -> 
     lines += ["", f"Zeroing test (a cell whose zeroing moves pixels more than 3 cells away >= 10x more than any of "
               f"20 random cells): some cell passes on {n_pass} of {len(r['spot'])} held-out images.", "",
               *blob_section(blob), "", "Details of the mechanism: `docs/mini-corner-blob.md`.", "",
-              "## Planted-spot controls (`vaeprobe/controls.py`)", "",
+              "## Planted-spot controls (`vaeprobe/models/controls.py`)", "",
               "| control | mechanism | zeroing test passed at the declared spot |", "|---|---|---|"]
     for name, c in r["controls"].items():
         z = c["zeroing"]

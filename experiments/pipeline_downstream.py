@@ -30,7 +30,7 @@ def main() -> None:
     out = Path(args.out or REPO / "runs" / name)
     prompts = cfg.pop("prompts")
     cfg["prompts"] = str(REPO / prompts) if not Path(prompts).is_absolute() else prompts
-    summary = run_pipeline(out=out, resume=True, **cfg)
+    summary = run_pipeline(out=out, resume=True, **cfg).summary
     rep = build_report([out], out=out / "report", title=f"vaeprobe pipeline: {name}")
     print(json.dumps(summary, indent=1, default=str))
     print(f"report: {rep['html']}")

@@ -5,15 +5,13 @@ a known timestep on (:class:`vaeprobe.testing.ContentUNet`); ``builtin:tiny-sd``
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, run_and_kill
+from conftest import REPO, run_and_kill, run_cli
 from vaeprobe.jobs.pipeline import (PipelineError, emergence_table, generate, load_pipeline, parse_seeds, read_prompts,
                                     run_pipeline)
 from vaeprobe.testing import PLANTED_CODE, PLANTED_EMERGE_T, ContentUNet, tiny_sd_pipeline
@@ -89,7 +87,7 @@ def test_run_pipeline_end_to_end(tmp_path, planted):
     out = tmp_path / "run"
     steps, k = 8, 6
     summary = run_pipeline(planted, PROMPTS, "0,1", out, steps=steps, controls=6, ablate_from=[k], step_controls=2,
-                           vaes=["builtin:planted-direct", "builtin:mini-kl-f8-ft-mse"], progress=False)
+                           vaes=["builtin:planted-direct", "builtin:mini-kl-f8-ft-mse"], progress=False).summary
     n = len(PROMPTS) * 2
     assert summary["n_samples"] == n and summary["emerged"] == f"{n}/{n}"
     cfg = json.loads((out / "config.json").read_text())
@@ -157,7 +155,7 @@ def test_half_precision_pipeline_runs_on_cpu(tmp_path):
     pipe = load_pipeline("builtin:tiny-sd-planted", dtype="bf16")
     assert pipe.unet.dtype == torch.bfloat16
     summary = run_pipeline(pipe, PROMPTS[:1], "0", tmp_path / "bf16", steps=6, controls=3, lpips=False,
-                           progress=False)
+                           progress=False).summary
     cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["vae_dtype"] == "fp32"
     assert summary["final_spot_rate"] == 1.0
@@ -204,9 +202,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="outside 0..3"):
         run_pipeline("builtin:tiny-sd", ["x"], "0", tmp_path / "r", steps=4, ablate_from=[4], progress=False)
     (tmp_path / "prompts.txt").write_text("a cat\n")
-    res = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "pipeline", "--model", "builtin:tiny-sd",
-                          "--prompts", str(tmp_path / "prompts.txt"), "--op", "blur", "--out", str(tmp_path / "c")],
-                         cwd=REPO, capture_output=True, text=True)
+    res = run_cli("pipeline", "--model", "builtin:tiny-sd", "--prompts", tmp_path / "prompts.txt", "--op", "blur",
+                  "--out", tmp_path / "c", cwd=REPO)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
     assert res.stderr.startswith("vaeprobe: error: unknown operator 'blur'")
 
@@ -223,9 +220,10 @@ def test_a_failing_sample_is_reported_and_the_run_goes_on(tmp_path, monkeypatch)
 
     monkeypatch.setattr(vp, "generate", flaky)
     summary = run_pipeline("builtin:tiny-sd", ["a cat", "boom", "a dog"], "0", tmp_path / "r", steps=3, controls=2,
-                           lpips=False, progress=False)
+                           lpips=False, progress=False).summary
     assert summary["n_samples"] == 2
-    assert [(f["prompt"], f["error"]) for f in summary["failed"]] == [("boom", "CUDA out of memory (simulated)")]
+    assert [(f["prompt"], f["seed"], f["error"]) for f in summary["failed"]] == [
+        ("boom", 0, "RuntimeError: CUDA out of memory (simulated)")]
     assert set(pd.read_parquet(tmp_path / "r" / "emergence.parquet").prompt) == {"a cat", "a dog"}
     with pytest.raises(PipelineError, match="multiple of the VAE factor 8"):
         run_pipeline("builtin:tiny-sd", ["x"], "0", tmp_path / "s", size=60, progress=False)
@@ -237,14 +235,12 @@ def test_cli_resume_after_kill(tmp_path):
     args = ["pipeline", "--model", "builtin:tiny-sd-planted", "--vae", "builtin:planted-direct", "--prompts",
             str(prompts), "--seeds", "0-1", "--steps", "4", "--controls", "3", "--no-lpips", "--quiet"]
     full = tmp_path / "full"
-    res = subprocess.run([sys.executable, "-m", "vaeprobe.cli", *args, "--out", str(full)], cwd=REPO,
-                         capture_output=True, text=True)
+    res = run_cli(*args, "--out", full, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "4 samples (2 prompts x 2 seeds, 4 steps)" in res.stdout and "builtin:planted-direct" in res.stdout
     killed = tmp_path / "killed"
-    done = run_and_kill(args, killed, min_parts=1, total=4)
-    res = subprocess.run([sys.executable, "-m", "vaeprobe.cli", *args, "--out", str(killed), "--resume"], cwd=REPO,
-                         capture_output=True, text=True)
+    done = run_and_kill(args, killed, min_parts=1, total=4)  # the one run that must be a process: it is killed
+    res = run_cli(*args, "--out", killed, "--resume", cwd=REPO)
     assert res.returncode == 0, res.stderr
     for name, mtime in done.items():  # finished samples were not recomputed
         assert (killed / "parts" / name).stat().st_mtime_ns == mtime

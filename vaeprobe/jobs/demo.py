@@ -3,7 +3,8 @@
 For the model under test (``builtin:mini-kl-f8``), a real autoencoder trained elsewhere (``builtin:taef2``, the
 published taef2 weights) and one planted-spot control (``builtin:planted-groupnorm``, whose answer is known): latent
 diagnostics, a two-stage perturbation scan, pathway attribution at the largest-norm cell, then one report over all
-nine runs. Everything runs offline; the report path is printed at the end.
+nine runs. Everything runs offline; the report path is printed at the end. Files: see docs/outputs.md, section
+demo.
 """
 
 from __future__ import annotations

@@ -90,11 +90,7 @@ def run_latents(vae, images, out, *, size: int | None = None, fit: str = "crop",
     Returns
     -------
     RunDir
-        The run directory; ``summary`` holds ``summary.json``. Files: ``config.json``; ``positions.parquet`` (one
-        row per image and latent position, columns of :meth:`LatentMaps.table`); ``images.parquet`` (one row per
-        image, :meth:`LatentMaps.summary` plus ``n_spots``); ``spots.parquet`` (:func:`find_spots`);
-        ``summary.json`` (:meth:`LatentStats.summary`, skipped inputs, failed images); ``maps/NNNNNN-NAME.png``
-        (image, norm ratio, raw log-variance and KL maps, spots circled).
+        The run directory; ``summary`` holds ``summary.json``. Files: see docs/outputs.md, section latents.
 
     Examples
     --------

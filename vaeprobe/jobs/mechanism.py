@@ -102,14 +102,11 @@ def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero
                   progress: bool = True, device=None, dtype=None) -> RunDir:
     """Attribute the pathways for the chosen positions of every image and write a run directory ``out``.
 
-    Files: ``config.json``; ``parts/NNNNNN.parquet`` + ``.json`` per image (atomic; ``resume=True`` skips
-    finished ones); ``mechanism.parquet`` (one row per image and position, the columns of
-    :func:`attribute_pathways` plus ``image``); ``attention.parquet`` (per image and attention layer of decoder
-    and encoder: the sink score at the image's largest-norm cell, the largest mass and where it is);
-    ``groupnorm.parquet`` (per image and decoder GroupNorm call: the droplet share of the strongest group, where,
-    and the median share); ``figures/NAME.png`` (shares per position, attention mass maps, droplet shares over
-    layers); ``summary.json`` (dominant-pathway counts). Returns the :class:`~vaeprobe.jobs.runner.RunDir`
-    (``summary`` holds ``summary.json``).
+    Per image: the pathway attribution of :func:`attribute_pathways`, the attention mass of every attention call
+    of decoder and encoder (sink score at the image's largest-norm cell) and the GroupNorm droplet shares of the
+    decoder; ``figures`` also saves them as PNG files. One part per image is written atomically, so
+    ``resume=True`` skips the images a killed run finished. Files: see docs/outputs.md, section mechanism.
+    Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds ``summary.json``).
     """
     if attention not in ATTENTION_MODES:
         raise MechanismError(f"unknown attention freezing {attention!r}; use one of {', '.join(ATTENTION_MODES)}")

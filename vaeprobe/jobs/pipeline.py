@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from vaeprobe.errors import VaeprobeError
+from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job
 
 __all__ = ["PipelineError", "load_pipeline", "read_prompts", "parse_seeds",
            "generate", "Generation", "emergence_table", "run_pipeline", "PIPELINE_BUILTINS"]
@@ -279,20 +280,20 @@ def generate(pipe, prompt: str, seed: int, steps: int = 30, guidance: float = 7.
 
 def emergence_table(gen: Generation, to_raw, threshold: float | None = None) -> pd.DataFrame:
     """One row per denoising step: the x0 prediction's largest latent norm over the median norm (``norm_ratio``)
-    at cell ``(row, col)``, ``max_norm``, ``median_norm`` and ``spot`` (ratio >= ``threshold``, the spot rule of
-    :func:`vaeprobe.probes.latents.find_spots`). ``to_raw`` maps diffusion latents to the VAE's raw latents."""
-    from vaeprobe.probes.latents import DEFAULT_THRESHOLD
+    at cell ``(row, col)``, ``max_norm``, ``median_norm`` and ``spot``: the norm rule of
+    :func:`vaeprobe.probes.latents.find_spots` at ``threshold`` (x0 has no log-variance, so no clamp rule).
+    ``to_raw`` maps diffusion latents to the VAE's raw latents."""
+    from vaeprobe.models.adapter import Posterior
+    from vaeprobe.probes.latents import DEFAULT_THRESHOLD, find_spots, latent_maps
 
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     rows = []
     for step, (t, x0) in enumerate(zip(gen.timesteps, gen.x0)):
-        norm = to_raw(x0)[0].double().norm(dim=0)
-        med = float(norm.median())
-        flat = int(norm.argmax())
-        top = float(norm.flatten()[flat])
-        ratio = top / med if med > 0 else math.inf
-        rows.append({"step": step, "timestep": int(t), "norm_ratio": ratio, "row": flat // norm.shape[1],
-                     "col": flat % norm.shape[1], "max_norm": top, "median_norm": med, "spot": ratio >= threshold})
+        maps = latent_maps(Posterior(to_raw(x0).double(), None, None))[0]
+        top = find_spots(maps, threshold=threshold, top_k=1).iloc[0]
+        rows.append({"step": step, "timestep": int(t), "norm_ratio": float(top.norm_ratio), "row": int(top.row),
+                     "col": int(top.col), "max_norm": float(top.norm), "median_norm": float(maps.norm.median()),
+                     "spot": bool(top.by_norm)})
     return pd.DataFrame(rows)
 
 
@@ -318,10 +319,12 @@ SWAP_STATS = ("mean_r", "mean_g", "mean_b", "mean_luma", "std_luma")
 
 def _colour_stats(img: torch.Tensor) -> dict:
     """Colour statistics of a decode in [-1, 1] mapped to [0, 1]."""
-    x = ((img[0].double().clamp(-1, 1) + 1) / 2)
-    luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    from vaeprobe.data.images import luma, to_unit
+
+    x = to_unit(img[0].double())
+    y = luma(x)
     return {"mean_r": float(x[0].mean()), "mean_g": float(x[1].mean()), "mean_b": float(x[2].mean()),
-            "mean_luma": float(luma.mean()), "std_luma": float(luma.std())}
+            "mean_luma": float(y.mean()), "std_luma": float(y.std())}
 
 
 def _random_cells(h: int, w: int, n: int, avoid: tuple[int, int], radius: int, seed: int) -> list[tuple[int, int]]:
@@ -333,32 +336,190 @@ def _random_cells(h: int, w: int, n: int, avoid: tuple[int, int], radius: int, s
     return [pool[int(i)] for i in sorted(idx)]
 
 
-def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 30, guidance: float = 7.5,
+class PipelineJob(Job):
+    """Per (prompt, seed): generation, emergence, interventions and the VAE swap (see :func:`run_pipeline`)."""
+
+    name = desc = "pipeline"
+    unit = "sample"
+
+    def __init__(self, pipe, model_spec, tested, compat_rows, *, prompts, seeds, steps, guidance, size, operator,
+                 controls, ablate_from, step_controls, radius, lpips, vae_dtype, threshold):
+        self.pipe, self.model_spec, self.tested, self.compat_rows = pipe, model_spec, tested, compat_rows
+        self.own = tested[0]
+        self.compatible = [bool(r["encoder_identical"]) for r in compat_rows]
+        self.prompts, self.seeds, self.steps, self.guidance, self.size = prompts, seeds, steps, guidance, size
+        self.operator, self.controls, self.ablate_from = operator, int(controls), ablate_from
+        self.step_controls, self.radius, self.lpips = int(step_controls), radius, bool(lpips)
+        self.vae_dtype, self.threshold = vae_dtype, threshold
+        self.measures = ("l2", "far_l2", "far_fraction", "radius90", "far_dy") + (("lpips",) if lpips else ())
+        self.started = time.perf_counter()
+
+    def config(self) -> dict:
+        pipe = self.pipe
+        return {"job": "pipeline", "model": {"spec": self.model_spec, "class": type(pipe).__name__,
+                                             "scheduler": type(pipe.scheduler).__name__},
+                "vaes": [v.spec for v in self.tested], "prompts": self.prompts, "seeds": self.seeds,
+                "steps": self.steps, "guidance": float(self.guidance), "size": self.size, "op": self.operator.name,
+                "controls": self.controls, "ablate_from": self.ablate_from, "step_controls": self.step_controls,
+                "radius": self.radius, "lpips": self.lpips, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+                "vae_dtype": str(self.vae_dtype), "device": str(pipe.unet.device), "threshold": self.threshold}
+
+    def units(self, skipped: list):
+        for pi in range(len(self.prompts)):
+            for seed in self.seeds:
+                key = f"p{pi:04d}-s{seed}"
+                yield key, key, (key, pi, seed)
+
+    def _generate(self, prompt: str, seed: int, edit=None):
+        return generate(self.pipe, prompt, seed, steps=self.steps, guidance=self.guidance, size=self.size, edit=edit)
+
+    def _final(self, z, spot, cells, folder) -> tuple[list[dict], list[torch.Tensor]]:
+        """The final latent's spot and control ablations, decoded and measured by every VAE."""
+        from vaeprobe.probes.perturb import Site, apply_batch
+        from vaeprobe.probes.response import measure
+        from vaeprobe.reports.plots import save_png, signed_difference, tensor_to_unit
+
+        sites = [Site(*spot)] + [Site(*c) for c in cells]
+        kinds = ["spot"] + ["control"] * len(cells)
+        rows, decodes = [], []
+        for k, vae in enumerate(self.tested):
+            ref = vae.decode(z.to(vae.device))
+            decodes.append(ref)
+            save_png(folder / f"vae{k}-generated.png", tensor_to_unit(ref))
+            perturbed = vae.decode(apply_batch(z, sites, self.operator).to(vae.device))
+            vals = measure(ref, perturbed, sites, vae.factor, radius=self.radius, measures=self.measures)
+            med = float(np.nanmedian([v["far_l2"] for v in vals[1:]])) if len(vals) > 1 else math.nan
+            for site, kind, v in zip(sites, kinds, vals):
+                rows.append({"vae": vae.spec, "vae_index": k, "compatible": self.compatible[k], "when": "final",
+                             "from_step": -1, "kind": kind, "row": site.row, "col": site.col, **v,
+                             "global_ratio": v["far_l2"] / med if med > 0 else math.nan})
+            save_png(folder / f"vae{k}-final-spot.png", tensor_to_unit(perturbed[:1]))
+            save_png(folder / f"vae{k}-final-spot-diff.png", signed_difference(perturbed[:1], ref)[0])
+        return rows, decodes
+
+    def _from_step(self, prompt, seed, k_step, cells, decodes, folder) -> list[dict]:
+        """The spot and control cells ablated in the noisy latent after every step from ``k_step`` on."""
+        from vaeprobe.probes.perturb import Site
+        from vaeprobe.probes.response import measure
+        from vaeprobe.reports.plots import save_png, signed_difference, tensor_to_unit
+
+        own, rows = self.own, []
+        for j, cell in enumerate(cells):
+            def edit(step, latents, cell=cell):
+                if step < k_step:
+                    return latents
+                raw = self.operator.apply(own.from_diffusion(latents.float()), Site(*cell))
+                return own.to_diffusion(raw).to(latents.dtype)
+
+            z_edit = own.from_diffusion(self._generate(prompt, seed, edit=edit).latents).float()
+            for k, vae in enumerate(self.tested):
+                img = vae.decode(z_edit.to(vae.device))
+                v = measure(decodes[k], img, [Site(*cell)], vae.factor, radius=self.radius, measures=self.measures)[0]
+                rows.append({"vae": vae.spec, "vae_index": k, "compatible": self.compatible[k],
+                             "when": f"from step {k_step}", "from_step": k_step,
+                             "kind": "spot" if j == 0 else "control", "row": cell[0], "col": cell[1], **v,
+                             "global_ratio": math.nan})
+                if j == 0:
+                    save_png(folder / f"vae{k}-from{k_step}-spot.png", tensor_to_unit(img))
+                    save_png(folder / f"vae{k}-from{k_step}-spot-diff.png", signed_difference(img, decodes[k])[0])
+        return rows
+
+    def _swap(self, decodes) -> list[dict]:
+        """Each VAE's decode of the same latent against the pipeline VAE's (compatible VAEs only)."""
+        from vaeprobe.probes.metrics import compare_images
+        from vaeprobe.reports.plots import tensor_to_unit
+
+        stats0 = _colour_stats(decodes[0])
+        rows = []
+        for k, vae in enumerate(self.tested):
+            row = {"vae": vae.spec, "vae_index": k, "compatible": self.compatible[k],
+                   "note": self.compat_rows[k]["compatibility"], "lpips": math.nan, "psnr": math.nan,
+                   **{s: math.nan for s in SWAP_STATS}, **{f"d_{s}": math.nan for s in SWAP_STATS}}
+            if self.compatible[k]:
+                st = _colour_stats(decodes[k])
+                row.update(st)
+                row.update({f"d_{s}": st[s] - stats0[s] for s in SWAP_STATS})
+                if k > 0:
+                    cmp = compare_images(tensor_to_unit(decodes[0]), tensor_to_unit(decodes[k]))
+                    row.update(lpips=cmp["lpips"], psnr=cmp["psnr"])
+                else:
+                    row.update(lpips=0.0, psnr=math.inf)
+            rows.append(row)
+        return rows
+
+    def _step_ratios(self, inter: pd.DataFrame) -> pd.DataFrame:
+        """Step-k ratios: the spot's far field over the median step-k control's."""
+        for k_step in self.ablate_from:
+            for k in range(len(self.tested)):
+                sel = (inter.from_step == k_step) & (inter.vae_index == k)
+                ctrl = inter.loc[sel & (inter.kind == "control"), "far_l2"]
+                med = float(ctrl.median()) if len(ctrl) else math.nan
+                inter.loc[sel, "global_ratio"] = inter.loc[sel, "far_l2"] / med if med > 0 else math.nan
+        return inter
+
+    def process(self, run: RunDir, key: str, item) -> None:
+        key, pi, seed = item
+        prompt = self.prompts[pi]
+        gen = self._generate(prompt, seed)
+        if not bool(torch.isfinite(gen.latents).all()):
+            raise PipelineError("the generated latents are not finite (fp16 overflow? try --dtype bf16 or fp32)")
+        em = emergence_table(gen, self.own.from_diffusion, self.threshold)
+        z = self.own.from_diffusion(gen.latents).float()
+        h, w = z.shape[-2:]
+        final = em.iloc[-1]
+        spot = (int(final.row), int(final.col))
+        folder = run.path / "images" / key
+        cells = _random_cells(h, w, self.controls, spot, self.radius, seed=seed * 7919 + pi)
+        inter_rows, decodes = self._final(z, spot, cells, folder)
+        for k_step in self.ablate_from:
+            step_cells = [spot] + _random_cells(h, w, self.step_controls, spot, self.radius,
+                                                seed=seed * 104729 + pi + k_step)
+            inter_rows += self._from_step(prompt, seed, k_step, step_cells, decodes, folder)
+        ident = {"key": key, "prompt_index": pi, "prompt": prompt, "seed": seed}
+        inter = self._step_ratios(pd.DataFrame(inter_rows)).assign(spot_detected=bool(final.spot), **ident)
+        em = em.assign(**ident)
+        swap = pd.DataFrame(self._swap(decodes)).assign(**ident)
+        fin = inter[inter.when == "final"]
+        spot_gain = {str(k): float(fin.loc[(fin.vae_index == k) & (fin.kind == "spot"), "global_ratio"].iloc[0])
+                     for k in range(len(self.tested))}
+        meta = {**ident, "image": key, "h": h, "w": w, "emergence_step": emergence_step(em),
+                "final_spot": bool(final.spot), "spot_row": spot[0], "spot_col": spot[1],
+                "final_norm_ratio": float(final.norm_ratio), "spot_global_ratio": spot_gain}
+        run.write_part(key, None, meta, extra={"emergence": em, "interventions": inter, "swap": swap})
+
+    def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        emergence = run.concat("emergence.parquet", keys, part="emergence")
+        interventions = run.concat("interventions.parquet", keys, part="interventions")
+        swap = run.concat("swap.parquet", keys, part="swap")
+        run.write_table("compatibility.parquet", pd.DataFrame(self.compat_rows))
+        metas = [run.meta(k) for k in keys]
+        _emergence_figure(emergence, run.path / "figures" / "emergence.png", self.threshold)
+        summary = _summary(self.config(), metas, emergence, interventions, swap, self.compat_rows)
+        items = {k: (pi, seed) for k, _, (_, pi, seed) in self.units([])}
+        summary["failed"] = [{**f, "prompt": self.prompts[items[f["key"]][0]], "seed": items[f["key"]][1]}
+                             for f in run.failed]
+        summary["seconds"] = round(time.perf_counter() - self.started, 1)
+        return summary
+
+
+def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int = 30, guidance: float = 7.5,
                  size: int | None = None, op: str = "zero", controls: int = 8, ablate_from: Sequence[int] = (),
                  step_controls: int = 2, radius: int | None = None, lpips: bool = True, device=None, dtype=None,
                  vae_dtype: str = "fp32", resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 threshold: float | None = None) -> dict:
-    """Emergence, interventions and VAE swap for every (prompt, seed); writes ``out`` and returns the summary.
+                 threshold: float | None = None) -> RunDir:
+    """Emergence, interventions and VAE swap for every (prompt, seed); writes the run directory ``out``.
 
-    Files: ``config.json`` (model and VAE specs, prompts, seeds and every setting), ``emergence.parquet``,
-    ``interventions.parquet``, ``swap.parquet``, ``compatibility.parquet``, ``summary.json``, ``run.json``,
-    ``figures/emergence.png`` and ``images/KEY/`` (each VAE's decode; the spot ablations and their differences).
-    One part per (prompt, seed) is written atomically, so ``resume=True`` continues a killed run.
+    Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds ``summary.json``). Files: see
+    docs/outputs.md, section pipeline. One part per (prompt, seed) is written atomically, so ``resume=True``
+    continues a killed run; a sample that fails (out of memory, non-finite latents) is reported and listed under
+    ``failed``, and the run goes on.
     """
-    from tqdm import tqdm
-
     from vaeprobe.jobs.compare import latent_compatibility
-    from vaeprobe.probes.perturb import Site, apply_batch, parse_operator
-    from vaeprobe.probes.metrics import compare_images
-    from vaeprobe.reports.plots import save_png, signed_difference, tensor_to_unit
-    from vaeprobe.probes.response import DEFAULT_RADIUS, measure
-    from vaeprobe.jobs.runner import RunDir
     from vaeprobe.models.adapter import VAE
-    from vaeprobe.models.loading import load_vae
+    from vaeprobe.probes.perturb import parse_operator
+    from vaeprobe.probes.response import DEFAULT_RADIUS
 
-    t_start = time.perf_counter()
-    prompts = read_prompts(prompts)
-    seeds = parse_seeds(seeds)
+    prompts, seeds = read_prompts(prompts), parse_seeds(seeds)
     radius = DEFAULT_RADIUS if radius is None else int(radius)
     steps = int(steps)
     if steps < 1:
@@ -374,145 +535,17 @@ def run_pipeline(model, prompts, seeds, out, vaes: Sequence = (), steps: int = 3
     if size is not None and (int(size) % factor or int(size) < 3 * factor):
         raise PipelineError(f"size {size} must be a multiple of the VAE factor {factor} and at least {3 * factor}")
     own = VAE(pipe.vae, spec=f"{model_spec} (pipeline VAE)", dtype=vae_dtype)
-    tested = [own] + [v if isinstance(v, VAE) else load_vae(v, device=own.device, dtype=vae_dtype) for v in vaes]
-    to_raw = own.from_diffusion
-    config = {"job": "pipeline", "model": {"spec": model_spec, "class": type(pipe).__name__,
-                                           "scheduler": type(pipe.scheduler).__name__},
-              "vaes": [v.spec for v in tested], "prompts": prompts, "seeds": seeds, "steps": steps,
-              "guidance": float(guidance), "size": size, "op": operator.name, "controls": int(controls),
-              "ablate_from": ablate_from, "step_controls": int(step_controls), "radius": radius, "lpips": bool(lpips),
-              "dtype": str(pipe.unet.dtype).replace("torch.", ""), "vae_dtype": str(vae_dtype),
-              "device": str(pipe.unet.device), "threshold": threshold}
-    run = RunDir(out, config, resume=resume, overwrite=overwrite)
-    measures = ("l2", "far_l2", "far_fraction", "radius90", "far_dy") + (("lpips",) if lpips else ())
-
-    compat_rows = []
-    for k, vae in enumerate(tested):
-        if k == 0:
-            compat_rows.append({"model": vae.spec, "encoder_identical": True, "compatibility": "the pipeline's own VAE"})
-        else:
-            row = latent_compatibility(own, vae)
-            compat_rows.append({kk: row[kk] for kk in ("model", "encoder_identical", "compatibility",
-                                                       "max_latent_diff", "differing_positions")})
-    compatible = [bool(r["encoder_identical"]) for r in compat_rows]
-
-    items = [(pi, seed) for pi in range(len(prompts)) for seed in seeds]
-    failed: list[dict] = []
-    bar = tqdm(total=len(items), desc="pipeline", unit="sample", disable=not progress)
-    for pi, seed in items:
-        key = f"p{pi:04d}-s{seed}"
-        if resume and run.is_done(key):
-            bar.update(1)
-            continue
-        prompt = prompts[pi]
-        try:
-            gen = generate(pipe, prompt, seed, steps=steps, guidance=guidance, size=size)
-            if not bool(torch.isfinite(gen.latents).all()):
-                raise PipelineError("the generated latents are not finite (fp16 overflow? try --dtype bf16 or fp32)")
-        except (RuntimeError, PipelineError) as exc:  # one bad sample (e.g. out of memory) does not end the run
-            failed.append({"key": key, "prompt": prompt, "seed": seed, "error": str(exc).splitlines()[0][:300]})
-            bar.write(f"vaeprobe pipeline: sample {key} failed: {failed[-1]['error']}")
-            bar.update(1)
-            continue
-        em = emergence_table(gen, to_raw, threshold)
-        z = to_raw(gen.latents).float()
-        h, w = z.shape[-2:]
-        final = em.iloc[-1]
-        spot = (int(final.row), int(final.col))
-        cells = _random_cells(h, w, int(controls), spot, radius, seed=seed * 7919 + pi)
-        sites = [Site(*spot)] + [Site(*c) for c in cells]
-        kinds = ["spot"] + ["control"] * len(cells)
-        folder = run.path / "images" / key
-        inter_rows, swap_rows = [], []
-        decodes = []
-        for k, vae in enumerate(tested):
-            ref = vae.decode(z.to(vae.device))
-            decodes.append(ref)
-            save_png(folder / f"vae{k}-generated.png", tensor_to_unit(ref))
-            perturbed = vae.decode(apply_batch(z, sites, operator).to(vae.device))
-            vals = measure(ref, perturbed, sites, vae.factor, radius=radius, measures=measures)
-            med = float(np.nanmedian([v["far_l2"] for v in vals[1:]])) if len(vals) > 1 else math.nan
-            for site, kind, v in zip(sites, kinds, vals):
-                inter_rows.append({"vae": vae.spec, "vae_index": k, "compatible": compatible[k], "when": "final",
-                                   "from_step": -1, "kind": kind, "row": site.row, "col": site.col, **v,
-                                   "global_ratio": v["far_l2"] / med if med > 0 else math.nan})
-            save_png(folder / f"vae{k}-final-spot.png", tensor_to_unit(perturbed[:1]))
-            save_png(folder / f"vae{k}-final-spot-diff.png", signed_difference(perturbed[:1], ref)[0])
-        for k_step in ablate_from:
-            step_cells = [spot] + _random_cells(h, w, int(step_controls), spot, radius, seed=seed * 104729 + pi + k_step)
-            for j, cell in enumerate(step_cells):
-                def edit(step, latents, cell=cell, k_step=k_step):
-                    if step < k_step:
-                        return latents
-                    raw = own.from_diffusion(latents.float())
-                    raw = operator.apply(raw, Site(*cell))
-                    return own.to_diffusion(raw).to(latents.dtype)
-
-                z_edit = to_raw(generate(pipe, prompt, seed, steps=steps, guidance=guidance, size=size,
-                                         edit=edit).latents).float()
-                for k, vae in enumerate(tested):
-                    img = vae.decode(z_edit.to(vae.device))
-                    v = measure(decodes[k], img, [Site(*cell)], vae.factor, radius=radius, measures=measures)[0]
-                    inter_rows.append({"vae": vae.spec, "vae_index": k, "compatible": compatible[k],
-                                       "when": f"from step {k_step}", "from_step": k_step,
-                                       "kind": "spot" if j == 0 else "control", "row": cell[0], "col": cell[1], **v,
-                                       "global_ratio": math.nan})
-                    if j == 0:
-                        save_png(folder / f"vae{k}-from{k_step}-spot.png", tensor_to_unit(img))
-                        save_png(folder / f"vae{k}-from{k_step}-spot-diff.png", signed_difference(img, decodes[k])[0])
-        inter = pd.DataFrame(inter_rows)
-        for k_step in ablate_from:  # step-k ratios: the spot's far field over the median step-k control's
-            for k in range(len(tested)):
-                sel = (inter.from_step == k_step) & (inter.vae_index == k)
-                ctrl = inter.loc[sel & (inter.kind == "control"), "far_l2"]
-                med = float(ctrl.median()) if len(ctrl) else math.nan
-                inter.loc[sel, "global_ratio"] = inter.loc[sel, "far_l2"] / med if med > 0 else math.nan
-        stats0 = _colour_stats(decodes[0])
-        for k, vae in enumerate(tested):
-            row = {"vae": vae.spec, "vae_index": k, "compatible": compatible[k],
-                   "note": compat_rows[k]["compatibility"], "lpips": math.nan, "psnr": math.nan,
-                   **{s: math.nan for s in SWAP_STATS}, **{f"d_{s}": math.nan for s in SWAP_STATS}}
-            if compatible[k]:
-                st = _colour_stats(decodes[k])
-                row.update(st)
-                row.update({f"d_{s}": st[s] - stats0[s] for s in SWAP_STATS})
-                if k > 0:
-                    cmp = compare_images(tensor_to_unit(decodes[0]), tensor_to_unit(decodes[k]))
-                    row.update(lpips=cmp["lpips"], psnr=cmp["psnr"])
-                else:
-                    row.update(lpips=0.0, psnr=math.inf)
-            swap_rows.append(row)
-        ident = {"key": key, "prompt_index": pi, "prompt": prompt, "seed": seed}
-        em = em.assign(**ident)
-        inter = inter.assign(spot_detected=bool(final.spot), **ident)
-        swap = pd.DataFrame(swap_rows).assign(**ident)
-        fin = inter[(inter.when == "final")]
-        spot_gain = {}
-        for k in range(len(tested)):
-            rows_k = fin[fin.vae_index == k]
-            spot_gain[str(k)] = float(rows_k.loc[rows_k.kind == "spot", "global_ratio"].iloc[0])
-        meta = {**ident, "image": key, "h": h, "w": w, "emergence_step": emergence_step(em),
-                "final_spot": bool(final.spot), "spot_row": spot[0], "spot_col": spot[1],
-                "final_norm_ratio": float(final.norm_ratio), "spot_global_ratio": spot_gain}
-        run.write_part(key, None, meta, extra={"emergence": em, "interventions": inter, "swap": swap})
-        bar.update(1)
-    bar.close()
-
-    emergence = run.concat("emergence.parquet", part="emergence")
-    interventions = run.concat("interventions.parquet", part="interventions")
-    swap = run.concat("swap.parquet", part="swap")
-    run.write_table("compatibility.parquet", pd.DataFrame(compat_rows))
-    metas = [m for _, m in run.metas()]
-    _emergence_figure(emergence, run.path / "figures" / "emergence.png", threshold)
-    if not metas:
-        raise PipelineError(f"no sample finished ({len(failed)} failed; first error: "
-                            f"{failed[0]['error'] if failed else 'none'})")
-    summary = _summary(config, metas, emergence, interventions, swap, compat_rows)
-    summary["failed"] = failed
-    summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    run.write_json("summary.json", summary)
-    run.finish(time.perf_counter() - t_start)
-    return summary
+    tested = [own] + [v if isinstance(v, VAE) else coerce_vae(v, device=own.device, dtype=vae_dtype) for v in vaes]
+    compat_rows = [{"model": own.spec, "encoder_identical": True, "compatibility": "the pipeline's own VAE"}]
+    for vae in tested[1:]:
+        row = latent_compatibility(own, vae)
+        compat_rows.append({k: row[k] for k in ("model", "encoder_identical", "compatibility", "max_latent_diff",
+                                                "differing_positions")})
+    job = PipelineJob(pipe, model_spec, tested, compat_rows, prompts=prompts, seeds=seeds, steps=steps,
+                      guidance=guidance, size=size, operator=operator, controls=controls, ablate_from=ablate_from,
+                      step_controls=step_controls, radius=radius, lpips=lpips, vae_dtype=vae_dtype,
+                      threshold=threshold)
+    return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def _summary(config: dict, metas: list[dict], emergence, interventions, swap, compat_rows) -> dict:

@@ -1,10 +1,11 @@
 """The job runner: run directories (a config, per-item part files written atomically, resume after a kill) and
 :func:`run_job`, the one loop every job goes through.
 
-Every long job (``vaeprobe latents``, ``vaeprobe scan``) writes one part per finished item (image) under
-``parts/`` with an atomic rename, so a killed run leaves only whole parts behind. Rerun with ``resume=True`` and
-the finished items are skipped; the final tables are concatenated from the parts, streaming, so memory stays
-flat in the number of items.
+Every job (``vaeprobe latents``, ``scan``, ``mechanism``, ``compare``, ``pipeline``) writes one part per finished
+item (image, or prompt and seed) under ``parts/`` with an atomic rename, so a killed run leaves only whole parts
+behind. Rerun with ``resume=True`` and the finished items are skipped; the final tables are concatenated from the
+parts, streaming, so memory stays flat in the number of items. The files of a run directory, those every job
+writes and those of each job: docs/outputs.md.
 
 >>> import tempfile, pandas as pd
 >>> run = RunDir(tempfile.mkdtemp(), {"job": "demo"})

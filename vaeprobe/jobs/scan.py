@@ -188,11 +188,8 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
              n_donors: int = 4, device=None, dtype=None) -> RunDir:
     """Scan every image of ``images`` and write a run directory ``out``.
 
-    Files: ``config.json`` (every setting and the VAE's description), ``parts/NNNNNN.parquet`` + ``.json`` (one
-    image each, written atomically; ``resume=True`` skips finished ones), ``scan.parquet`` (one row per image and
-    scanned position: ``image, row, col, ...`` measures, ``global_ratio``, the verdict columns, ``is_global``),
-    ``images.parquet`` (per image: the top far-field position, its ratio, the verdict counts, decode count and
-    seconds) and ``summary.json``. Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds
+    One part per image is written atomically, so ``resume=True`` skips the images a killed run finished. Files: see
+    docs/outputs.md, section scan. Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds
     ``summary.json``).
 
     Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
@@ -211,10 +208,10 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
     ``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
     ``mean`` operator and ``noise`` sigma use each image's own per-channel latent mean and std.
 
-    ``keep_images`` (exact and two-stage modes): under ``images/NNNNNN/``, the input (``input.png``), its clean
-    decode (``recon.png``) and, for the ``keep_images`` positions with the largest far-field energy, the perturbed
-    decode (``rR_cC.png``) and the signed difference (``rR_cC_diff.png``, amplified by the ``gain`` recorded in
-    the image's metadata under ``kept``). Reports show them.
+    ``keep_images`` (exact and two-stage modes): per image, the input, its clean decode and, for the
+    ``keep_images`` positions with the largest far-field energy, the perturbed decode and the signed difference
+    (amplified by the ``gain`` recorded in the image's metadata under ``kept``) are saved as PNG files; reports
+    show them.
     """
     if mode not in MODES:
         raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")

@@ -1,19 +1,16 @@
 """Reports: one self-contained HTML file, a Markdown summary and the data tables, from one or more run directories.
 
 ``build_report(["runs/latents", "runs/scan", "runs/mechanism"], out="runs/report")`` reads the run directories
-written by ``vaeprobe latents``, ``scan`` and ``mechanism`` (any subset, any number of models) and writes
+written by ``vaeprobe latents``, ``scan``, ``mechanism`` and ``pipeline`` (any subset, any number of models) and
+writes an HTML report (headline figures, per model the dataset summaries, per image a card, the runs' commands,
+settings, package versions and durations), a Markdown summary, the figures as JSON and the runs' tables as CSV;
+:func:`build_comparison_report` writes the report of ``vaeprobe compare``. Files: see docs/outputs.md, sections
+report and compare.
 
-- ``report.html``: headline figures; per model the dataset summaries (spot rate, spot-location histogram, norm
-  ratio and global-effect distributions, pathway shares) and per image a card: input, reconstruction, latent maps
-  with the spots marked, the global-effect heatmap of the scan (click a cell: its measures and, where the scan
-  kept them, its perturbed decode and difference image), the strongest positions before / after / difference,
-  the mechanism shares; the runs' commands, settings, package versions and durations. Images are embedded as
-  data URIs and the script is inline: the file opens offline, anywhere, and a Content-Security-Policy forbids
-  it to load anything. Every string that comes from the user (file names, model specs, settings) is escaped.
-- ``report.md``: the headline figures, each with the run directory it came from, and the summaries.
-- ``report.json``: the same figures, machine-readable; ``tables/*.csv``: the runs' tables.
-
-Nothing in the report is fixed text about results: every figure is read from the run directories.
+The HTML file embeds its images as data URIs and its script inline: it opens offline, anywhere, and a
+Content-Security-Policy forbids it to load anything. Every string that comes from the user (file names, model
+specs, settings) is escaped. Nothing in the report is fixed text about results: every figure is read from the run
+directories.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -321,92 +318,120 @@ def _colour(value: float, vmax: float) -> str:
 
 # -- sections --------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class JobView:
+    """How a report shows one job's run: its section (headlines, summary table, figures), the tables it exports
+    as CSV and the per-image cards it fills."""
+
+    title: str
+    order: int
+    section: Callable[[Run, Callable], tuple[list, list]]
+    tables: tuple[str, ...]
+    cards: Callable[[Run, dict], None]
+
+
 def _headlines_and_summary(run: Run) -> tuple[list[dict], dict]:
-    s, heads = run.summary, []
+    heads: list[dict] = []
 
-    def head(what: str, value: str) -> None:
-        heads.append({"model": run.spec, "job": run.job, "what": what, "value": value, "run": str(run.path)})
+    def head(what: str, value: str, *, model: str | None = None) -> None:
+        heads.append({"model": model or run.spec, "job": run.job, "what": what, "value": value,
+                      "run": str(run.path)})
 
-    figures, table = [], []
-    if run.job == "latents":
-        images = run.table("images.parquet")
-        n = int(s.get("n_images", 0))
-        head("spot rate (images with a detected spot)", f"{_fmt(s.get('spot_rate'))} ({s.get('n_spot_images', 0)}/{n})")
-        if "norm_ratio_max" in images:
-            head("median over images of the largest norm / median norm", _fmt(images.norm_ratio_max.median()))
-            uri = _hist_uri(images.norm_ratio_max, "largest latent norm / median, per image", "ratio")
-            if uri:
-                figures.append({"src": uri, "caption": "norm-ratio distribution", "width": 288})
-        grid = s.get("spot_locations_8x8")
-        if grid is not None and np.asarray(grid).sum() > 0:
-            figures.append({"src": _grid_uri(np.asarray(grid, float), "spot locations (8x8 bins of the latent)"),
-                            "caption": "spot-location histogram", "width": 256})
-        table = [("images", n), ("spot rate", _fmt(s.get("spot_rate"))), ("threshold", _fmt(s.get("threshold"))),
-                 ("suggested shift_factor / scaling_factor",
-                  f"{_fmt(s.get('shift_factor'))} / {_fmt(s.get('scaling_factor'))}"),
-                 ("the same without spots", f"{_fmt(s.get('shift_factor_ordinary'))} / "
-                                            f"{_fmt(s.get('scaling_factor_ordinary'))}"),
-                 ("skipped inputs", len(s.get("skipped", [])))]
-        title = "Latent diagnostics"
-    elif run.job == "scan":
-        images = run.table("images.parquet")
-        n = int(s.get("n_images", 0))
-        rate = s.get("global_rate")
-        if rate is not None and rate == rate:
-            n_glob = int(round(rate * n)) if n else 0
-            head("images with a global cell (verdict global or global-information)",
-                 f"{n_glob}/{n} ({s.get('mode')}, {s.get('op')})")
-        else:
-            head("images with a global cell", f"no verdict ({s.get('mode')} mode has no calibrated rule)")
-        counts = s.get("verdicts") or {}
-        if counts:
-            head("cell verdicts", ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-        if "top_ratio" in images and len(images):
-            head("median over images of the largest global-effect ratio", _fmt(images.top_ratio.median()))
-            uri = _hist_uri(images.top_ratio, "largest global-effect ratio, per image", "ratio")
-            if uri:
-                figures.append({"src": uri, "caption": "global-effect ratio distribution", "width": 288})
-        table = [("mode", s.get("mode")), ("operator", s.get("op")), ("images", n),
-                 ("global rate (verdicts)", _fmt(s.get("global_rate"))), ("decodes", s.get("decodes")),
-                 ("seconds", _fmt(s.get("seconds"), 1)), ("skipped inputs", len(s.get("skipped", [])))]
-        title = "Perturbation scan"
-    elif run.job == "pipeline":
-        n = int(s.get("n_samples", 0))
-        head("samples with a spot in the final latent (x0 norm / median >= threshold)",
-             f"{int(round((s.get('final_spot_rate') or 0) * n))}/{n}; emerged and stayed in {s.get('emerged')}"
-             + (f", median step {_fmt(s.get('median_emergence_step'))} of {s.get('steps')}"
-                if s.get("median_emergence_step") is not None else ""))
-        for v in s.get("vaes", []):
-            heads.append({"model": str(v.get("vae")), "job": run.job,
-                          "what": "ablating the final latent's strongest cell: median global-effect ratio "
-                                  "(far field vs random cells)",
-                          "value": f"{_fmt(v.get('median_spot_global_ratio'))} (beats every control in "
-                                   f"{v.get('spot_beats_every_control')})", "run": str(run.path)})
-        uri = _file_uri(run.path / "figures" / "emergence.png", 1024)
-        if uri:
-            figures.append({"src": uri, "caption": "spot emergence over the denoising steps", "width": 480})
-        table = [("pipeline", run.config.get("model", {}).get("class")),
-                 ("scheduler", run.config.get("model", {}).get("scheduler")),
-                 ("prompts x seeds", f"{s.get('n_prompts')} x {len(s.get('seeds', []))}"), ("steps", s.get("steps")),
-                 ("guidance", run.config.get("guidance")), ("operator", run.config.get("op")),
-                 ("dtype (pipeline / measured decodes)", f"{run.config.get('dtype')} / {run.config.get('vae_dtype')}")]
-        for v in s.get("vaes", []):
-            table.append((f"VAE {v.get('vae')}", (f"swap LPIPS {_fmt(v.get('mean_swap_lpips'))}, mean luma shift "
-                                                  f"{_fmt(v.get('mean_swap_d_luma'))}") if v.get("compatible")
-                          else str(v.get("compatibility"))))
-        table.append(("seconds", _fmt(s.get("seconds"), 1)))
-        title = "Diffusion pipeline (emergence, interventions, VAE swap)"
-    else:
-        dom = s.get("dominant", {})
-        head("dominant pathway at the attributed positions",
-             ", ".join(f"{k} {v}" for k, v in sorted(dom.items(), key=lambda kv: -kv[1])) or "none")
-        shares = s.get("median_shares", {})
-        table = [("positions", s.get("positions")), ("attention frozen by", s.get("attention")),
-                 ("operator", s.get("op"))] + [(f"median share: {k}", _fmt(v)) for k, v in shares.items()] + \
-                [("decodes", s.get("decodes")), ("seconds", _fmt(s.get("seconds"), 1))]
-        title = "Mechanism (pathway attribution)"
-    return heads, {"title": f"{title} — run {run.path}", "table": [(k, _fmt(v)) for k, v in table],
+    view = VIEWS[run.job]
+    table, figures = view.section(run, head)
+    return heads, {"title": f"{view.title} — run {run.path}", "table": [(k, _fmt(v)) for k, v in table],
                    "figures": figures}
+
+
+def _latents_section(run: Run, head) -> tuple[list, list]:
+    """Headlines, summary table and figures of a ``vaeprobe latents`` run."""
+    s, figures, table = run.summary, [], []
+    images = run.table("images.parquet")
+    n = int(s.get("n_images", 0))
+    head("spot rate (images with a detected spot)", f"{_fmt(s.get('spot_rate'))} ({s.get('n_spot_images', 0)}/{n})")
+    if "norm_ratio_max" in images:
+        head("median over images of the largest norm / median norm", _fmt(images.norm_ratio_max.median()))
+        uri = _hist_uri(images.norm_ratio_max, "largest latent norm / median, per image", "ratio")
+        if uri:
+            figures.append({"src": uri, "caption": "norm-ratio distribution", "width": 288})
+    grid = s.get("spot_locations_8x8")
+    if grid is not None and np.asarray(grid).sum() > 0:
+        figures.append({"src": _grid_uri(np.asarray(grid, float), "spot locations (8x8 bins of the latent)"),
+                        "caption": "spot-location histogram", "width": 256})
+    table = [("images", n), ("spot rate", _fmt(s.get("spot_rate"))), ("threshold", _fmt(s.get("threshold"))),
+             ("suggested shift_factor / scaling_factor",
+              f"{_fmt(s.get('shift_factor'))} / {_fmt(s.get('scaling_factor'))}"),
+             ("the same without spots", f"{_fmt(s.get('shift_factor_ordinary'))} / "
+                                        f"{_fmt(s.get('scaling_factor_ordinary'))}"),
+             ("skipped inputs", len(s.get("skipped", [])))]
+    return table, figures
+
+
+def _scan_section(run: Run, head) -> tuple[list, list]:
+    """Headlines, summary table and figures of a ``vaeprobe scan`` run."""
+    s, figures, table = run.summary, [], []
+    images = run.table("images.parquet")
+    n = int(s.get("n_images", 0))
+    rate = s.get("global_rate")
+    if rate is not None and rate == rate:
+        n_glob = int(round(rate * n)) if n else 0
+        head("images with a global cell (verdict global or global-information)",
+             f"{n_glob}/{n} ({s.get('mode')}, {s.get('op')})")
+    else:
+        head("images with a global cell", f"no verdict ({s.get('mode')} mode has no calibrated rule)")
+    counts = s.get("verdicts") or {}
+    if counts:
+        head("cell verdicts", ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    if "top_ratio" in images and len(images):
+        head("median over images of the largest global-effect ratio", _fmt(images.top_ratio.median()))
+        uri = _hist_uri(images.top_ratio, "largest global-effect ratio, per image", "ratio")
+        if uri:
+            figures.append({"src": uri, "caption": "global-effect ratio distribution", "width": 288})
+    table = [("mode", s.get("mode")), ("operator", s.get("op")), ("images", n),
+             ("global rate (verdicts)", _fmt(s.get("global_rate"))), ("decodes", s.get("decodes")),
+             ("seconds", _fmt(s.get("seconds"), 1)), ("skipped inputs", len(s.get("skipped", [])))]
+    return table, figures
+
+
+def _mechanism_section(run: Run, head) -> tuple[list, list]:
+    """Headlines and summary table of a ``vaeprobe mechanism`` run."""
+    s = run.summary
+    dom = s.get("dominant", {})
+    head("dominant pathway at the attributed positions",
+         ", ".join(f"{k} {v}" for k, v in sorted(dom.items(), key=lambda kv: -kv[1])) or "none")
+    shares = s.get("median_shares", {})
+    table = [("positions", s.get("positions")), ("attention frozen by", s.get("attention")),
+             ("operator", s.get("op"))] + [(f"median share: {k}", _fmt(v)) for k, v in shares.items()] + \
+            [("decodes", s.get("decodes")), ("seconds", _fmt(s.get("seconds"), 1))]
+    return table, []
+
+
+def _pipeline_section(run: Run, head) -> tuple[list, list]:
+    """Headlines, summary table and figure of a ``vaeprobe pipeline`` run."""
+    s, figures, table = run.summary, [], []
+    n = int(s.get("n_samples", 0))
+    head("samples with a spot in the final latent (x0 norm / median >= threshold)",
+         f"{int(round((s.get('final_spot_rate') or 0) * n))}/{n}; emerged and stayed in {s.get('emerged')}"
+         + (f", median step {_fmt(s.get('median_emergence_step'))} of {s.get('steps')}"
+            if s.get("median_emergence_step") is not None else ""))
+    for v in s.get("vaes", []):
+        head("ablating the final latent's strongest cell: median global-effect ratio (far field vs random cells)",
+             f"{_fmt(v.get('median_spot_global_ratio'))} (beats every control in "
+             f"{v.get('spot_beats_every_control')})", model=str(v.get("vae")))
+    uri = _file_uri(run.path / "figures" / "emergence.png", 1024)
+    if uri:
+        figures.append({"src": uri, "caption": "spot emergence over the denoising steps", "width": 480})
+    table = [("pipeline", run.config.get("model", {}).get("class")),
+             ("scheduler", run.config.get("model", {}).get("scheduler")),
+             ("prompts x seeds", f"{s.get('n_prompts')} x {len(s.get('seeds', []))}"), ("steps", s.get("steps")),
+             ("guidance", run.config.get("guidance")), ("operator", run.config.get("op")),
+             ("dtype (pipeline / measured decodes)", f"{run.config.get('dtype')} / {run.config.get('vae_dtype')}")]
+    for v in s.get("vaes", []):
+        table.append((f"VAE {v.get('vae')}", (f"swap LPIPS {_fmt(v.get('mean_swap_lpips'))}, mean luma shift "
+                                              f"{_fmt(v.get('mean_swap_d_luma'))}") if v.get("compatible")
+                      else str(v.get("compatibility"))))
+    table.append(("seconds", _fmt(s.get("seconds"), 1)))
+    return table, figures
 
 
 SCAN_MEASURES = ("verdict", "norm_ratio", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope",
@@ -530,10 +555,61 @@ def _pipeline_cards(run: Run, model: dict) -> None:
                         f"; final largest norm / median {_fmt(meta.get('final_norm_ratio'))}.")
 
 
+def _image_cards(run: Run, model: dict, fill: Callable[[str, dict, dict, pd.DataFrame], None],
+                 main: str) -> None:
+    table = run.table(main)
+    for name, (key, meta) in run.metas.items():
+        fill(key, meta, model["images"].setdefault(name, _new_card(name)), table[table.image == name]
+             if "image" in table else table.iloc[0:0])
+
+
+def _latents_cards(run: Run, model: dict) -> None:
+    def fill(key, meta, card, rows):
+        maps = sorted((run.path / "maps").glob(f"{key}-*.png"))
+        if maps:
+            card["figures"].append({"src": _file_uri(maps[0], 1024), "caption": "latent maps (spots circled)",
+                                    "width": 640})
+
+    _image_cards(run, model, fill, "images.parquet")
+
+
+def _scan_cards(run: Run, model: dict) -> None:
+    def fill(key, meta, card, rows):
+        if card["name"] not in model["scan_done"]:
+            model["scan_done"].add(card["name"])
+            _scan_card(run, key, meta, rows, card)
+
+    _image_cards(run, model, fill, "scan.parquet")
+
+
+def _mechanism_cards(run: Run, model: dict) -> None:
+    def fill(key, meta, card, rows):
+        for r in rows.itertuples(index=False):
+            card["mechanism"].append({"row": r.row, "col": r.col, "far": _fmt(r.far_l2_live),
+                                      "gn": _fmt(r.share_groupnorm), "att": _fmt(r.share_attention),
+                                      "res": _fmt(r.share_residual), "inter": _fmt(r.interaction),
+                                      "dominant": r.dominant})
+
+    _image_cards(run, model, fill, "mechanism.parquet")
+
+
+VIEWS = {
+    "latents": JobView("Latent diagnostics", 0, _latents_section, ("images.parquet", "spots.parquet"), _latents_cards),
+    "scan": JobView("Perturbation scan", 1, _scan_section, ("scan.parquet", "images.parquet"), _scan_cards),
+    "mechanism": JobView("Mechanism (pathway attribution)", 2, _mechanism_section,
+                         ("mechanism.parquet", "attention.parquet", "groupnorm.parquet"), _mechanism_cards),
+    "pipeline": JobView("Diffusion pipeline (emergence, interventions, VAE swap)", 3, _pipeline_section,
+                        ("emergence.parquet", "interventions.parquet", "swap.parquet", "compatibility.parquet"),
+                        _pipeline_cards),
+}
+"""The report's view of each job, in the order runs are shown."""
+
+
 def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
                  title: str = "vaeprobe report") -> dict:
-    """Write ``report.html``, ``report.md``, ``report.json`` and ``tables/`` into ``out`` (default: ``report``
-    beside the first run directory). Returns ``{"html", "markdown", "json", "tables", "headlines"}``.
+    """Write the report into ``out`` (default: ``report`` beside the first run directory; files: see
+    docs/outputs.md, section report). Returns ``{"html", "markdown", "json", "tables", "headlines"}``: the paths
+    of the HTML, Markdown and JSON files, the CSV tables, and the headline figures.
 
     >>> import tempfile
     >>> from vaeprobe.jobs.latents import run_latents
@@ -549,46 +625,19 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
     out = Path(out) if out is not None else Path(run_dirs[0]).parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     headlines, models, tables = [], {}, []
-    order = {"latents": 0, "scan": 1, "mechanism": 2, "pipeline": 3}
-    for run in sorted(runs, key=lambda r: order[r.job]):
+    for run in sorted(runs, key=lambda r: VIEWS[r.job].order):
         heads, summary = _headlines_and_summary(run)
         headlines += heads
         model = models.setdefault(run.spec, {"spec": run.spec, "summaries": [], "images": {}, "scan_done": set()})
         model["summaries"].append(summary)
-        main = {"latents": "images.parquet", "scan": "scan.parquet", "mechanism": "mechanism.parquet",
-                "pipeline": "interventions.parquet"}[run.job]
-        frames = {"latents": ("images.parquet", "spots.parquet"), "scan": ("scan.parquet", "images.parquet"),
-                  "mechanism": ("mechanism.parquet", "attention.parquet", "groupnorm.parquet"),
-                  "pipeline": ("emergence.parquet", "interventions.parquet", "swap.parquet",
-                               "compatibility.parquet")}[run.job]
-        for name in frames:
+        for name in VIEWS[run.job].tables:
             df = run.table(name)
             if len(df):
                 target = out / "tables" / f"{len(tables):02d}-{run.job}-{Path(name).stem}.csv"
                 target.parent.mkdir(exist_ok=True)
                 write_text_atomic(target, df.to_csv(index=False))
                 tables.append(target)
-        table = run.table(main)
-        if run.job == "pipeline":
-            _pipeline_cards(run, model)
-            continue
-        for name, (key, meta) in run.metas.items():
-            card = model["images"].setdefault(name, _new_card(name))
-            if run.job == "latents":
-                maps = sorted((run.path / "maps").glob(f"{key}-*.png"))
-                if maps:
-                    card["figures"].append({"src": _file_uri(maps[0], 1024), "caption": "latent maps (spots circled)",
-                                            "width": 640})
-            elif run.job == "scan" and name not in model["scan_done"]:
-                model["scan_done"].add(name)
-                rows = table[table.image == name] if "image" in table else table.iloc[0:0]
-                _scan_card(run, key, meta, rows, card)
-            elif run.job == "mechanism" and "image" in table:
-                for r in table[table.image == name].itertuples(index=False):
-                    card["mechanism"].append({"row": r.row, "col": r.col, "far": _fmt(r.far_l2_live),
-                                              "gn": _fmt(r.share_groupnorm), "att": _fmt(r.share_attention),
-                                              "res": _fmt(r.share_residual), "inter": _fmt(r.interaction),
-                                              "dominant": r.dominant})
+        VIEWS[run.job].cards(run, model)
     counter = 0
     model_list = []
     for m in models.values():
@@ -645,8 +694,9 @@ def _pm(m: dict, key: str, digits: int = 3) -> str:
 
 
 def build_comparison_report(out: str | Path, summary: dict, title: str = "vaeprobe comparison") -> dict:
-    """Write ``comparison.html`` and ``comparison.md`` into ``out`` from a :func:`~vaeprobe.jobs.compare.compare_vaes`
-    summary (verdicts first, then reconstruction, the spot and latent compatibility)."""
+    """Write the comparison report, HTML and Markdown, into ``out`` from a
+    :func:`~vaeprobe.jobs.compare.compare_vaes` summary (verdicts first, then reconstruction, the spot and latent
+    compatibility; files: see docs/outputs.md, section compare). Returns ``{"html", "markdown"}`` (their paths)."""
     out = Path(out)
     models = [{"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
                "lpips": _pm(m, "lpips"),
