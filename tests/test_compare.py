@@ -2,8 +2,6 @@
 expected direction of every difference on the builtin models, and VAEs with different latent shapes."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -12,7 +10,7 @@ import torch
 
 from vaeprobe.jobs.compare import compare_vaes
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 
 def test_rfid_runs_with_local_weights_and_is_stated_missing_without(tmp_path, monkeypatch):
@@ -77,10 +75,8 @@ def test_compare_resumes_after_a_failed_image(tmp_path, monkeypatch):
 
 def test_compare_builtin_models_cli_directions(tmp_path):
     out = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "compare", "builtin:mini-kl-f8",
-                        "builtin:planted-groupnorm", "builtin:mini-kl-f8-ft-mse", "--images", "builtin:photos-heldout",
-                        "--size", "64", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=1200,
-                       cwd=REPO)
+    r = run_cli("compare", "builtin:mini-kl-f8", "builtin:planted-groupnorm", "builtin:mini-kl-f8-ft-mse",
+                "--images", "builtin:photos-heldout", "--size", "64", "--out", out, "--quiet", cwd=REPO)
     assert r.returncode == 0, r.stderr
     models = pd.read_parquet(out / "models.parquet").set_index("model")
     compat = pd.read_parquet(out / "compatibility.parquet").set_index("model")

@@ -1,8 +1,6 @@
 """Latent diagnostics: maps, streamed statistics, the spot detector scored on ground truth, and `vaeprobe latents`."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -17,7 +15,7 @@ from vaeprobe.jobs.latents import run_latents
 from vaeprobe.models.adapter import Posterior
 from vaeprobe.models.loading import load_vae
 
-from conftest import REPO, run_and_kill
+from conftest import REPO, run_and_kill, run_cli
 
 ENCODER_TRACE = ["planted-direct-fixed", "planted-direct", "planted-groupnorm", "planted-attention"]
 
@@ -168,9 +166,8 @@ def test_sixteen_channel_path(tmp_path):
 
 # -- the command -------------------------------------------------------------------------------------------------
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "vaeprobe.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, **kw)
+def _cli(*args):
+    return run_cli(*args, cwd=REPO)
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """load_vae through every route, on tiny models built from config; the adapter's contract."""
 
 import pickle
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,8 @@ from safetensors.torch import save_file
 from vaeprobe import VAELoadError, load_vae
 from vaeprobe.models.ldm import infer_ldm_vae_config, to_ldm_state_dict
 from vaeprobe.models.adapter import LOGVAR_CLAMP, VAE
+
+from conftest import run_cli
 
 
 def _x(seed=0, size=32):
@@ -173,10 +174,13 @@ def test_hub_check_keeps_the_users_socket_timeout(monkeypatch):
         socket.setdefaulttimeout(before)
 
 
-def test_hub_id_cli_offline_is_one_line(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "info", "--vae", "stabilityai/sd-vae-ft-mse"],
-                          capture_output=True, text=True, env=env, timeout=120)
+def test_hub_id_cli_offline_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    # what HF_HUB_OFFLINE=1 and an empty HOME give a fresh process (the hub reads both at import): offline, no cache
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / ".cache" / "huggingface" / "hub"))
+    proc = run_cli("info", "--vae", "stabilityai/sd-vae-ft-mse", env={"HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [lines[0]] and lines[0].startswith("vaeprobe: error: stabilityai/sd-vae-ft-mse")

@@ -2,8 +2,6 @@
 pathway scored against the planted controls' declared mechanisms."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -17,6 +15,8 @@ from vaeprobe.jobs.mechanism import run_mechanism
 from vaeprobe.probes.perturb import Site
 from vaeprobe.models.adapter import VAE
 from vaeprobe.models.loading import load_vae
+
+from conftest import run_cli
 
 HELDOUT = load_images("builtin:photos-heldout", size=64)
 DECLARED = {"planted-groupnorm": "groupnorm", "planted-attention": "attention",
@@ -287,9 +287,9 @@ def test_droplet_and_sink_diagnostics_find_the_planted_cell():
 
 def test_cli_mechanism_writes_tables_figures_and_resumes(tmp_path):
     out = tmp_path / "mech"
-    cmd = [sys.executable, "-m", "vaeprobe.cli", "mechanism", "--vae", "builtin:planted-groupnorm",
-           "--images", "builtin:photos-heldout", "--size", "64", "--positions", "top:2", "--out", str(out), "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = ["mechanism", "--vae", "builtin:planted-groupnorm", "--images", "builtin:photos-heldout", "--size", "64",
+           "--positions", "top:2", "--out", out, "--quiet"]
+    r = run_cli(*cmd)
     assert r.returncode == 0, r.stderr
     table = pd.read_parquet(out / "mechanism.parquet")
     assert len(table) == 2 * len(HELDOUT)
@@ -303,16 +303,15 @@ def test_cli_mechanism_writes_tables_figures_and_resumes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dominant"]["groupnorm"] >= 7
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")}
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    r = run_cli(*cmd, "--resume")
     assert r.returncode == 0, r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")} == stamps
     assert pd.read_parquet(out / "mechanism.parquet").equals(table)
 
 
 def test_cli_mechanism_bad_input_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "mechanism", "--vae", "builtin:mini-kl-f8",
-                        "--images", "builtin:photos-heldout", "--positions", "corner", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("mechanism", "--vae", "builtin:mini-kl-f8", "--images", "builtin:photos-heldout", "--positions",
+                "corner", "--out", tmp_path / "x")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "positions" in r.stderr
     with pytest.raises(MechanismError, match="attention freezing"):

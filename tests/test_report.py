@@ -3,8 +3,6 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import markupsafe
 import numpy as np
@@ -18,7 +16,7 @@ from vaeprobe.reports.report import (ReportError, build_comparison_report, build
                                      md_table)
 from vaeprobe.jobs.scan import run_scan
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 HOSTILE = ["<img src=x onerror=alert(1)>", "<img src=x onerror=document.title='pwned'>", 'a&b "quoted"']
 ARTIFACTS = REPO / "test-artifacts"
@@ -164,8 +162,7 @@ def test_comparison_markdown_tables(tmp_path):
 def test_report_bad_input_is_one_line(tmp_path):
     with pytest.raises(ReportError, match="not a vaeprobe run directory"):
         build_report([tmp_path])
-    r = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "report", str(tmp_path)], capture_output=True,
-                       text=True)
+    r = run_cli("report", tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "config.json" in r.stderr
 
 
@@ -228,8 +225,7 @@ def test_click_in_headless_chromium_shows_the_cells_result_and_nothing_executes(
 
 def test_demo_runs_the_main_job_and_reports(tmp_path):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "vaeprobe.cli", "demo", "--out", str(out), "--size", "64", "--quiet"],
-                       capture_output=True, text=True, timeout=900)
+    r = run_cli("demo", "--out", out, "--size", "64", "--quiet")
     assert r.returncode == 0, r.stderr
     report = out / "report" / "report.html"
     assert f"report: {report}" in r.stdout

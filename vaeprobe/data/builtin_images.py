@@ -37,7 +37,29 @@ SETS = {"builtin:photos": TRAIN + HELDOUT, "builtin:photos-train": TRAIN, "built
 
 
 def photo(name: str) -> np.ndarray:
-    """One builtin photo as float32 RGB HxWx3 in [0, 1] (grayscale photos are replicated to RGB)."""
+    """One builtin photo, from the images scikit-image ships (no download).
+
+    Parameters
+    ----------
+    name : str
+        One of the names in :data:`TRAIN` and :data:`HELDOUT` (e.g. ``"camera"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        Float32 RGB ``[H, W, 3]`` in [0, 1], C-contiguous; grayscale photos are replicated to RGB.
+
+    Raises
+    ------
+    KeyError
+        When ``name`` is not a builtin photo.
+
+    Examples
+    --------
+    >>> img = photo("camera")
+    >>> img.shape, img.dtype, float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+    ((512, 512, 3), dtype('float32'), True)
+    """
     import skimage.data
 
     fn, idx = _SOURCES[name]
@@ -56,7 +78,31 @@ def photo(name: str) -> np.ndarray:
 
 
 def builtin_photos(spec: str = "builtin:photos") -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(name, image)`` for a builtin set: ``builtin:photos``, ``-train`` or ``-heldout``."""
+    """The photos of a builtin set, one by one (each read when it is reached).
+
+    Parameters
+    ----------
+    spec : str, optional
+        ``"builtin:photos"`` (every photo), ``"builtin:photos-train"`` or ``"builtin:photos-heldout"``.
+
+    Yields
+    ------
+    name : str
+        The photo's name (see :func:`photo`).
+    image : numpy.ndarray
+        The photo, float32 RGB ``[H, W, 3]`` in [0, 1].
+
+    Raises
+    ------
+    ImageLoadError
+        When ``spec`` is not a builtin set (raised on the first ``next``).
+
+    Examples
+    --------
+    >>> name, img = next(builtin_photos("builtin:photos-heldout"))
+    >>> name, img.shape
+    ('coffee', (400, 600, 3))
+    """
     if spec not in SETS:
         raise ImageLoadError(f"unknown image set {spec!r}; choose one of {', '.join(SETS)}")
     for name in SETS[spec]:

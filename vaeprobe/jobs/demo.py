@@ -19,16 +19,45 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", spec).strip("-") or "model"
 
 
-def run_demo(out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-f8",
+def run_demo(*, out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-f8",
              control: str | None = "builtin:planted-groupnorm", size: int = 128,
              images: str = "builtin:photos-heldout", progress: bool = True, log=print,
              extra: Sequence[str] = ("builtin:taef2",)) -> dict:
-    """Run the main job into ``out`` (earlier demo results there are replaced) for ``vae_spec``, the ``extra``
-    models and the ``control``, and return
-    ``{"report": path of report.html, "runs": [run directories], "seconds": wall time}``.
+    """Run the main job end to end on ``vae_spec``, the ``extra`` models and the ``control``, then one report.
 
+    For each model: latent diagnostics, a two-stage perturbation scan and pathway attribution at the
+    largest-norm cell, each into ``out/MODEL/JOB`` (earlier demo results there are replaced); then the report
+    over all the runs in ``out/report``.
+
+    Parameters
+    ----------
+    out : str or pathlib.Path, optional
+        The demo's folder.
+    vae_spec : str, optional
+        The model under test (any :func:`~vaeprobe.models.loading.load_vae` spec).
+    control : str or None, optional
+        A planted-spot control run alongside (``None``: none).
+    size : int, optional
+        Image side in pixels.
+    images : str, optional
+        The images: a builtin set, a folder, a file or a list (see :func:`vaeprobe.data.images.iter_images`).
+    progress : bool, optional
+        Show progress bars.
+    log : callable, optional
+        Called with one line before each job (default ``print``).
+    extra : sequence of str, optional
+        More models run beside ``vae_spec``.
+
+    Returns
+    -------
+    dict
+        ``{"report": path of report.html, "runs": [run directories], "seconds": wall time, "headlines": the
+        report's headline figures}``.
+
+    Examples
+    --------
     >>> import tempfile
-    >>> res = run_demo(tempfile.mkdtemp(), vae_spec="builtin:tiny-random", control=None, size=64,
+    >>> res = run_demo(out=tempfile.mkdtemp(), vae_spec="builtin:tiny-random", control=None, size=64,
     ...                progress=False, log=lambda *a: None, extra=())
     >>> res["report"].name, len(res["runs"])
     ('report.html', 3)

@@ -55,16 +55,47 @@ PIPELINE_BUILTINS = ("tiny-sd", "tiny-sd-planted")
 
 
 class PipelineError(VaeprobeError, ValueError):
-    """A pipeline spec, prompt file or setting that cannot be used (the message says why and what to do)."""
+    """A pipeline spec, prompt file or setting that cannot be used (the message says why and what to do).
+
+    Examples
+    --------
+    >>> try:
+    ...     parse_seeds("0,x")
+    ... except PipelineError as exc:
+    ...     print(exc)
+    bad seed 'x' in '0,x'; write e.g. 0,1,2 or 0-7
+    """
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
 
-def load_pipeline(spec: Any, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
-    """A diffusers pipeline from ``builtin:tiny-sd[-planted]``, a local pipeline folder (``model_index.json``)
-    or a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; needs the hub or its cache), moved to
-    ``device``/``dtype``. A pipeline object passes through (moved).
+def load_pipeline(spec: Any, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None):
+    """Load a diffusers text-to-image pipeline and move it to ``device``/``dtype``.
 
+    Parameters
+    ----------
+    spec : str, pathlib.Path or pipeline
+        ``builtin:tiny-sd`` or ``builtin:tiny-sd-planted`` (offline, seeded), a local pipeline folder (with
+        ``model_index.json``), a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; needs the hub or its
+        cache), or a pipeline object, which passes through (moved).
+    device : str or torch.device, optional
+        Where to put the pipeline (default: leave it where it is).
+    dtype : str or torch.dtype, optional
+        ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype (default: the pipeline's own).
+
+    Returns
+    -------
+    diffusers.DiffusionPipeline
+        A latent diffusion pipeline with ``unet``, ``scheduler`` and ``vae``; its progress bar is disabled.
+
+    Raises
+    ------
+    PipelineError
+        When ``spec`` names no loadable pipeline, or the pipeline lacks a unet, scheduler or vae.
+
+    Examples
+    --------
     >>> load_pipeline("builtin:tiny-sd").unet.dtype
     torch.float32
     """
@@ -137,9 +168,26 @@ def _from_pretrained(where: str, dtype, local_files_only: bool = False):
 # -- inputs --------------------------------------------------------------------------------------------------------
 
 def read_prompts(source: str | Path | Sequence[str]) -> list[str]:
-    """Prompts from a text file (one per line; blank lines and lines starting with ``#`` are skipped), a JSON
-    file holding a list of strings, or a list.
+    """Read prompts from a file or a list.
 
+    Parameters
+    ----------
+    source : str, pathlib.Path or sequence of str
+        A text file (one prompt per line; lines starting with ``#`` are skipped), a ``.json`` file holding a list
+        of strings, or a list or tuple of prompts.
+
+    Returns
+    -------
+    list of str
+        The prompts, stripped; blank ones are dropped.
+
+    Raises
+    ------
+    PipelineError
+        When the file does not exist, its JSON is not a list of strings, or there is no prompt.
+
+    Examples
+    --------
     >>> read_prompts(["a red fox", " ", "a blue car"])
     ['a red fox', 'a blue car']
     """
@@ -167,8 +215,25 @@ def read_prompts(source: str | Path | Sequence[str]) -> list[str]:
 
 
 def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
-    """Seeds from ``"0,1,5"``, a range ``"0-3"`` (inclusive), an int or a list.
+    """Read seeds from text, an int or a list.
 
+    Parameters
+    ----------
+    spec : str, int or sequence of int
+        Comma-separated seeds and inclusive ranges (``"0,1,5"``, ``"0-3"``), one int, or a list.
+
+    Returns
+    -------
+    list of int
+        The seeds in order, duplicates dropped (a list passes through as ints).
+
+    Raises
+    ------
+    PipelineError
+        When the text holds a malformed seed or none at all.
+
+    Examples
+    --------
     >>> parse_seeds("0-2,7")
     [0, 1, 2, 7]
     """
@@ -238,8 +303,22 @@ def _capture_x0(scheduler, store: list) -> Iterator[None]:
 
 @dataclass
 class Generation:
-    """One generated sample: ``latents`` ``[1, C, h, w]`` float32 CPU in the pipeline's diffusion space (what the
-    pipeline would decode), and per scheduler step the timestep and the predicted clean latent ``x0``."""
+    """One generated sample (what :func:`generate` returns).
+
+    Attributes
+    ----------
+    prompt : str
+        The prompt.
+    seed : int
+        The seed of the CPU generator.
+    latents : torch.Tensor
+        The final latents ``[1, C, h, w]``, float32 on the CPU, in the pipeline's diffusion space (what the
+        pipeline would decode).
+    timesteps : list of int
+        The scheduler's timestep at each step.
+    x0 : list of torch.Tensor
+        The predicted clean latent at each step, float32 on the CPU, in the diffusion space.
+    """
 
     prompt: str
     seed: int
@@ -248,12 +327,34 @@ class Generation:
     x0: list[torch.Tensor]
 
 
-def generate(pipe, prompt: str, seed: int, steps: int = 30, guidance: float = 7.5, size: int | None = None,
+def generate(pipe, prompt: str, seed: int, *, steps: int = 30, guidance: float = 7.5, size: int | None = None,
              edit=None) -> Generation:
     """Run ``pipe`` once (CPU generator seeded with ``seed``) and return the final latents and every x0 prediction.
 
-    ``edit(step, latents) -> latents``, if given, is applied to the (diffusion-space) latents after each step.
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        A latent diffusion pipeline (see :func:`load_pipeline`).
+    prompt : str
+        The prompt.
+    seed : int
+        Seed of the CPU ``torch.Generator`` (the sample is the same on any device and in any batch).
+    steps : int, optional
+        Denoising steps.
+    guidance : float, optional
+        Classifier-free guidance scale.
+    size : int, optional
+        Image side in pixels (default: the pipeline's).
+    edit : callable, optional
+        ``edit(step, latents) -> latents``, applied to the (diffusion-space) latents after each step.
 
+    Returns
+    -------
+    Generation
+        The final latents and, per step, the timestep and the x0 prediction.
+
+    Examples
+    --------
     >>> from vaeprobe.testing import tiny_sd_pipeline
     >>> pipe = tiny_sd_pipeline(planted=True)
     >>> g = generate(pipe, "a lighthouse", seed=0, steps=4)
@@ -278,11 +379,35 @@ def generate(pipe, prompt: str, seed: int, steps: int = 30, guidance: float = 7.
 
 # -- emergence -----------------------------------------------------------------------------------------------------
 
-def emergence_table(gen: Generation, to_raw, threshold: float | None = None) -> pd.DataFrame:
-    """One row per denoising step: the x0 prediction's largest latent norm over the median norm (``norm_ratio``)
-    at cell ``(row, col)``, ``max_norm``, ``median_norm`` and ``spot``: the norm rule of
-    :func:`vaeprobe.probes.latents.find_spots` at ``threshold`` (x0 has no log-variance, so no clamp rule).
-    ``to_raw`` maps diffusion latents to the VAE's raw latents."""
+def emergence_table(gen: Generation, to_raw, *, threshold: float | None = None) -> pd.DataFrame:
+    """The latent diagnostics of every step's x0 prediction: when the spot appears during denoising.
+
+    Parameters
+    ----------
+    gen : Generation
+        A sample from :func:`generate`.
+    to_raw : callable
+        Maps diffusion latents to the VAE's raw latents (e.g. :meth:`VAE.from_diffusion
+        <vaeprobe.models.adapter.VAE.from_diffusion>`).
+    threshold : float, optional
+        Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per denoising step: ``step``, ``timestep``, the x0 prediction's largest latent norm over the
+        median norm (``norm_ratio``) at cell ``(row, col)``, ``max_norm``, ``median_norm`` and ``spot``: the norm
+        rule of :func:`vaeprobe.probes.latents.find_spots` at ``threshold`` (x0 has no log-variance, so no clamp
+        rule).
+
+    Examples
+    --------
+    >>> from vaeprobe.models.adapter import VAE
+    >>> pipe = load_pipeline("builtin:tiny-sd-planted")
+    >>> table = emergence_table(generate(pipe, "a lighthouse", 0, steps=4), VAE(pipe.vae).from_diffusion)
+    >>> table.spot.tolist(), emergence_step(table)
+    ([False, False, True, True], 2)
+    """
     from vaeprobe.models.adapter import Posterior
     from vaeprobe.probes.latents import DEFAULT_THRESHOLD, find_spots, latent_maps
 
@@ -298,8 +423,20 @@ def emergence_table(gen: Generation, to_raw, threshold: float | None = None) -> 
 
 
 def emergence_step(table: pd.DataFrame) -> int | None:
-    """First step from which every later step has a spot (``None`` if the last step has none).
+    """The emergence step: the first step from which every later step has a spot.
 
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        An :func:`emergence_table` (only its ``spot`` column is read).
+
+    Returns
+    -------
+    int or None
+        The step; ``None`` if the last step has no spot.
+
+    Examples
+    --------
     >>> emergence_step(pd.DataFrame({"spot": [False, True, False, True, True]}))
     3
     """
@@ -337,7 +474,26 @@ def _random_cells(h: int, w: int, n: int, avoid: tuple[int, int], radius: int, s
 
 
 class PipelineJob(Job):
-    """Per (prompt, seed): generation, emergence, interventions and the VAE swap (see :func:`run_pipeline`)."""
+    """Per (prompt, seed): generation, emergence, interventions and the VAE swap (see :func:`run_pipeline`).
+
+    :func:`run_pipeline` builds it and runs it with :func:`~vaeprobe.jobs.runner.run_job`.
+
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        The loaded pipeline.
+    model_spec : str
+        How the pipeline was given (recorded in the config).
+    tested : list of VAE
+        The pipeline's own VAE first, then the VAEs to swap in.
+    compat_rows : list of dict
+        Per VAE in ``tested``, its latent compatibility with the pipeline's (``encoder_identical``,
+        ``compatibility``, ...).
+    prompts, seeds, steps, guidance, size, controls, ablate_from, step_controls, radius, lpips, vae_dtype, threshold
+        As in :func:`run_pipeline` (already parsed).
+    operator : Operator
+        The intervention operator.
+    """
 
     name = desc = "pipeline"
     unit = "sample"
@@ -355,6 +511,13 @@ class PipelineJob(Job):
         self.started = time.perf_counter()
 
     def config(self) -> dict:
+        """The settings that decide the results (``config.json``).
+
+        Returns
+        -------
+        dict
+            The job, the model (spec, pipeline and scheduler class), the VAEs and every setting.
+        """
         pipe = self.pipe
         return {"job": "pipeline", "model": {"spec": self.model_spec, "class": type(pipe).__name__,
                                              "scheduler": type(pipe.scheduler).__name__},
@@ -365,6 +528,18 @@ class PipelineJob(Job):
                 "vae_dtype": str(self.vae_dtype), "device": str(pipe.unet.device), "threshold": self.threshold}
 
     def units(self, skipped: list):
+        """The work items: one per (prompt, seed).
+
+        Parameters
+        ----------
+        skipped : list
+            Unused (no input here is ever skipped).
+
+        Yields
+        ------
+        tuple
+            ``(key, name, (key, prompt_index, seed))``, with key and name ``pPPPP-sSEED``.
+        """
         for pi in range(len(self.prompts)):
             for seed in self.seeds:
                 key = f"p{pi:04d}-s{seed}"
@@ -458,12 +633,28 @@ class PipelineJob(Job):
         return inter
 
     def process(self, run: RunDir, key: str, item) -> None:
+        """Generate one sample, measure it and write its part (emergence, interventions and swap tables).
+
+        Parameters
+        ----------
+        run : RunDir
+            The run directory.
+        key : str
+            The item's key.
+        item : tuple
+            ``(key, prompt_index, seed)`` from :meth:`units`.
+
+        Raises
+        ------
+        PipelineError
+            When the generated latents are not finite.
+        """
         key, pi, seed = item
         prompt = self.prompts[pi]
         gen = self._generate(prompt, seed)
         if not bool(torch.isfinite(gen.latents).all()):
             raise PipelineError("the generated latents are not finite (fp16 overflow? try --dtype bf16 or fp32)")
-        em = emergence_table(gen, self.own.from_diffusion, self.threshold)
+        em = emergence_table(gen, self.own.from_diffusion, threshold=self.threshold)
         z = self.own.from_diffusion(gen.latents).float()
         h, w = z.shape[-2:]
         final = em.iloc[-1]
@@ -488,6 +679,20 @@ class PipelineJob(Job):
         run.write_part(key, None, meta, extra={"emergence": em, "interventions": inter, "swap": swap})
 
     def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        """Write the run's tables and emergence figure from the finished parts.
+
+        Parameters
+        ----------
+        run : RunDir
+            The run directory.
+        keys : list of str
+            The keys of the finished items.
+
+        Returns
+        -------
+        dict
+            The summary (``summary.json``), with the failed samples' prompts and seeds.
+        """
         emergence = run.concat("emergence.parquet", keys, part="emergence")
         interventions = run.concat("interventions.parquet", keys, part="interventions")
         swap = run.concat("swap.parquet", keys, part="swap")
@@ -509,10 +714,73 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
                  threshold: float | None = None) -> RunDir:
     """Emergence, interventions and VAE swap for every (prompt, seed); writes the run directory ``out``.
 
-    Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds ``summary.json``). Files: see
-    docs/outputs.md, section pipeline. One part per (prompt, seed) is written atomically, so ``resume=True``
-    continues a killed run; a sample that fails (out of memory, non-finite latents) is reported and listed under
-    ``failed``, and the run goes on.
+    Files: see docs/outputs.md, section pipeline. One part per (prompt, seed) is written atomically, so
+    ``resume=True`` continues a killed run; a sample that fails (out of memory, non-finite latents) is reported and
+    listed under ``failed``, and the run goes on.
+
+    Parameters
+    ----------
+    model : str, pathlib.Path or pipeline
+        The pipeline (see :func:`load_pipeline`).
+    prompts : str, pathlib.Path or sequence of str
+        A prompt file or a list (see :func:`read_prompts`).
+    seeds : str, int or sequence of int
+        The seeds (see :func:`parse_seeds`).
+    out : str or pathlib.Path
+        The run directory.
+    vaes : sequence, optional
+        VAEs (specs or :class:`~vaeprobe.models.adapter.VAE`) that decode the same latents beside the pipeline's
+        own; only those whose latent space is the pipeline's get numbers.
+    steps : int, optional
+        Denoising steps.
+    guidance : float, optional
+        Classifier-free guidance scale.
+    size : int, optional
+        Image side in pixels, a multiple of the VAE factor and at least 3 cells (default: the pipeline's).
+    op : str, optional
+        The intervention operator (see :func:`vaeprobe.probes.perturb.parse_operator`).
+    controls : int, optional
+        Random positions ablated in the final latent for comparison.
+    ablate_from : sequence of int, optional
+        Steps ``k``: also ablate in the noisy latent after every step from ``k`` on (each costs
+        ``1 + step_controls`` extra generations).
+    step_controls : int, optional
+        Random positions per ``ablate_from`` step.
+    radius : int, optional
+        Far-field radius in latent cells (default :data:`vaeprobe.probes.response.DEFAULT_RADIUS`); controls lie
+        outside it around the spot.
+    lpips : bool, optional
+        Include LPIPS in the intervention measures.
+    device : str or torch.device, optional
+        Where the pipeline runs (see :func:`load_pipeline`).
+    dtype : str or torch.dtype, optional
+        The pipeline's dtype (see :func:`load_pipeline`).
+    vae_dtype : str, optional
+        Dtype of the decodes that are measured.
+    resume, overwrite : bool, optional
+        Continue the run in ``out`` / discard it first.
+    progress : bool, optional
+        Show a progress bar.
+    threshold : float, optional
+        Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
+
+    Returns
+    -------
+    RunDir
+        The run directory; its ``summary`` holds ``summary.json``.
+
+    Raises
+    ------
+    PipelineError
+        When a setting cannot be used (checked before any generation).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = run_pipeline("builtin:tiny-sd-planted", ["a lighthouse"], "0", tempfile.mkdtemp(), steps=3,
+    ...                    controls=2, lpips=False, progress=False)
+    >>> run.summary["final_spot_rate"], run.summary["emerged"]
+    (1.0, '1/1')
     """
     from vaeprobe.jobs.compare import latent_compatibility
     from vaeprobe.models.adapter import VAE

@@ -21,18 +21,45 @@ WEIGHT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
-def load_vae(spec: Any, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+def load_vae(spec: Any, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
              config: dict | str | None = None, subfolder: str | None = None) -> VAE:
     """Load a VAE from any supported spec and wrap it in a :class:`VAE` adapter.
 
-    ``spec``: a hub id (``stabilityai/sd-vae-ft-mse``; a pipeline repo's ``vae`` subfolder is found by itself),
-    a local diffusers folder (model or whole pipeline, ``AutoencoderKL`` or ``AutoencoderTiny``), an LDM single
-    file (``.safetensors``/``.ckpt``; give ``config`` or it is inferred from shapes), a published TAESD-family
-    pair (a folder holding ``NAME_encoder.pth`` and ``NAME_decoder.pth``, one of those files, or the pair as a
-    tuple; :mod:`vaeprobe.models.taesd`), ``builtin:NAME``, ``package.module:factory``, an ``nn.Module`` with the
-    diffusers interface (``encode(x)`` giving ``.latent_dist`` or ``.latents``, ``decode(z)`` giving ``.sample``;
-    any ``config``: a dict, a dataclass, a namespace or none), or a :class:`VAE` (moved to ``device``/``dtype``).
+    Parameters
+    ----------
+    spec : str, os.PathLike, tuple of two paths, torch.nn.Module or VAE
+        What to load:
 
+        - a hub id (``stabilityai/sd-vae-ft-mse``; a pipeline repo's ``vae`` subfolder is found by itself);
+        - a local diffusers folder (model or whole pipeline, ``AutoencoderKL`` or ``AutoencoderTiny``);
+        - an LDM single file (``.safetensors``/``.ckpt``; give ``config`` or it is inferred from shapes);
+        - a published TAESD-family pair: a folder holding ``NAME_encoder.pth`` and ``NAME_decoder.pth``, one of
+          those files, or the pair as a tuple (:mod:`vaeprobe.models.taesd`);
+        - ``builtin:NAME`` (:mod:`vaeprobe.models.zoo`) or ``package.module:factory``;
+        - an ``nn.Module`` with the diffusers interface (``encode(x)`` giving ``.latent_dist`` or ``.latents``,
+          ``decode(z)`` giving ``.sample``; any ``config``: a dict, a dataclass, a namespace or none);
+        - a :class:`VAE`, which is moved to ``device``/``dtype``.
+    device : str or torch.device, optional
+        Where to put the model (default: leave it where it was built, the CPU for files, folders and builtins).
+    dtype : str or torch.dtype, optional
+        ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype (default: the model's own).
+    config : dict or str, optional
+        Config of an LDM single file: a dict, or the path of a ``config.json`` or of the folder holding it.
+    subfolder : str, optional
+        Subfolder of a diffusers folder or hub repo that holds the VAE (default: the root, else ``vae``).
+
+    Returns
+    -------
+    VAE
+        The adapter around the loaded module; ``spec`` records how it was loaded.
+
+    Raises
+    ------
+    VAELoadError
+        When ``spec`` cannot be loaded (the message says why and what to pass instead).
+
+    Examples
+    --------
     >>> load_vae("builtin:tiny-random", dtype="fp32").dtype
     torch.float32
     """

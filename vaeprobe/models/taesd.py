@@ -44,16 +44,60 @@ def _conv(n_in: int, n_out: int, **kw) -> nn.Conv2d:
 
 
 class Clamp(nn.Module):
-    """``tanh(x / 3) * 3``: the decoder's soft clamp of its input latent."""
+    """The decoder's soft clamp of its input latent: ``tanh(x / 3) * 3``, into (-3, 3).
+
+    Examples
+    --------
+    >>> Clamp()(torch.tensor([0.0, 100.0])).tolist()
+    [0.0, 3.0]
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Clamp a tensor.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Any shape.
+
+        Returns
+        -------
+        torch.Tensor
+            ``tanh(x / 3) * 3``, same shape.
+        """
         return torch.tanh(x / 3) * 3
 
 
 class Block(nn.Module):
-    """Residual block of three 3x3 convs; with ``pool=True`` a 1x1-GroupNorm-1x1 branch is added to the input first."""
+    """Residual block of three 3x3 convs; with ``pool=True`` a 1x1-GroupNorm-1x1 branch is added to the input first.
 
-    def __init__(self, n_in: int, n_out: int, pool: bool = False):
+    Parameters
+    ----------
+    n_in, n_out : int
+        Input and output channels.
+    pool : bool, optional
+        Add the global pool branch of the newer family members (taef2) to the input before the convs: a 1x1 conv
+        to 256 channels, ``GroupNorm(4, 256)``, ReLU, a 1x1 conv back to ``n_in``.
+
+    Attributes
+    ----------
+    conv : torch.nn.Sequential
+        The three 3x3 convs with ReLU between them.
+    skip : torch.nn.Module
+        ``nn.Identity``, or a 1x1 conv without bias when ``n_in != n_out``.
+    fuse : torch.nn.ReLU
+        The ReLU after the sum of ``conv`` and ``skip``.
+    pool : torch.nn.Sequential or None
+        The pool branch; ``None`` without ``pool=True``.
+
+    Examples
+    --------
+    >>> block = Block(4, 8, pool=True)
+    >>> tuple(block(torch.zeros(1, 4, 2, 2)).shape), type(block.pool[1]).__name__
+    ((1, 8, 2, 2), 'GroupNorm')
+    """
+
+    def __init__(self, n_in: int, n_out: int, *, pool: bool = False):
         super().__init__()
         self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out))
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
@@ -62,13 +106,43 @@ class Block(nn.Module):
                                    nn.ReLU(), nn.Conv2d(POOL_WIDTH, n_in, 1, bias=False)) if pool else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the block.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Features ``[B, n_in, H, W]``.
+
+        Returns
+        -------
+        torch.Tensor
+            Features ``[B, n_out, H, W]``.
+        """
         if self.pool is not None:
             x = x + self.pool(x)
         return self.fuse(self.conv(x) + self.skip(x))
 
 
-def make_encoder(latent_channels: int, pool: bool = False) -> nn.Sequential:
-    """The encoder as an ``nn.Sequential`` whose indices match the published state dict."""
+def make_encoder(latent_channels: int, *, pool: bool = False) -> nn.Sequential:
+    """The TAESD encoder as an ``nn.Sequential`` whose indices match the published state dict.
+
+    Parameters
+    ----------
+    latent_channels : int
+        Channels of the latent it writes.
+    pool : bool, optional
+        Give the blocks of the last (lowest-resolution) stage the pool branch (see :class:`Block`).
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Images ``[B, 3, H, W]`` in [0, 1] to latents ``[B, latent_channels, H / 8, W / 8]``.
+
+    Examples
+    --------
+    >>> tuple(make_encoder(4)(torch.zeros(1, 3, 16, 16)).shape)
+    (1, 4, 2, 2)
+    """
     layers: list[nn.Module] = [_conv(3, WIDTH), Block(WIDTH, WIDTH)]
     for stage in range(3):
         layers.append(_conv(WIDTH, WIDTH, stride=2, bias=False))
@@ -77,8 +151,27 @@ def make_encoder(latent_channels: int, pool: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_decoder(latent_channels: int, pool: bool = False) -> nn.Sequential:
-    """The decoder as an ``nn.Sequential`` whose indices match the published state dict."""
+def make_decoder(latent_channels: int, *, pool: bool = False) -> nn.Sequential:
+    """The TAESD decoder as an ``nn.Sequential`` whose indices match the published state dict.
+
+    Parameters
+    ----------
+    latent_channels : int
+        Channels of the latent it reads.
+    pool : bool, optional
+        Give the three blocks at the latent's resolution (right after the input conv) the pool branch (see
+        :class:`Block`).
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Latents ``[B, latent_channels, h, w]`` to images ``[B, 3, 8 h, 8 w]`` in [0, 1] (not clipped).
+
+    Examples
+    --------
+    >>> tuple(make_decoder(4)(torch.zeros(1, 4, 2, 2)).shape)
+    (1, 3, 16, 16)
+    """
     layers: list[nn.Module] = [Clamp(), _conv(latent_channels, WIDTH), nn.ReLU()]
     layers += [Block(WIDTH, WIDTH, pool=pool) for _ in range(3)]
     for stage, n_blocks in enumerate((3, 3, 1)):
@@ -92,32 +185,116 @@ class TAESD(nn.Module):
     """A TAESD-family autoencoder with the diffusers ``AutoencoderTiny`` interface.
 
     ``encode(x)`` takes images in [-1, 1] and returns an object with ``latents``; ``decode(z)`` returns an object
-    with ``sample`` in [-1, 1]. ``config`` is a plain dict (``latent_channels``, ``scaling_factor``,
-    ``shift_factor``, ``pool``); the published TAESD latents need no scaling, so the factors are 1 and 0 unless
-    given.
+    with ``sample`` in [-1, 1]. Build one from published weights with :func:`load_taesd` or
+    :meth:`from_state_dicts`.
+
+    Parameters
+    ----------
+    latent_channels : int, optional
+        Latent channels (4 for taesd, 32 for taef2).
+    pool : bool, optional
+        Whether the lowest-resolution blocks carry the global pool branch (see :class:`Block`).
+    scaling_factor, shift_factor : float, optional
+        Diffusion latents are ``(z - shift_factor) * scaling_factor``. The published TAESD latents need no
+        scaling, so the factors are 1 and 0 unless given.
+    name : str, optional
+        The model's name (the published files' stem, e.g. ``taef2``).
+
+    Attributes
+    ----------
+    encoder, decoder : torch.nn.Sequential
+        From :func:`make_encoder` and :func:`make_decoder` (images in [0, 1] inside), in the published layout.
+    config : dict
+        A plain dict: ``_class_name``, ``name``, ``latent_channels``, ``pool``, ``scaling_factor`` and
+        ``shift_factor``.
+
+    Examples
+    --------
+    >>> model = TAESD(16)
+    >>> model.config["latent_channels"], tuple(model.encode(torch.zeros(1, 3, 16, 16)).latents.shape)
+    (16, (1, 16, 2, 2))
     """
 
-    def __init__(self, latent_channels: int = 4, pool: bool = False, scaling_factor: float = 1.0,
+    def __init__(self, latent_channels: int = 4, *, pool: bool = False, scaling_factor: float = 1.0,
                  shift_factor: float = 0.0, name: str = "taesd"):
         super().__init__()
-        self.encoder = make_encoder(latent_channels, pool)
-        self.decoder = make_decoder(latent_channels, pool)
+        self.encoder = make_encoder(latent_channels, pool=pool)
+        self.decoder = make_decoder(latent_channels, pool=pool)
         self.config = {"_class_name": "TAESD", "name": name, "latent_channels": latent_channels, "pool": pool,
                        "scaling_factor": scaling_factor, "shift_factor": shift_factor}
 
     def encode(self, x: torch.Tensor):
+        """Encode images.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Images ``[B, 3, H, W]`` in [-1, 1].
+
+        Returns
+        -------
+        diffusers.models.autoencoders.autoencoder_tiny.AutoencoderTinyOutput
+            Its ``latents`` are the encoder's output as is, ``[B, latent_channels, H / 8, W / 8]``.
+        """
         from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
 
         return AutoencoderTinyOutput(latents=self.encoder(x.add(1).div(2)))
 
     def decode(self, z: torch.Tensor):
+        """Decode latents.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            Latents ``[B, latent_channels, h, w]``.
+
+        Returns
+        -------
+        diffusers.models.autoencoders.vae.DecoderOutput
+            Its ``sample`` holds the images ``[B, 3, 8 h, 8 w]`` in [-1, 1] (not clipped).
+
+        Examples
+        --------
+        >>> tuple(TAESD().decode(torch.zeros(1, 4, 2, 2)).sample.shape)
+        (1, 3, 16, 16)
+        """
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         return DecoderOutput(sample=self.decoder(z).mul(2).sub(1))
 
     @classmethod
-    def from_state_dicts(cls, encoder: dict, decoder: dict, name: str = "taesd", **config) -> "TAESD":
-        """Build the module that fits the published state dicts and load them (strictly)."""
+    def from_state_dicts(cls, encoder: dict, decoder: dict, *, name: str = "taesd", **config) -> "TAESD":
+        """Build the module that fits the published state dicts and load them (strictly).
+
+        The latent channels are read from the encoder's last conv and the decoder's first; the pool branch is
+        built when any key holds ``.pool.``.
+
+        Parameters
+        ----------
+        encoder, decoder : dict of str to torch.Tensor
+            The published state dicts, keyed as the modules of :func:`make_encoder` and :func:`make_decoder`.
+        name : str, optional
+            The model's name, for messages and ``config``.
+        **config
+            ``scaling_factor`` and ``shift_factor`` (see :class:`TAESD`).
+
+        Returns
+        -------
+        TAESD
+            Float32, in eval mode.
+
+        Raises
+        ------
+        VAELoadError
+            When the dicts are not TAESD state dicts, disagree on the latent channels or do not fit the layout.
+
+        Examples
+        --------
+        >>> src = TAESD(8)
+        >>> model = TAESD.from_state_dicts(src.encoder.state_dict(), src.decoder.state_dict(), name="mine")
+        >>> model.config["latent_channels"], model.config["name"], model.training
+        (8, 'mine', False)
+        """
         try:
             latent = int(encoder[f"{len(make_encoder(4)) - 1}.weight"].shape[0])
             dec_latent = int(decoder["1.weight"].shape[1])
@@ -140,9 +317,37 @@ class TAESD(nn.Module):
 _PAIR = re.compile(r"^(?P<stem>.*?)[_\-.]?(?P<part>encoder|decoder)\.(?P<ext>pth|pt|safetensors)$")
 
 
-def find_pair(path: Path) -> tuple[Path, Path] | None:
-    """The ``(encoder, decoder)`` files of a published TAESD pair: ``path`` is a folder holding exactly one pair,
-    or one file of the pair (its partner must sit beside it). ``None`` when ``path`` is neither."""
+def find_pair(path: str | Path) -> tuple[Path, Path] | None:
+    """The ``(encoder, decoder)`` files of a published TAESD pair.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A folder holding exactly one pair, or one file of the pair (its partner must sit beside it). The files
+        are named ``STEM_encoder.EXT`` and ``STEM_decoder.EXT`` (or with ``-``, ``.`` or nothing before the part),
+        ``EXT`` one of ``pth``, ``pt`` and ``safetensors``.
+
+    Returns
+    -------
+    tuple of pathlib.Path or None
+        ``(encoder, decoder)``; ``None`` when ``path`` is neither such a folder nor such a file.
+
+    Raises
+    ------
+    VAELoadError
+        When the folder holds several pairs or the file's partner is not beside it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for part in ("encoder", "decoder"):
+    ...     _ = (d / f"taef2_{part}.pth").write_bytes(b"")
+    >>> [p.name for p in find_pair(d / "taef2_decoder.pth")], find_pair(d) == find_pair(d / "taef2_encoder.pth")
+    (['taef2_encoder.pth', 'taef2_decoder.pth'], True)
+    >>> find_pair(d / "notes.txt") is None
+    True
+    """
     path = Path(path)
     if path.is_dir():
         encs = sorted(p for p in path.iterdir() if (m := _PAIR.match(p.name)) and m["part"] == "encoder")
@@ -182,7 +387,33 @@ def _read_state_dict(path: Path) -> dict:
 def load_taesd(encoder: str | Path, decoder: str | Path, **config) -> TAESD:
     """Load a published TAESD pair (``*_encoder.pth`` / ``*_decoder.pth``, or ``.safetensors``).
 
-    The model's name is the files' common stem (``taef2`` for ``taef2_encoder.pth``).
+    ``.pth`` files are read with ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` wrapper is unwrapped.
+
+    Parameters
+    ----------
+    encoder, decoder : str or pathlib.Path
+        The two files (:func:`find_pair` finds them in a folder).
+    **config
+        ``scaling_factor`` and ``shift_factor``, keyword-only (see :class:`TAESD`).
+
+    Returns
+    -------
+    TAESD
+        Named after the files' common stem (``taef2`` for ``taef2_encoder.pth``), float32, in eval mode.
+
+    Raises
+    ------
+    VAELoadError
+        When a file is not a plain state dict of tensors or the pair does not fit the TAESD layout.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d, src = Path(tempfile.mkdtemp()), TAESD(4)
+    >>> torch.save(src.encoder.state_dict(), d / "mine_encoder.pth")
+    >>> torch.save(src.decoder.state_dict(), d / "mine_decoder.pth")
+    >>> load_taesd(d / "mine_encoder.pth", d / "mine_decoder.pth").config["name"]
+    'mine'
     """
     encoder, decoder = Path(encoder), Path(decoder)
     m = _PAIR.match(encoder.name)

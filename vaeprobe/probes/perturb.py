@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -30,7 +30,16 @@ from vaeprobe.errors import VaeprobeError
 
 
 class PerturbError(VaeprobeError, ValueError):
-    """A site, operator or operator spec that cannot be used (the message says what to change)."""
+    """A site, operator or operator spec that cannot be used (the message says what to change).
+
+    Examples
+    --------
+    >>> try:
+    ...     Site(0, 0, size=0)
+    ... except PerturbError as exc:
+    ...     print(exc)
+    Site size must be at least 1, got 0
+    """
 
 
 # -- sites ----------------------------------------------------------------------------------------------------
@@ -40,8 +49,24 @@ class Site:
     """A ``size`` x ``size`` patch of latent cells around ``(row, col)``, in one channel or all (``None``).
 
     The patch covers rows ``row - (size - 1) // 2 .. row + size // 2`` (and the same for columns), clipped to
-    the latent, so an even size extends one cell further down and to the right.
+    the latent, so an even size extends one cell further down and to the right. Sites are frozen and hashable.
 
+    Parameters
+    ----------
+    row, col : int
+        The centre cell, from 0.
+    size : int, optional
+        Side of the patch in cells (at least 1).
+    channel : int or None, optional
+        The one channel to change, or ``None`` for all channels.
+
+    Raises
+    ------
+    PerturbError
+        When a field is not an int, a coordinate is negative or the size is below 1.
+
+    Examples
+    --------
     >>> Site(0, 0, size=3).cells(4, 4)
     [(0, 0), (0, 1), (1, 0), (1, 1)]
     >>> Site(2, 1, size=2, channel=3).slices(8, 8)
@@ -50,6 +75,7 @@ class Site:
 
     row: int
     col: int
+    _: KW_ONLY
     size: int = 1
     channel: int | None = None
 
@@ -70,8 +96,28 @@ class Site:
             raise PerturbError(f"Site channel must be None (all channels) or >= 0, got {self.channel}")
 
     def bounds(self, h: int, w: int) -> tuple[int, int, int, int]:
-        """``(r0, r1, c0, c1)``: the patch's rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1`` inside an
-        ``h`` x ``w`` latent. Raises if the centre lies outside it."""
+        """The patch's rows and columns inside an ``h`` x ``w`` latent.
+
+        Parameters
+        ----------
+        h, w : int
+            The latent's height and width in cells.
+
+        Returns
+        -------
+        tuple of int
+            ``(r0, r1, c0, c1)``: rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1``.
+
+        Raises
+        ------
+        PerturbError
+            When the centre lies outside the latent.
+
+        Examples
+        --------
+        >>> Site(3, 0, size=3).bounds(4, 4)
+        (2, 4, 0, 2)
+        """
         if self.row >= h or self.col >= w:
             raise PerturbError(f"site ({self.row}, {self.col}) lies outside the {h}x{w} latent; "
                                f"use rows < {h} and columns < {w}")
@@ -79,12 +125,44 @@ class Site:
         return (max(self.row - lo, 0), min(self.row + hi + 1, h), max(self.col - lo, 0), min(self.col + hi + 1, w))
 
     def cells(self, h: int, w: int) -> list[tuple[int, int]]:
-        """The ``(r, c)`` cells of the patch inside an ``h`` x ``w`` latent, row by row."""
+        """The cells of the patch inside an ``h`` x ``w`` latent.
+
+        Parameters
+        ----------
+        h, w : int
+            The latent's height and width in cells.
+
+        Returns
+        -------
+        list of tuple of int
+            The ``(r, c)`` cells, row by row.
+
+        Examples
+        --------
+        >>> Site(1, 1, size=2).cells(8, 8)
+        [(1, 1), (1, 2), (2, 1), (2, 2)]
+        """
         r0, r1, c0, c1 = self.bounds(h, w)
         return [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
 
     def slices(self, h: int, w: int) -> tuple[slice, slice, slice]:
-        """``(channels, rows, cols)`` slices that select the site in a ``[C, h, w]`` tensor (dims kept)."""
+        """Slices that select the site in a ``[C, h, w]`` tensor.
+
+        Parameters
+        ----------
+        h, w : int
+            The latent's height and width in cells.
+
+        Returns
+        -------
+        tuple of slice
+            ``(channels, rows, cols)``; indexing with them keeps all three dims.
+
+        Examples
+        --------
+        >>> torch.zeros(4, 8, 8)[Site(0, 0, size=3).slices(8, 8)].shape
+        torch.Size([4, 2, 2])
+        """
         r0, r1, c0, c1 = self.bounds(h, w)
         ch = slice(None) if self.channel is None else slice(self.channel, self.channel + 1)
         return ch, slice(r0, r1), slice(c0, c1)
@@ -158,15 +236,54 @@ def _stable_seed(*parts: Any) -> int:
 # -- operators ------------------------------------------------------------------------------------------------
 
 class Operator:
-    """Base class: subclasses implement :meth:`_edit` (new values of the site's patch) and :attr:`name`."""
+    """Base class of the operators: subclasses implement :meth:`_edit` (new values of the site's patch) and
+    :attr:`name`.
+
+    Operators compose with ``+`` (a :class:`Compose`); ``str(op)`` is ``op.name``.
+
+    Attributes
+    ----------
+    name : str
+        The operator's command-line form, which :func:`parse_operator` reads back.
+
+    Examples
+    --------
+    >>> str(Scale(2) + Zero())
+    'scale:2+zero'
+    """
 
     @property
     def name(self) -> str:  # pragma: no cover - every operator overrides it
+        """The operator's command-line form (see :data:`OPERATORS`)."""
         raise NotImplementedError
 
     def apply(self, z: torch.Tensor, site: Site, *, index: int = 0) -> torch.Tensor:
-        """A new latent ``[1, C, h, w]``: ``z`` changed at ``site`` only. ``index`` numbers repeated draws of
-        the same site (only :class:`Noise` uses it)."""
+        """Change a latent at one site and nowhere else.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            One latent ``[1, C, h, w]``; it is not modified.
+        site : Site
+            Where to change it.
+        index : int, optional
+            Numbers repeated draws of the same site (only :class:`Noise` uses it).
+
+        Returns
+        -------
+        torch.Tensor
+            A new latent ``[1, C, h, w]``: ``z`` changed at ``site`` only.
+
+        Raises
+        ------
+        PerturbError
+            When ``z`` is not one latent ``[1, C, h, w]`` or ``site`` does not fit it.
+
+        Examples
+        --------
+        >>> Scale(3).apply(torch.ones(1, 1, 1, 3), Site(0, 2)).tolist()
+        [[[[1.0, 1.0, 3.0]]]]
+        """
         _check_latent(z)
         box = _check_site(z, site)
         out = z.clone()
@@ -190,8 +307,10 @@ class Operator:
 
 @dataclass(frozen=True)
 class Zero(Operator):
-    """Set the site to 0.
+    """Set the site to 0 (name ``zero``).
 
+    Examples
+    --------
     >>> Zero().apply(torch.ones(1, 2, 2, 2), Site(0, 1))[:, :, 0]
     tensor([[[1., 0.],
              [1., 0.]]])
@@ -211,6 +330,19 @@ class Fill(Operator):
 
     Build the mean operator with :meth:`from_stats`; its name is ``mean``. A scalar fill is named ``fill:V``.
 
+    Parameters
+    ----------
+    value : float or array_like
+        A scalar, or one value per channel (a ``[C]`` tensor, array or sequence); stored as a float or a tuple of
+        floats.
+
+    Raises
+    ------
+    PerturbError
+        When ``value`` is not finite or not a scalar or 1-D, or (on use) has the wrong number of channels.
+
+    Examples
+    --------
     >>> op = Fill.from_stats(torch.tensor([0.5, -1.0]))
     >>> op.name, op.apply(torch.zeros(1, 2, 1, 2), Site(0, 0)).flatten().tolist()
     ('mean', [0.5, 0.0, -1.0, 0.0])
@@ -223,7 +355,23 @@ class Fill(Operator):
 
     @classmethod
     def from_stats(cls, mean: Any) -> "Fill":
-        """The dataset-mean operator from the per-channel latent mean ``[C]``."""
+        """The dataset-mean operator.
+
+        Parameters
+        ----------
+        mean : array_like
+            The per-channel latent mean over the dataset, ``[C]``.
+
+        Returns
+        -------
+        Fill
+            Named ``mean``.
+
+        Examples
+        --------
+        >>> Fill.from_stats([0.1, 0.2]).name
+        'mean'
+        """
         return cls(mean)
 
     @property
@@ -236,12 +384,27 @@ class Fill(Operator):
 
 @dataclass(frozen=True)
 class Noise(Operator):
-    """Add Gaussian noise of standard deviation ``sigma * std[channel]`` (``sigma`` in units of the latent's
-    per-channel std when ``std`` is that std; ``std=1`` means raw latent units).
+    """Add Gaussian noise of standard deviation ``sigma * std[channel]``.
 
     The draw depends only on ``(seed, row, col, size, channel, index)``: the same site gets the same noise in
-    any batch order or scan. ``seed`` and ``std`` are not part of :attr:`name`.
+    any batch order or scan. ``seed`` and ``std`` are not part of :attr:`name` (``noise:SIGMA``).
 
+    Parameters
+    ----------
+    sigma : float
+        The noise level, at least 0: in units of the latent's per-channel std when ``std`` is that std.
+    std : float or array_like, optional
+        A scalar or one std per channel ``[C]``; ``std=1`` means ``sigma`` is in raw latent units.
+    seed : int, optional
+        Seed of every draw (combined with the site through a stable hash).
+
+    Raises
+    ------
+    PerturbError
+        When ``sigma`` or ``std`` is negative or not finite, or ``seed`` is not an int.
+
+    Examples
+    --------
     >>> op = Noise(0.5, seed=3)
     >>> z = torch.zeros(1, 4, 8, 8)
     >>> bool(torch.equal(op.apply(z, Site(2, 2)), op.apply(z, Site(2, 2))))
@@ -251,6 +414,7 @@ class Noise(Operator):
     """
 
     sigma: float
+    _: KW_ONLY
     std: Any = 1.0
     seed: int = 0
 
@@ -282,8 +446,15 @@ class Noise(Operator):
 
 @dataclass(frozen=True)
 class Scale(Operator):
-    """Multiply the site by ``factor``.
+    """Multiply the site by ``factor`` (name ``scale:F``).
 
+    Parameters
+    ----------
+    factor : float
+        The finite factor.
+
+    Examples
+    --------
     >>> Scale(2).apply(torch.ones(1, 1, 1, 2), Site(0, 1)).flatten().tolist()
     [1.0, 2.0]
     """
@@ -303,8 +474,20 @@ class Scale(Operator):
 
 @dataclass(frozen=True, eq=False)
 class Swap(Operator):
-    """Take the values of ``other`` (another image's latent, same shape ``[1, C, h, w]``) at the site.
+    """Take the values of another image's latent at the site (name ``swap``).
 
+    Parameters
+    ----------
+    other : torch.Tensor
+        The partner latent, same shape ``[1, C, h, w]`` as the latents it is applied to.
+
+    Raises
+    ------
+    PerturbError
+        When ``other`` is not one latent, or (on use) its shape differs from the latent's.
+
+    Examples
+    --------
     >>> Swap(torch.full((1, 1, 1, 2), 7.0)).apply(torch.zeros(1, 1, 1, 2), Site(0, 0)).flatten().tolist()
     [7.0, 0.0]
     """
@@ -327,9 +510,13 @@ class Swap(Operator):
 
 @dataclass(frozen=True)
 class Smudge(Operator):
-    """Replace the site by the per-channel mean of the ring of cells just around it (the 8 neighbours of a
-    single cell; only cells inside the latent count, so a corner cell uses 3).
+    """Replace the site by the per-channel mean of the ring of cells just around it (name ``smudge``).
 
+    The ring of a single cell is its 8 neighbours; only cells inside the latent count, so a corner cell uses 3.
+    A site that covers the whole latent has no ring and raises :class:`PerturbError`.
+
+    Examples
+    --------
     >>> z = torch.tensor([[[[9.0, 2.0, 0.0], [4.0, 6.0, 0.0], [0.0, 0.0, 0.0]]]])
     >>> Smudge().apply(z, Site(0, 0))[0, 0].tolist()  # corner: mean of 2, 4 and 6
     [[4.0, 2.0, 0.0], [4.0, 6.0, 0.0], [0.0, 0.0, 0.0]]
@@ -359,8 +546,20 @@ class Compose(Operator):
     """Apply several operators in order to the same site (nested compositions are flattened).
 
     Two noise operators in one composition draw independent noise (the position is part of the seed after
-    the first operator).
+    the first operator). ``a + b`` builds ``Compose(a, b)``; the name joins the parts' names with ``+``.
 
+    Parameters
+    ----------
+    *ops : Operator
+        The operators, in order (at least one).
+
+    Attributes
+    ----------
+    ops : tuple of Operator
+        The flattened operators.
+
+    Examples
+    --------
     >>> op = Compose(Scale(0.5), Fill(1.0))
     >>> op.name, op.apply(torch.full((1, 1, 1, 1), 4.0), Site(0, 0)).item()
     ('scale:0.5+fill:1', 1.0)
@@ -402,11 +601,33 @@ class Compose(Operator):
 
 # -- batches and parsing --------------------------------------------------------------------------------------
 
-def apply_batch(z: torch.Tensor, sites: Sequence[Site], op: Operator,
+def apply_batch(z: torch.Tensor, sites: Sequence[Site], op: Operator, *,
                 index: int | Sequence[int] = 0) -> torch.Tensor:
-    """One perturbed copy of ``z`` ``[1, C, h, w]`` per site, as ``[N, C, h, w]`` (row ``i`` equals
-    ``op.apply(z, sites[i], index=index[i])``). ``index`` is one int for all sites or one per site.
+    """One perturbed copy of a latent per site, in a single tensor ready to decode.
 
+    Parameters
+    ----------
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``; it is not modified.
+    sites : sequence of Site
+        The ``N`` sites.
+    op : Operator
+        The operator to apply at each site.
+    index : int or sequence of int, optional
+        The draw number (see :meth:`Operator.apply`): one int for all sites or one per site.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N, C, h, w]``; row ``i`` equals ``op.apply(z, sites[i], index=index[i])``.
+
+    Raises
+    ------
+    PerturbError
+        When ``z``, ``op``, a site or the number of indices does not fit.
+
+    Examples
+    --------
     >>> out = apply_batch(torch.ones(1, 1, 2, 2), [Site(0, 0), Site(1, 1)], Zero())
     >>> out[:, 0].tolist()
     [[[0.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]]]
@@ -445,11 +666,32 @@ def _stat(stats: Any, key: str) -> Any:
 def parse_operator(spec: str, *, stats: Any = None, other: torch.Tensor | None = None, seed: int = 0) -> Operator:
     """Build an operator from its text form (see :data:`OPERATORS`); ``name`` gives the same text back.
 
-    ``stats`` holds per-channel latent statistics (a mapping with ``mean``/``std`` or ``channel_mean``/
-    ``channel_std``, or an object with ``mean``/``std`` attributes): ``mean`` needs the mean, and ``noise``
-    uses the std when present (otherwise sigma is in raw latent units). ``swap`` needs ``other``, the partner
-    latent. ``seed`` seeds every noise operator.
+    Parameters
+    ----------
+    spec : str
+        One or more of ``zero``, ``mean``, ``fill:V``, ``noise:SIGMA``, ``scale:F``, ``swap`` and ``smudge``,
+        joined by ``+`` (case and spaces do not matter).
+    stats : mapping or object, optional
+        Per-channel latent statistics: a mapping with ``mean``/``std`` or ``channel_mean``/``channel_std``, or
+        an object with ``mean``/``std`` attributes. ``mean`` needs the mean, and ``noise`` uses the std when
+        present (otherwise sigma is in raw latent units).
+    other : torch.Tensor, optional
+        The partner latent ``[1, C, h, w]`` that ``swap`` takes values from (``swap`` needs it).
+    seed : int, optional
+        Seeds every noise operator.
 
+    Returns
+    -------
+    Operator
+        One operator, or a :class:`Compose` of several.
+
+    Raises
+    ------
+    PerturbError
+        When the spec is empty or malformed, names an unknown operator, or needs ``stats`` or ``other``.
+
+    Examples
+    --------
     >>> op = parse_operator("scale:0.5+noise:0.1")
     >>> op.name
     'scale:0.5+noise:0.1'
@@ -484,7 +726,7 @@ def parse_operator(spec: str, *, stats: Any = None, other: torch.Tensor | None =
                 ops.append(Scale(number))
             else:
                 std = _stat(stats, "std")
-                ops.append(Noise(number, 1.0 if std is None else std, seed=seed))
+                ops.append(Noise(number, std=1.0 if std is None else std, seed=seed))
         elif word == "zero":
             ops.append(Zero())
         elif word == "smudge":

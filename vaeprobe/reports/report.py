@@ -39,12 +39,42 @@ BLANK = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAA
 
 
 class ReportError(VaeprobeError, ValueError):
-    """A run directory the report cannot read (the message says which and why)."""
+    """A run directory the report cannot read (the message says which and why).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> try:
+    ...     load_run(tempfile.mkdtemp())
+    ... except ReportError as exc:
+    ...     print(str(exc).split(" is ", 1)[1])
+    not a vaeprobe run directory (no config.json); pass the --out of vaeprobe latents, scan or mechanism
+    """
 
 
 @dataclass
 class Run:
-    """One run directory: its job, config, summary, ``run.json`` and the per-image metadata by image name."""
+    """One run directory as the report reads it (:func:`load_run` builds it).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The run directory.
+    job : str
+        The job that wrote it, one of :data:`JOBS`.
+    config, summary : dict
+        Its ``config.json`` and ``summary.json``.
+    info : dict
+        Its ``run.json`` (command, package versions, timing); empty when there is none.
+    metas : dict
+        Per image name, ``(key, meta)``: the part's key and the contents of ``parts/KEY.json``.
+
+    Examples
+    --------
+    >>> run = Run(Path("runs/x"), "scan", {"vae": {"spec": "builtin:tiny-random"}}, {})
+    >>> run.spec, run.table("scan.parquet").empty
+    ('builtin:tiny-random', True)
+    """
 
     path: Path
     job: str
@@ -55,17 +85,57 @@ class Run:
 
     @property
     def spec(self) -> str:
+        """The spec of the model the run tested (the pipeline's for ``pipeline`` runs; ``?`` if not recorded)."""
         if self.job == "pipeline":
             return str(self.config.get("model", {}).get("spec", "?"))
         return str(self.config.get("vae", {}).get("spec", "?"))
 
     def table(self, name: str) -> pd.DataFrame:
+        """One of the run's tables.
+
+        Parameters
+        ----------
+        name : str
+            The Parquet file's name in the run directory (e.g. ``"scan.parquet"``).
+
+        Returns
+        -------
+        pandas.DataFrame
+            The table; empty when the run has no such file.
+        """
         p = self.path / name
         return pd.read_parquet(p) if p.exists() else pd.DataFrame()
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a finished run directory (``config.json`` and ``summary.json`` must be there)."""
+    """Read a finished run directory.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The run directory (the ``--out`` of ``vaeprobe latents``, ``scan``, ``mechanism`` or ``pipeline``);
+        ``config.json`` and ``summary.json`` must be there.
+
+    Returns
+    -------
+    Run
+        The run, with the per-image metadata of ``parts/*.json``.
+
+    Raises
+    ------
+    ReportError
+        When ``path`` is not a run directory, its job has no report section or the run has not finished.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "config.json").write_text(json.dumps({"job": "latents", "vae": {"spec": "builtin:tiny-random"}}))
+    >>> _ = (d / "summary.json").write_text("{}")
+    >>> run = load_run(d)
+    >>> run.job, run.spec, run.info, run.metas
+    ('latents', 'builtin:tiny-random', {}, {})
+    """
     path = Path(path)
     cfg, summ = path / "config.json", path / "summary.json"
     if not cfg.exists():
@@ -190,7 +260,7 @@ def md_code(s: Any, *, in_table: bool = False) -> str:
     ----------
     s : Any
         The value to show.
-    in_table : bool, keyword-only
+    in_table : bool, optional
         The span goes into a table cell: ``|`` is backslashed, as GitHub-flavoured tables need even inside code.
 
     Returns
@@ -221,7 +291,7 @@ def md_table(rows: Sequence[Sequence[Any]], columns: Sequence[str], *, code: Seq
         The table's rows, one value per column.
     columns : sequence of str
         The column headers (escaped as well).
-    code : sequence of str, keyword-only
+    code : sequence of str, optional
         Columns whose cells are shown as code spans (:func:`md_code`); the others go through :func:`md_escape`.
 
     Returns
@@ -321,7 +391,27 @@ def _colour(value: float, vmax: float) -> str:
 @dataclass(frozen=True)
 class JobView:
     """How a report shows one job's run: its section (headlines, summary table, figures), the tables it exports
-    as CSV and the per-image cards it fills."""
+    as CSV and the per-image cards it fills.
+
+    Attributes
+    ----------
+    title : str
+        The section's title.
+    order : int
+        Runs are shown by increasing ``order``.
+    section : callable
+        ``section(run, head) -> (table, figures)``: calls ``head(what, value)`` for each headline figure and
+        returns the summary table's ``(quantity, value)`` rows and the figures.
+    tables : tuple of str
+        The run's Parquet tables that the report exports as CSV.
+    cards : callable
+        ``cards(run, model)``: fills the per-image cards of ``model``.
+
+    Examples
+    --------
+    >>> VIEWS["scan"].title, VIEWS["scan"].tables
+    ('Perturbation scan', ('scan.parquet', 'images.parquet'))
+    """
 
     title: str
     order: int
@@ -605,12 +695,34 @@ VIEWS = {
 """The report's view of each job, in the order runs are shown."""
 
 
-def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+def build_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = None,
                  title: str = "vaeprobe report") -> dict:
-    """Write the report into ``out`` (default: ``report`` beside the first run directory; files: see
-    docs/outputs.md, section report). Returns ``{"html", "markdown", "json", "tables", "headlines"}``: the paths
-    of the HTML, Markdown and JSON files, the CSV tables, and the headline figures.
+    """Write the report of one or more finished run directories (files: see docs/outputs.md, section report).
 
+    Parameters
+    ----------
+    run_dirs : sequence of str or pathlib.Path
+        Run directories of ``latents``, ``scan``, ``mechanism`` and ``pipeline`` (any subset, any number of
+        models).
+    out : str or pathlib.Path, optional
+        The report's folder (created if needed; default: ``report`` beside the first run directory).
+    title : str, optional
+        The report's title (escaped).
+
+    Returns
+    -------
+    dict
+        ``{"html", "markdown", "json", "tables", "headlines"}``: the paths of the HTML, Markdown and JSON files,
+        the paths of the CSV tables, and the headline figures (dicts with ``model``, ``job``, ``what``, ``value``
+        and ``run``).
+
+    Raises
+    ------
+    ReportError
+        When no run directory is given or one cannot be read (see :func:`load_run`).
+
+    Examples
+    --------
     >>> import tempfile
     >>> from vaeprobe.jobs.latents import run_latents
     >>> d = tempfile.mkdtemp()
@@ -693,10 +805,42 @@ def _pm(m: dict, key: str, digits: int = 3) -> str:
     return f"{_fmt(m[key + '_mean'], digits)} ± {_fmt(m[key + '_std'], digits)}"
 
 
-def build_comparison_report(out: str | Path, summary: dict, title: str = "vaeprobe comparison") -> dict:
-    """Write the comparison report, HTML and Markdown, into ``out`` from a
-    :func:`~vaeprobe.jobs.compare.compare_vaes` summary (verdicts first, then reconstruction, the spot and latent
-    compatibility; files: see docs/outputs.md, section compare). Returns ``{"html", "markdown"}`` (their paths)."""
+def build_comparison_report(out: str | Path, summary: dict, *, title: str = "vaeprobe comparison") -> dict:
+    """Write the comparison report of ``vaeprobe compare``, HTML and Markdown.
+
+    Verdicts come first, then reconstruction, the spot and latent compatibility (files: see docs/outputs.md,
+    section compare).
+
+    Parameters
+    ----------
+    out : str or pathlib.Path
+        The folder to write ``comparison.html`` and ``comparison.md`` into.
+    summary : dict
+        A :func:`~vaeprobe.jobs.compare.compare_vaes` summary: ``n_images``, ``images``, ``size``,
+        ``reference``, ``rfid`` (a note), ``models`` (one dict of measures per VAE) and ``candidates`` (one dict
+        per candidate: verdict and latent compatibility).
+    title : str, optional
+        The report's title (escaped).
+
+    Returns
+    -------
+    dict
+        ``{"html", "markdown"}``: the paths of the two files.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> ref = {"model": "builtin:tiny-random", "role": "reference", "rfid": None, "spot_rate": 0.0,
+    ...        "median_norm_ratio": 2.0, "max_norm_ratio": 3.0, "clamp_hits_per_image": 0, "global_rate": 0.0,
+    ...        "median_top_global_ratio": 1.0, "dominant": "residual", "latent_mean": 0.0, "latent_std": 1.0,
+    ...        "suggested_shift_factor": 0.0, "suggested_scaling_factor": 1.0, "configured_scaling_factor": 1.0,
+    ...        **{f"{k}_{s}": 0.5 for k in ("psnr", "ssim", "lpips") for s in ("mean", "std")}}
+    >>> summary = {"n_images": 1, "images": "builtin:photos-heldout", "size": 64, "reference": ref["model"],
+    ...            "rfid": "too few images", "models": [ref], "candidates": []}
+    >>> rep = build_comparison_report(tempfile.mkdtemp(), summary, title="tiny")
+    >>> rep["html"].name, rep["markdown"].read_text().splitlines()[0]
+    ('comparison.html', '# tiny')
+    """
     out = Path(out)
     models = [{"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
                "lpips": _pm(m, "lpips"),
