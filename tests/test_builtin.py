@@ -12,8 +12,9 @@ import torch
 from conftest import REPO
 from vaeprobe import load_images, load_vae
 from vaeprobe.models.controls import CONTROLS
-from vaeprobe.probes.geometry import zeroed_far_field, zeroing_test
 from vaeprobe.models.folders import BUILTIN_DIR
+
+from oracles import zeroed_far_field, zeroing_test
 
 CARD = json.loads((BUILTIN_DIR / "mini-kl-f8" / "eval.json").read_text())
 

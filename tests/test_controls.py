@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from vaeprobe.models.controls import MECHANISMS, PlantedSpotVAE, spot_locations, strongest_positions
-from vaeprobe.probes.geometry import far_field_mask, zeroing_test
 from vaeprobe.models.adapter import VAE
 from vaeprobe.models.zoo import tiny_random
+from vaeprobe.probes.geometry import far_mask
+
+from oracles import far_field_mask, zeroing_test
 
 
 def _image(seed=0, size=64, flat_at=(5, 2)):
@@ -80,8 +82,8 @@ def test_zeroing_the_spot_moves_the_far_field(mechanism):
 
 
 def test_far_field_mask_counts():
-    m = far_field_mask((64, 64), 3, 3, 8, 1)
-    assert m.sum() == 64 * 64 - 9 * 64 and not m[3 * 8, 3 * 8]
+    for m in (far_field_mask((64, 64), 3, 3, 8, 1), far_mask((3, 3), (64, 64), 8, 1)):
+        assert m.sum() == 64 * 64 - 9 * 64 and not m[3 * 8, 3 * 8]
 
 
 def test_weighted_stats_groupnorm_matches_a_brute_force_weighted_normalisation():

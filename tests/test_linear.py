@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaeprobe.probes.linear import (SensitivityMap, _forward_ad_safe, agreement, block_far_field_mask, jacobian_norms, sensitivity_map)
-from vaeprobe.probes.geometry import far_field_mask
+from vaeprobe.probes.linear import (SensitivityMap, _forward_ad_safe, agreement, jacobian_norms, sensitivity_map)
+from vaeprobe.probes.geometry import Block, far_mask
 from vaeprobe.models.adapter import VAE
 from vaeprobe.models.zoo import tiny_random
+
+from oracles import far_field_mask
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -283,7 +285,7 @@ def test_block_mask_is_the_intersection_of_cell_far_fields():
         for r in range(*rows):
             for c in range(*cols):
                 want &= far_field_mask((40, 48), r, c, 8, radius)
-        assert torch.equal(block_far_field_mask((40, 48), rows, cols, 8, radius), want)
+        assert torch.equal(far_mask(Block(rows, cols), (40, 48), 8, radius), want)
 
 
 def test_cost_fields_count_passes(block):

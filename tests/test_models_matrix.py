@@ -97,16 +97,11 @@ def test_every_command_finishes_or_refuses_in_one_line(model, images, tmp_path, 
 
 
 def test_console_script_refuses_a_no_grad_decoder_in_one_line(images, tmp_path):
-    """The real console process (not the in-process call above): a decoder under no_grad in linear mode."""
-    import os
-    import subprocess
-    import sys
+    """The console script's exit code and stderr (conftest.run_cli; `python -m vaeprobe` itself is checked in a
+    fresh interpreter by test_cli): a decoder under no_grad in linear mode."""
+    from conftest import run_cli
 
-    from conftest import REPO
-
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    proc = subprocess.run([sys.executable, "-m", "vaeprobe", "scan", "--vae", "vae_factories:nograd_decoder",
-                           "--images", str(images), "--mode", "linear", "--out", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = run_cli("scan", "--vae", "vae_factories:nograd_decoder", "--images", images, "--mode", "linear",
+                   "--out", tmp_path / "s")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "no_grad" in proc.stderr

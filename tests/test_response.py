@@ -8,8 +8,13 @@ import torch
 
 from vaeprobe.probes.metrics import get_lpips
 from vaeprobe.probes.perturb import Fill, Site, Zero, apply_batch
-from vaeprobe.probes.response import (ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS, MeasureError, cell_distance, far_colour_shift, far_fraction, far_l2, far_mask, global_effect_ratio, l1, l2, lpips, lpips_map, measure, psnr, radius90, ssim)
-from vaeprobe.probes.geometry import far_field_energy, far_field_mask
+from vaeprobe.data.images import luma, to_unit
+from vaeprobe.probes.response import (ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS, MeasureError, far_colour_shift, far_fraction, far_l2, global_effect_ratio, l1, l2, lpips, lpips_map, measure, psnr, radius90, ssim)
+from vaeprobe.probes.geometry import (Block, GeometryError, cell_distance, cell_gap, far_mask, latent_grid,
+                                      region_bounds, ring_profile, ring_sums)
+
+from oracles import (block_cells, brute_cell_distance, brute_ring_profile, far_field_energy, far_field_mask, gap,
+                     grid_of, patch_cells)
 
 FACTOR = 8
 TINT = torch.tensor([0.25, -0.5, 0.125])  # colour added everywhere per unit of channel 3's mean
@@ -150,9 +155,9 @@ def test_psnr_from_known_l2():
     assert values[1] == pytest.approx(10 * math.log10(12.0))
 
 
-# -- agreement with spotcheck ----------------------------------------------------------------------------------
+# -- agreement with the oracle's zeroing-test energy ---------------------------------------------------------
 
-def test_far_l2_equals_spotcheck_energy_for_single_cells():
+def test_far_l2_equals_the_oracle_energy_for_single_cells():
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(3, 48, 40, generator=gen)
     out = torch.randn(4, 3, 48, 40, generator=gen)
@@ -163,11 +168,65 @@ def test_far_l2_equals_spotcheck_energy_for_single_cells():
         assert torch.equal(far_mask(s, (48, 40), FACTOR, 2), far_field_mask((48, 40), s.row, s.col, FACTOR, 2))
 
 
-@pytest.mark.parametrize("site", [Site(0, 0, size=3), Site(5, 4, size=2), Site(2, 2, size=4), Site(3, 0, size=5)])
-def test_far_mask_matches_cell_distance(site):
-    for radius in (0, 1, 2):
-        assert torch.equal(far_mask(site, (48, 40), FACTOR, radius),
-                           cell_distance(site, (48, 40), FACTOR) > radius)
+# -- the geometry core against brute force (tests/oracles.py) --------------------------------------------------
+
+SHAPES = [(48, 40), (37, 50), (8, 64), (24, 24)]  # non-square, partial cells (37 x 50 at factor 8), one row
+REGIONS = [Site(0, 0), Site(5, 4), Site(2, 6), Site(4, 0), Site(0, 3, size=2), Site(5, 4, size=3), Site(2, 2, size=4),
+           Site(3, 0, size=5), (1, 2), Block((0, 2), (3, 6)), Block((4, 5), (0, 1)), Block((1, 4), (1, 3))]
+
+
+def _fits(region, h, w):
+    if isinstance(region, Block):
+        return region.rows[0] < h and region.cols[0] < w
+    r, c = (region.row, region.col) if isinstance(region, Site) else region
+    return r < h and c < w
+
+
+def _cells(region, shape, factor):
+    h, w = grid_of(shape, factor)
+    if isinstance(region, Site):
+        return patch_cells(region.row, region.col, region.size, h, w)
+    if isinstance(region, Block):
+        return block_cells(region.rows, region.cols, h, w)
+    return [tuple(region)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("metric", ["chebyshev", "euclidean"])
+def test_cell_distance_matches_brute_force(shape, metric):
+    h, w = latent_grid(shape, FACTOR)
+    assert (h, w) == grid_of(shape, FACTOR)
+    for region in REGIONS:
+        if not _fits(region, h, w):
+            with pytest.raises(ValueError, match="outside"):
+                cell_distance(region, shape, FACTOR, metric=metric)
+            continue
+        cells = _cells(region, shape, FACTOR)
+        r0, r1, c0, c1 = region_bounds(region, (h, w))
+        assert sorted(cells) == [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
+        got = cell_distance(region, shape, FACTOR, metric=metric)
+        want = torch.from_numpy(brute_cell_distance(cells, shape, FACTOR, metric))
+        assert got.shape == shape and got.dtype == (torch.int64 if metric == "chebyshev" else torch.float32)
+        if metric == "chebyshev":
+            assert torch.equal(got, want.long()), region
+        else:
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, msg=str(region))
+        for radius in (0, 1, 1.5, 2, 3):
+            assert torch.equal(far_mask(region, shape, FACTOR, radius, metric=metric), want > radius), (region, radius)
+
+
+def test_site_cells_follow_the_oracle_patch_convention():
+    for site in REGIONS[:8]:
+        assert site.cells(6, 7) == patch_cells(site.row, site.col, site.size, 6, 7)
+
+
+def test_chebyshev_far_mask_is_the_intersection_of_single_cell_far_fields():
+    for region in [Site(5, 4, size=3), Site(0, 0, size=2), Block((0, 2), (3, 6))]:
+        for radius in (0, 1, 2):
+            want = torch.ones(45, 50, dtype=torch.bool)
+            for r, c in _cells(region, (45, 50), FACTOR):
+                want &= far_field_mask((45, 50), r, c, FACTOR, radius)
+            assert torch.equal(far_mask(region, (45, 50), FACTOR, radius), want)
 
 
 def test_cell_distance_hand_example():
@@ -175,6 +234,46 @@ def test_cell_distance_hand_example():
     cells = d[::2, ::2]
     assert cells.tolist() == [[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]]
     assert torch.equal(d, cells.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert torch.equal(d, cell_distance(Block((1, 3), (1, 3)), (8, 8), 2))
+
+
+@pytest.mark.parametrize("metric", ["chebyshev", "euclidean"])
+def test_rings_match_brute_force(metric):
+    gen = torch.Generator().manual_seed(3)
+    values = torch.rand(37, 50, generator=gen, dtype=torch.float64)
+    for region in [Site(0, 0), Site(2, 3), Site(4, 6, size=3), Block((0, 5), (2, 3))]:
+        dist = cell_distance(region, (37, 50), FACTOR, metric=metric)
+        want = brute_ring_profile(values.numpy(), dist.double().numpy())
+        got = ring_profile(values, dist)
+        np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+        sums = ring_sums(values, dist)
+        counts = ring_sums(torch.ones_like(values), dist)
+        np.testing.assert_allclose((sums / counts).numpy(), np.array(want), rtol=1e-12, equal_nan=True)
+        assert float(sums.sum()) == pytest.approx(float(values.sum()), rel=1e-12)
+
+
+def test_cell_gap_and_bad_regions():
+    for a, b in [((0, 0), (3, 4)), ((5, 1), (2, 2)), ((4, 4), (4, 4))]:
+        assert cell_gap(a, b) == gap(a, b)
+        assert cell_gap(a, b, metric="euclidean") == pytest.approx(gap(a, b, "euclidean"))
+    with pytest.raises(GeometryError, match="metric"):
+        cell_distance(Site(0, 0), (16, 16), 8, metric="manhattan")
+    with pytest.raises(GeometryError, match="Block"):
+        Block((2, 2), (0, 1))
+    with pytest.raises(GeometryError, match="outside"):
+        cell_distance(Block((4, 6), (0, 1)), (16, 16), 8)
+    with pytest.raises(ValueError):
+        cell_distance(Site(3, 0), (16, 16), 8)  # the site's centre lies outside the 2x2 grid
+
+
+def test_to_unit_and_luma():
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 7.0], dtype=torch.float64)
+    assert to_unit(x).tolist() == [0.0, 0.0, 0.25, 0.5, 0.625, 1.0, 1.0]
+    assert to_unit(x.float()).dtype == torch.float32
+    img = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = np.einsum("nchw,c->nhw", img.numpy(), np.array([0.299, 0.587, 0.114]))
+    np.testing.assert_allclose(luma(img).numpy(), want, rtol=1e-15)
+    assert luma(img[0]).shape == (4, 5)
 
 
 # -- individual functions, ssim, lpips ------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """Perturbation scans scored on ground truth, and `vaeprobe scan` with kill and resume."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -11,10 +9,11 @@ import torch
 
 from vaeprobe.data.images import load_images
 from vaeprobe.probes.scan import DEFAULT_GLOBAL_THRESHOLD, ScanError, exact_scan, select_sites, two_stage_scan
-from vaeprobe.probes.geometry import zeroed_far_field
+from vaeprobe.probes.geometry import GeometryError, sample_cells
 from vaeprobe.models.loading import load_vae
 
-from conftest import REPO, run_and_kill
+from conftest import REPO, run_and_kill, run_cli
+from oracles import brute_sample, zeroed_far_field
 
 CONTROLS = ["planted-direct-fixed", "planted-direct", "planted-groupnorm", "planted-attention", "planted-hidden"]
 SCAN_SIZE = 64  # 8x8 latent: 64 exact decodes per image keep the ground-truth tests inside the suite budget
@@ -46,6 +45,49 @@ def test_exact_scan_matches_the_zeroing_reference(tiny_kl):
     df3 = exact_scan(vae, z, sites[:7], "noise:0.5", batch=3)
     pd.testing.assert_frame_equal(df1.drop(columns="global_ratio"), df3.drop(columns="global_ratio"),
                                   check_exact=False, rtol=1e-3, atol=1e-6)
+
+
+# -- the control sampler (vaeprobe.probes.geometry.sample_cells) ----------------------------------------------
+
+@pytest.mark.parametrize("metric", ["chebyshev", "euclidean"])
+def test_sample_cells_matches_the_oracle_draw(metric):
+    gen = torch.Generator().manual_seed(5)
+    for h, w in [(1, 1), (3, 3), (4, 7), (9, 5), (16, 16)]:
+        allowed = torch.rand(h, w, generator=gen) < 0.7
+        cells = [(r, c) for r in range(h) for c in range(w)]
+        for n in (0, 1, 4, 100):
+            for avoid in ([], [cells[0]], [cells[-1], cells[len(cells) // 2]]):
+                for radius in (0, 1, 1.5, 2):
+                    for mask in (None, allowed):
+                        for seed in (0, 11):
+                            got = sample_cells(h, w, n, avoid=avoid, radius=radius, allowed=mask, metric=metric,
+                                               seed=seed)
+                            want = brute_sample(h, w, n, avoid, radius, None if mask is None else mask.tolist(),
+                                                metric, seed)
+                            assert got == want, (h, w, n, avoid, radius, seed)
+                            assert len(set(got)) == len(got)
+
+
+def test_sample_cells_seeds_generators_and_errors():
+    assert sample_cells(8, 8, 5, seed=3) == sample_cells(8, 8, 5, seed=3) != sample_cells(8, 8, 5, seed=4)
+    g = torch.Generator().manual_seed(3)
+    assert sample_cells(8, 8, 5, seed=g) == sample_cells(8, 8, 5, seed=3)
+    assert sample_cells(8, 8, 5, seed=g) != sample_cells(8, 8, 5, seed=3)  # the generator moved on
+    assert sample_cells(2, 2, 3, avoid=[(0, 0)], radius=1) == []  # nothing is more than 1 cell away
+    for bad in (dict(n=-1), dict(avoid=[(8, 0)]), dict(allowed=torch.ones(4, 8, dtype=torch.bool)),
+                dict(metric="manhattan")):
+        with pytest.raises(GeometryError):
+            sample_cells(8, 8, **{"n": 2, **bad})
+
+
+def test_two_stage_controls_are_the_documented_draw(tiny_kl):
+    vae = load_vae(tiny_kl)
+    z = vae.encode(torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1).mean
+    h, w = z.shape[-2:]
+    df = two_stage_scan(vae, z, n_norm=3, n_linear=0, n_control=6, seed=7, measures=("far_l2",))
+    top = torch.topk(z[0].norm(dim=0).flatten(), 3).indices.tolist()
+    controls = list(zip(df.row[df.stage == "control"], df.col[df.stage == "control"]))
+    assert controls == brute_sample(h, w, 6, [divmod(i, w) for i in top], seed=7)
 
 
 def _top(df):
@@ -85,7 +127,7 @@ def test_clean_model_has_no_global_position():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vaeprobe.cli", *args], capture_output=True, text=True, cwd=REPO)
+    return run_cli(*args, cwd=REPO)
 
 
 def test_cli_scan_sigkill_and_resume(tmp_path):

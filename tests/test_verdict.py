@@ -14,7 +14,10 @@ from vaeprobe import load_images, load_vae
 from vaeprobe.models.controls import EXPECTED_VERDICTS
 from vaeprobe.probes.perturb import Site
 from vaeprobe.jobs.scan import run_scan
-from vaeprobe.probes.verdict import (GLOBAL_VERDICTS, VERDICTS, CellVerdict, ReceptiveField, VerdictRules, distance_cells, make_donors, profile_columns)
+from vaeprobe.probes.geometry import cell_distance
+from vaeprobe.probes.verdict import (GLOBAL_VERDICTS, VERDICTS, CellVerdict, ReceptiveField, VerdictRules, make_donors, ordinary_cells, profile_columns)
+
+from oracles import brute_sample
 
 FACTOR = 8
 
@@ -26,7 +29,7 @@ def _field(erf=2.0) -> ReceptiveField:
 
 
 def _diff_from_profile(site: Site, side: int, amp) -> torch.Tensor:
-    d = distance_cells(site, (side, side), FACTOR)
+    d = cell_distance(site, (side, side), FACTOR, metric="euclidean")
     return amp(d).float().expand(1, 3, side, side).clone()
 
 
@@ -92,6 +95,27 @@ def test_rules_need_both_far_measures_and_the_swap_for_information():
     assert rules.classify({**strong, "band_rel": 1e6, "far_excess": 1.0, "norm_ratio": 50.0}) == "high-norm"
     assert rules.classify({**strong, "band_rel": math.nan}) == "ordinary"
     assert rules.classify({**strong, "flatness": 0.01}) == "wide-local"
+
+
+def test_ordinary_cells_are_the_documented_draw_from_the_allowed_cells():
+    """The reference cells are the seeded draw (tests/oracles.py) from the interior cells whose norm ratio is under
+    half the threshold and whose norm is at most the 90th percentile, less ``exclude``; any cell when none is left."""
+    gen = torch.Generator().manual_seed(0)
+    for h, w in [(2, 2), (3, 5), (4, 4), (8, 6), (16, 16)]:
+        z = torch.randn(1, 4, h, w, generator=gen)
+        z[0, :, 0, 0] *= 20
+        norm = z[0].norm(dim=0)
+        ratio = norm / norm.median()
+        q90 = float(torch.quantile(norm.flatten(), 0.9))
+        everything = [(r, c) for r in range(h) for c in range(w)]
+        for exclude in ([], everything[:3], everything):
+            for threshold in (2.0, 8.0):
+                allowed = [[bool(ratio[r, c] < threshold / 2) and float(norm[r, c]) <= q90
+                            and (min(h, w) < 4 or 0 < r < h - 1 and 0 < c < w - 1) and (r, c) not in exclude
+                            for c in range(w)] for r in range(h)]
+                for n, seed in [(1, 0), (5, 3), (40, 7)]:
+                    want = brute_sample(h, w, n, allowed=allowed if any(map(any, allowed)) else None, seed=seed)
+                    assert ordinary_cells(z, n, seed=seed, exclude=exclude, threshold=threshold) == want
 
 
 def _planted_verdicts(name: str, size: int, images: int | None = None) -> list[tuple[str, str]]:

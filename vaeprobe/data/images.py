@@ -3,6 +3,9 @@
 Every image comes out as float32 RGB in [0, 1], shape HxWx3, with EXIF orientation applied and its size brought
 to a multiple of the VAE's downsampling factor. A file that cannot be used is reported (path and reason, one
 line each) and skipped; the batch goes on.
+
+The two conversions every layer shares live here too: :func:`to_unit` maps a decoded tensor from the VAE range
+[-1, 1] to [0, 1], and :func:`luma` is the BT.601 luma of an RGB tensor.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".g
 DEFAULT_MAX_PIXELS = 64_000_000
 """Images with more pixels are refused as possible decompression bombs (``max_pixels`` changes it)."""
 
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+"""BT.601 luma weights for R, G, B (:func:`luma`)."""
+
 FIT_POLICIES = ("crop", "resize")
 DEFAULT_FIT = "crop"
 """Default size policy: center-crop to the largest multiple of the factor (drops at most factor-1 px a side)."""
@@ -43,6 +49,53 @@ class LoadedImage:
         import torch
 
         return torch.from_numpy(self.array).permute(2, 0, 1)[None].mul(2).sub(1).contiguous()
+
+
+def to_unit(x):
+    """A tensor in the VAE range [-1, 1] mapped to [0, 1], clamped: ``(x.clamp(-1, 1) + 1) / 2``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Any shape; dtype and device are kept (convert first for another precision).
+
+    Returns
+    -------
+    torch.Tensor
+        The same shape, in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> to_unit(torch.tensor([-2.0, -1.0, 0.0, 0.5, 3.0])).tolist()
+    [0.0, 0.0, 0.5, 0.75, 1.0]
+    """
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+def luma(x):
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (:data:`LUMA_WEIGHTS`) over the channel dimension -3.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[..., 3, H, W]`` RGB, in any range (the weights sum to 1, so [0, 1] stays [0, 1]).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., H, W]``, in the dtype of ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.zeros(2, 3, 1, 2, dtype=torch.float64)
+    >>> x[0, 0], x[1, 1] = 1.0, 1.0   # pure red, pure green
+    >>> luma(x).tolist()
+    [[[0.299, 0.299]], [[0.587, 0.587]]]
+    """
+    wr, wg, wb = LUMA_WEIGHTS
+    return wr * x[..., 0, :, :] + wg * x[..., 1, :, :] + wb * x[..., 2, :, :]
 
 
 @dataclass

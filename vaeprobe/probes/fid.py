@@ -32,6 +32,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from vaeprobe.data.images import to_unit
 from vaeprobe.errors import SetupError
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -235,7 +236,7 @@ class FIDFeatures:
         out = np.empty((images.shape[0], FID_DIMS), dtype=np.float64)
         for start in range(0, images.shape[0], self.batch_size):
             x = images[start:start + self.batch_size].to(self.device, torch.float32)
-            pooled = self.net((x.clamp(-1, 1) + 1) / 2)[0]               # [B, 2048, 1, 1]
+            pooled = self.net(to_unit(x))[0]                              # [B, 2048, 1, 1]
             out[start:start + len(x)] = pooled.flatten(1).double().cpu().numpy()
         return out
 

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from vaeprobe.models.adapter import LOGVAR_CLAMP, Posterior
+from vaeprobe.probes.geometry import cell_gap
 
 DEFAULT_THRESHOLD = 10.0
 """Norm / median-norm ratio above which a position is a spot. On clean models the largest ratio of any position
@@ -236,7 +237,7 @@ def score_localisation(spots: pd.DataFrame, truth: dict[str, list[tuple[int, int
     for image, cells in truth.items():
         mine = flagged[flagged["image"] == image]
         pts = list(zip(mine["row"].astype(int), mine["col"].astype(int)))
-        near = lambda a, b: max(abs(a[0] - b[0]), abs(a[1] - b[1])) <= tolerance  # noqa: E731
+        near = lambda a, b: cell_gap(a, b) <= tolerance  # noqa: E731
         n_true += len(cells)
         hit = [any(near(t, p) for p in pts) for t in cells]
         found += sum(hit)

@@ -8,10 +8,10 @@ Write ``D`` for the decoder, ``z`` for a latent ``[1, C, h, w]`` and ``J = dD/dz
 where ``e_{p,ch}`` is the unit latent vector at channel ``ch`` of cell ``p`` and the squared norm is a **sum** over
 every output value (3 colour channels x H x W pixels; no division). To first order, adding Gaussian noise of
 variance ``s^2`` to each channel of cell ``p`` changes the image by ``s^2 * S_p`` in expected squared norm. To
-compare with the mean-squared energies of :mod:`vaeprobe.probes.geometry`, divide by the number of output values counted
-(``3 * H * W``, or ``3 * |far field|``). The *far-field sensitivity* ``F_p`` sums only over the pixels of the far
-field of ``p`` (pixels whose latent cell is more than ``radius`` cells away, Chebyshev, as
-:func:`vaeprobe.probes.geometry.far_field_mask`).
+compare with the mean-squared energies of :mod:`vaeprobe.probes.response`, divide by the number of output values
+counted (``3 * H * W``, or ``3 * |far field|``). The *far-field sensitivity* ``F_p`` sums only over the pixels of the
+far field of ``p`` (pixels whose latent cell is more than ``radius`` cells away, Chebyshev, as
+:func:`vaeprobe.probes.geometry.far_mask`).
 
 - :func:`jacobian_norms` computes ``S_p`` / ``F_p`` exactly: one forward-mode product ``J e_{p,ch}`` per position
   and channel, so ``C`` Jacobian-vector products per position (each somewhat dearer than a decode).
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from vaeprobe.errors import VaeprobeError
-from vaeprobe.probes.geometry import far_field_mask
+from vaeprobe.probes.geometry import Block, far_mask
 
-__all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "shrink_map", "agreement", "block_far_field_mask",
+__all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "shrink_map", "agreement",
            "NotDifferentiableError", "check_differentiable"]
 
 
@@ -59,7 +59,7 @@ def check_differentiable(vae, z: torch.Tensor) -> str | None:
     """``None`` when one vector-Jacobian product through the decoder at ``z`` works and is informative, else the
     reason in a few words (what :class:`NotDifferentiableError` would say). Costs one decode and one backward pass.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> check_differentiable(vae, torch.randn(1, 4, 4, 4)) is None
     True
@@ -161,24 +161,6 @@ def _blocks(blocks, h: int, w: int) -> tuple[int, int]:
     return min(br, h), min(bc, w)
 
 
-def block_far_field_mask(shape: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int], factor: int,
-                         radius: int) -> torch.Tensor:
-    """Boolean ``[H, W]`` mask of pixels whose latent cell is more than ``radius`` cells (Chebyshev) from *every*
-    cell of the block ``rows[0] <= r < rows[1]``, ``cols[0] <= c < cols[1]``: the intersection of the far fields
-    (:func:`~vaeprobe.probes.geometry.far_field_mask`) of the block's cells.
-
-    >>> block_far_field_mask((32, 32), (0, 2), (0, 2), 8, 1).sum().item()  # cells in row 3 or column 3
-    448
-    """
-    H, W = shape
-    rr = torch.arange(H) // factor
-    cc = torch.arange(W) // factor
-    # distance from a pixel's cell row (column) to the block's row (column) range
-    dr = (rows[0] - rr).clamp(min=0) + (rr - (rows[1] - 1)).clamp(min=0)
-    dc = (cols[0] - cc).clamp(min=0) + (cc - (cols[1] - 1)).clamp(min=0)
-    return (dr[:, None] > radius) | (dc[None, :] > radius)
-
-
 # -- exact reference -------------------------------------------------------------------------------------------
 def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | None = None,
                    radius: int | None = None, batch: int = 8) -> torch.Tensor:
@@ -196,7 +178,7 @@ def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | No
     ``z``: one latent ``[1, C, h, w]``. ``positions``: ``(row, col)`` pairs; ``None`` means all ``h * w`` cells in
     row-major order. Returns a float32 CPU tensor ``[len(positions)]``.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))  # 32x32 px
     >>> s = jacobian_norms(vae, z, positions=[(0, 0), (1, 2)])  # positions=None: all 16
@@ -226,7 +208,7 @@ def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | No
             if radius is not None:
                 if i not in mask_of:
                     mask_of.clear()
-                    mask_of[i] = far_field_mask(tuple(sq.shape), *pos[i], vae.factor, radius).to(sq.device)
+                    mask_of[i] = far_mask(pos[i], tuple(sq.shape), vae.factor, radius).to(sq.device)
                 sq = sq[mask_of[i]]
             totals[i] += float(sq.sum())
 
@@ -312,18 +294,18 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
 
     With ``radius`` the latent grid is cut into ``blocks = (rows, cols)`` rectangles (an int means the same number
     both ways). For each block the probes are zero outside the pixels more than ``radius`` cells from *every* cell
-    of the block (:func:`block_far_field_mask`). For a cell ``p`` of the block this estimates, without bias, the
-    energy in the block's far field, a smaller region inside ``p``'s own far field: it lacks the cells within
-    ``radius`` of the rest of the block, so it starts ``radius + 1`` cells from ``p`` only on the sides where ``p``
-    touches the block's edge. As an estimate of ``F_p`` it is therefore biased low, most for cells inside the
-    block, and since far-field energy is usually concentrated just beyond the radius the shortfall is not small
-    (about 1/3 of ``F_p`` kept with quadrants on an 8x8 grid at radius 1 in the tests, ranks still agreeing at
-    Spearman ~0.87). More blocks shrink the bias (``blocks = (h, w)``, one block per cell, is unbiased) but cost
-    ``n_probes x n_blocks`` backward passes; the default quadrants cost 4x the plain map, a fixed factor whatever
-    the grid size. A block whose far field is empty (radius too large for the grid) gets NaN, with a warning,
-    and uses no backward passes.
+    of the block (:func:`vaeprobe.probes.geometry.far_mask` of a :class:`~vaeprobe.probes.geometry.Block`). For a
+    cell ``p`` of the block this estimates, without bias, the energy in the block's far field, a smaller region
+    inside ``p``'s own far field: it lacks the cells within ``radius`` of the rest of the block, so it starts
+    ``radius + 1`` cells from ``p`` only on the sides where ``p`` touches the block's edge. As an estimate of
+    ``F_p`` it is therefore biased low, most for cells inside the block, and since far-field energy is usually
+    concentrated just beyond the radius the shortfall is not small (about 1/3 of ``F_p`` kept with quadrants on an
+    8x8 grid at radius 1 in the tests, ranks still agreeing at Spearman ~0.87). More blocks shrink the bias
+    (``blocks = (h, w)``, one block per cell, is unbiased) but cost ``n_probes x n_blocks`` backward passes; the
+    default quadrants cost 4x the plain map, a fixed factor whatever the grid size. A block whose far field is empty
+    (radius too large for the grid) gets NaN, with a warning, and uses no backward passes.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))  # 32x32 px
     >>> est = sensitivity_map(vae, z, n_probes=4)
@@ -371,7 +353,7 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
             if radius is None:
                 masks = [None]
             else:
-                masks = [block_far_field_mask(tuple(out.shape[-2:]), rs, cs, vae.factor, radius).to(out.device)
+                masks = [far_mask(Block(rs, cs), tuple(out.shape[-2:]), vae.factor, radius).to(out.device)
                          for rs, cs in cells]
             work = [(b, k) for b in range(len(cells)) if masks[b] is None or bool(masks[b].any())
                     for k in range(n_probes)]
@@ -424,7 +406,7 @@ def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> Sensit
     plain 3x3 box average of log S does as well there); out of sample on taef2, 0.980 -> 0.981, where the box
     average falls to 0.803, and on the trained mini, 0.58 -> 0.72 (box 0.70).
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
     >>> raw = sensitivity_map(vae, z, n_probes=4)

@@ -79,7 +79,7 @@ def pathway_layers(vae) -> dict[str, list[str]]:
     """Names of the modules the probes hook: every ``nn.GroupNorm`` and every attention layer (a module with
     ``to_q``, ``to_k`` and ``to_v`` linear projections, as diffusers' ``Attention``).
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> layers = pathway_layers(load_vae("builtin:tiny-random"))
     >>> layers["attention"]
     ['encoder.mid_block.attentions.0', 'decoder.mid_block.attentions.0']
@@ -242,7 +242,7 @@ def record_pathways(vae, z: torch.Tensor, droplets: bool = False) -> tuple[torch
 
     Returns ``(image, record)``; the image equals ``vae.decode(z)`` (recording changes nothing).
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     >>> img, rec = record_pathways(vae, z)
@@ -260,7 +260,7 @@ def decode_frozen(vae, z: torch.Tensor, record: PathwayRecord, groupnorm: bool =
     """Decode ``z`` with the GroupNorm statistics (``groupnorm=True``) and/or the attention context
     (``attention="context"`` or ``"probs"``; ``None`` leaves attention live) taken from ``record``.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     >>> ref, rec = record_pathways(vae, z)
@@ -320,7 +320,7 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
     variant ``far_l2_<variant>`` and ``far_fraction_<variant>``, the shares of :func:`shapley_shares`,
     ``interaction`` and ``dominant`` (``groupnorm``, ``attention``, ``residual`` or ``none``).
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:planted-groupnorm")
     >>> from vaeprobe.data.images import load_images
     >>> x = load_images("builtin:photos-heldout", size=64)[0].tensor()
@@ -422,7 +422,7 @@ def attention_mass(vae, latent_or_image: torch.Tensor, part: str = "decoder") ->
     """Attention mass maps of every attention layer that runs when decoding a latent ``[1, C, h, w]``
     (``part="decoder"``) or encoding an image ``[1, 3, H, W]`` (``part="encoder"``).
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> maps = attention_mass(vae, torch.randn(1, 4, 4, 4))
     >>> maps[0].layer, tuple(maps[0].mass.shape), round(float(maps[0].mass.sum()), 4)
@@ -451,7 +451,7 @@ def groupnorm_droplets(vae, z: torch.Tensor) -> pd.DataFrame:
     position, and where that position is (``row, col`` at the layer's resolution, ``lat_row, lat_col`` the latent
     cell). A uniform group gives ``1 / (H W)``; a droplet gives nearly 1.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> df = groupnorm_droplets(load_vae("builtin:tiny-random"), torch.randn(1, 4, 4, 4))
     >>> sorted(df.columns)[:4], bool(((df.share > 0) & (df.share <= 1)).all())
     (['call', 'col', 'group', 'height'], True)

@@ -16,12 +16,12 @@ name:
 ``far_fraction`` share of the change energy (sum of squared change) inside the far field; nan if no change
 ``radius90``   smallest radius R (latent cells, Chebyshev) whose pixels hold >= 90% of the energy; nan if none
 ``far_dr/dg/db`` mean colour shift (perturbed - reference) over the far field, per RGB channel
-``far_dy``     the same for BT.601 luma (0.299 R + 0.587 G + 0.114 B on the [-1, 1] values)
+``far_dy``     the same for BT.601 luma (:data:`vaeprobe.data.images.LUMA_WEIGHTS` on the [-1, 1] values)
 ============== ==================================================================================================
 
-The far field is the one of :mod:`vaeprobe.probes.geometry`: pixels whose latent cell is more than ``radius`` cells
-(Chebyshev distance) from every cell of the site, so for a 1x1 site ``far_l2`` equals
-:func:`~vaeprobe.probes.geometry.far_field_energy`. Far-field measures are nan when the far field is empty.
+The far field is :func:`vaeprobe.probes.geometry.far_mask`: pixels whose latent cell is more than ``radius`` cells
+(Chebyshev distance) from every cell of the site; ``radius90`` uses :func:`~vaeprobe.probes.geometry.cell_distance`.
+Far-field measures are nan when the far field is empty.
 :func:`global_effect_ratio` compares ``far_l2`` across all positions of one image.
 """
 
@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from . import metrics as _metrics
+from vaeprobe.data.images import LUMA_WEIGHTS, to_unit
 from vaeprobe.errors import VaeprobeError
+from vaeprobe.probes.geometry import cell_distance, far_mask, latent_grid, ring_sums
 from vaeprobe.probes.perturb import Site
-from vaeprobe.probes.geometry import far_field_mask
 
 DEFAULT_RADIUS = 3  # default far-field radius, in latent cells (Chebyshev distance from the site)
 
@@ -48,7 +49,6 @@ DEFAULT_MEASURES: tuple[str, ...] = ("l2", "l1", "psnr", "far_l2", "far_fraction
 ALL_MEASURES: tuple[str, ...] = DEFAULT_MEASURES + ("ssim", "lpips")
 """Every measure :func:`measure` knows; ``ssim`` runs on the CPU in numpy and ``lpips`` needs a network."""
 
-LUMA = (0.299, 0.587, 0.114)  # BT.601 luma weights for R, G, B
 ENERGY_SHARE = 0.9  # the share of the change energy that radius90 encloses
 
 _SITE_MEASURES = {"far_l2", "far_fraction", "radius90", "far_dr", "far_dg", "far_db", "far_dy"}
@@ -81,14 +81,10 @@ def _sites(sites: Sequence[Site | tuple[int, int]], n: int, shape: tuple[int, in
     out = [s if isinstance(s, Site) else Site(*s) for s in sites]
     if len(out) != n:
         raise MeasureError(f"got {len(out)} sites for {n} perturbed images; pass one site per image")
-    h, w = _latent_shape(shape, factor)
+    h, w = latent_grid(shape, factor)
     for s in out:
         s.bounds(h, w)  # raises when the site lies outside the image
     return out
-
-
-def _latent_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
-    return -(-shape[0] // factor), -(-shape[1] // factor)
 
 
 def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:
@@ -98,40 +94,6 @@ def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise MeasureError(f"unknown measure(s) {', '.join(map(repr, unknown))}; valid: {', '.join(ALL_MEASURES)}")
     return tuple(dict.fromkeys(measures))
-
-
-# -- geometry -------------------------------------------------------------------------------------------------
-
-def cell_distance(site: Site, shape: tuple[int, int], factor: int) -> torch.Tensor:
-    """Chebyshev distance, in latent cells, from each pixel's cell to the nearest cell of ``site``: a long
-    tensor ``[H, W]`` (0 on the site itself).
-
-    >>> cell_distance(Site(0, 1), (2, 6), 2)
-    tensor([[1, 1, 0, 0, 1, 1],
-            [1, 1, 0, 0, 1, 1]])
-    """
-    h, w = _latent_shape(shape, factor)
-    r0, r1, c0, c1 = site.bounds(h, w)
-    rows = torch.arange(shape[0]) // factor
-    cols = torch.arange(shape[1]) // factor
-    dr = (r0 - rows).clamp(min=0) + (rows - (r1 - 1)).clamp(min=0)
-    dc = (c0 - cols).clamp(min=0) + (cols - (c1 - 1)).clamp(min=0)
-    return torch.maximum(dr[:, None], dc[None, :])
-
-
-def far_mask(site: Site, shape: tuple[int, int], factor: int, radius: int = DEFAULT_RADIUS) -> torch.Tensor:
-    """Boolean ``[H, W]`` far field of ``site``: pixels whose cell is more than ``radius`` cells from every cell
-    of the site (the intersection of :func:`vaeprobe.probes.geometry.far_field_mask` over the site's cells).
-
-    >>> int(far_mask(Site(0, 0, size=2), (32, 32), 8, 1).sum())  # cells 3.. in either direction: 1024 - 9*64
-    448
-    """
-    h, w = _latent_shape(shape, factor)
-    cells = site.cells(h, w)
-    mask = far_field_mask(shape, *cells[0], factor, radius)
-    for r, c in cells[1:]:
-        mask &= far_field_mask(shape, r, c, factor, radius)
-    return mask
 
 
 # -- whole-image measures -------------------------------------------------------------------------------------
@@ -172,7 +134,7 @@ def psnr(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
 
 def _to_unit_numpy(img: torch.Tensor) -> np.ndarray:
-    return ((img.detach().double().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+    return to_unit(img.detach().double().cpu()).permute(1, 2, 0).numpy()
 
 
 def ssim(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -231,7 +193,9 @@ def _site_columns(diff: torch.Tensor, sites: list[Site], factor: int, radius: in
     cols = {k: torch.full((n,), math.nan, dtype=torch.float64) for k in wanted}
     need_far = bool(wanted & (_SITE_MEASURES - {"radius90"}))
     need_shift = bool(wanted & {"far_dr", "far_dg", "far_db", "far_dy"})
-    luma = torch.tensor(LUMA, dtype=torch.float64)
+    # far_dy is the dot product of the mean RGB shift with the BT.601 weights (data.images.luma sums the three
+    # products in order, which differs from this dot in the last bit in about a third of cases)
+    luma = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64)
     for i, site in enumerate(sites):
         e = energy[i].flatten().double()
         total = float(e.sum())
@@ -251,9 +215,8 @@ def _site_columns(diff: torch.Tensor, sites: list[Site], factor: int, radius: in
                 if "far_dy" in cols:
                     cols["far_dy"][i] = float(shift @ luma)
         if "radius90" in cols and total > 0:
-            dist = cell_distance(site, shape, factor).to(diff.device).flatten()
-            shells = torch.bincount(dist, weights=e, minlength=int(dist.max()) + 1)  # energy per distance
-            cum = shells.cumsum(0)
+            dist = cell_distance(site, shape, factor).to(diff.device)
+            cum = ring_sums(e, dist).cumsum(0)  # energy within each Chebyshev distance
             reached = cum >= ENERGY_SHARE * cum[-1] * (1.0 - _REL_TOL)
             cols["radius90"][i] = float(reached.to(torch.int8).argmax())
     return cols

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from vaeprobe.errors import VaeprobeError
+from vaeprobe.probes.geometry import sample_cells
 from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
 
@@ -133,7 +134,7 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     the median ``far_l2`` of the scanned sites; meaningful when the sites are a fair sample, e.g. ``all``).
     Decoding runs in the VAE's dtype; differences are taken in float32.
 
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = vae.encode(torch.zeros(1, 3, 32, 32)).mean
     >>> df = exact_scan(vae, z, select_sites("all", (4, 4)))
@@ -236,7 +237,8 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
 
     Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
     the ``n_linear`` largest linearised far-field sensitivities (``n_probes`` probes per block; skipped when
-    ``n_linear`` is 0). Controls: ``n_control`` other positions drawn at random (seeded). ``global_ratio`` is
+    ``n_linear`` is 0). Controls: ``n_control`` other positions drawn at random (seeded;
+    :func:`vaeprobe.probes.geometry.sample_cells`). ``global_ratio`` is
     each position's far-field energy over the median of the controls. Column ``stage``: ``norm``, ``linear``,
     ``norm+linear`` or ``control``.
 
@@ -265,11 +267,8 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
         stage[i] = "norm"
     for i in by_lin:
         stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
-    rest = [i for i in range(h * w) if i not in stage]
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(rest), generator=g)[:n_control].tolist()
-    for j in pick:
-        stage[rest[j]] = "control"
+    for r, c in sample_cells(h, w, n_control, avoid=[divmod(i, w) for i in stage], seed=seed):
+        stage[r * w + c] = "control"
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
     df = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,

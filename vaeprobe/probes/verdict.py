@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vaeprobe.probes.geometry import cell_distance, ring_profile, sample_cells
 from vaeprobe.probes.latents import DEFAULT_THRESHOLD
 from vaeprobe.probes.perturb import Site
 
@@ -69,22 +70,6 @@ BAND_MIN = 2.0     # the near band beyond the receptive field is at least this m
 PROFILE_COLUMNS = ("norm_ratio", "dz2", "far_rel", "band_rel", "far_per_unit", "tail_share", "far_excess",
                    "flatness")
 EVIDENCE_COLUMNS = ("swap_corr", "swap_slope", "matched_ratio", "transplant_ratio", "frozen_removed")
-
-
-def distance_cells(site: Site, shape: tuple[int, int], factor: int) -> torch.Tensor:
-    """Euclidean distance, in latent cells, from each pixel's cell to the nearest cell of ``site``; ``[H, W]``.
-
-    >>> distance_cells(Site(0, 0), (16, 16), 8).unique().tolist()
-    [0.0, 1.0, 1.4142135381698608]
-    """
-    h, w = shape
-    r0, c0 = site.row, site.col
-    r1, c1 = r0 + site.size - 1, c0 + site.size - 1
-    rr = torch.arange(h) // factor
-    cc = torch.arange(w) // factor
-    dy = torch.clamp(torch.maximum(r0 - rr, rr - r1), min=0).float()
-    dx = torch.clamp(torch.maximum(c0 - cc, cc - c1), min=0).float()
-    return torch.sqrt(dy[:, None] ** 2 + dx[None, :] ** 2)
 
 
 def _energy(diff: torch.Tensor) -> torch.Tensor:
@@ -138,7 +123,15 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
                    threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int]]:
     """``n`` seeded interior cells of ``z`` ``[1, C, h, w]`` whose norm ratio is under half of ``threshold`` and
     under the 90th percentile, away from ``exclude`` (interior: not on the border when the latent is at least 4
-    cells wide)."""
+    cells wide); drawn by :func:`vaeprobe.probes.geometry.sample_cells` with those cells as the allowed mask. When
+    no cell qualifies, any cell of the latent may be drawn (``exclude`` included).
+
+    >>> z = torch.ones(1, 4, 6, 6)
+    >>> z[0, :, 2, 2] = 50.0   # a latent-norm outlier
+    >>> cells = ordinary_cells(z, 20, exclude=[(3, 3)])
+    >>> len(cells), (2, 2) in cells, (3, 3) in cells, min(min(rc) for rc in cells), max(max(rc) for rc in cells)
+    (14, False, False, 1, 4)
+    """
     norm = z[0].detach().float().norm(dim=0)
     h, w = norm.shape
     ratio = norm / norm.median().clamp_min(1e-12)
@@ -148,12 +141,7 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
         ok[:, 0] = ok[:, -1] = False
     for r, c in exclude:
         ok[r, c] = False
-    idx = torch.nonzero(ok.flatten()).flatten()
-    if len(idx) == 0:
-        idx = torch.arange(h * w)
-    g = torch.Generator().manual_seed(seed)
-    pick = idx[torch.randperm(len(idx), generator=g)[:n]]
-    return [divmod(int(i), w) for i in pick]
+    return sample_cells(h, w, n, allowed=ok if bool(ok.any()) else None, seed=seed)
 
 
 def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n: int = 12, seed: int = 0,
@@ -163,7 +151,7 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
 
     Examples
     --------
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
     >>> rf = receptive_field(vae, z, n=3)
@@ -182,14 +170,14 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
     erfs, profiles = [], []
     for i, (r, c) in enumerate(cells):
         e = _energy(diff[i])
-        dist = distance_cells(Site(r, c), shape, vae.factor)
+        dist = cell_distance((r, c), shape, vae.factor, metric="euclidean")
         erfs.append(_erf_of(e, dist, share))
-        profiles.append(_integer_profile(e, dist))
+        profiles.append(ring_profile(e, dist))
     erf = float(np.nanmedian(erfs)) if not all(math.isnan(v) for v in erfs) else math.nan
     tails, shapes = [], []
     for i, (r, c) in enumerate(cells):
         e = _energy(diff[i])
-        dist = distance_cells(Site(r, c), shape, vae.factor)
+        dist = cell_distance((r, c), shape, vae.factor, metric="euclidean")
         total = float(e.sum())
         tails.append(float(e[dist > erf].sum()) / total if total > 0 else math.nan)
         near = float(e[dist <= 1].mean())
@@ -216,14 +204,6 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
     return rf
 
 
-def _integer_profile(e: torch.Tensor, dist: torch.Tensor) -> list[float]:
-    """Mean energy per pixel at rounded distance 0, 1, 2, ... (nan where no pixel is at that distance)."""
-    d = torch.round(dist).long().flatten()
-    sums = torch.bincount(d, weights=e.flatten(), minlength=int(d.max()) + 1)
-    counts = torch.bincount(d, minlength=int(d.max()) + 1).double()
-    return [float(s / c) if c > 0 else math.nan for s, c in zip(sums, counts)]
-
-
 def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, field: ReceptiveField,
                     dz2: Sequence[float], norm_ratio: Sequence[float]) -> list[dict[str, float]]:
     """The measures of the module docstring for each perturbed decode: ``diff`` is ``[N, 3, H, W]`` (perturbed
@@ -243,7 +223,7 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
     out = []
     for i, site in enumerate(sites):
         e = _energy(diff[i])
-        dist = distance_cells(site, shape, factor)
+        dist = cell_distance(site, shape, factor, metric="euclidean")
         total = float(e.sum())
         row = {k: math.nan for k in PROFILE_COLUMNS}
         row["norm_ratio"] = float(norm_ratio[i])
@@ -418,7 +398,7 @@ def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: flo
                 cost.decodes += len(dec)
             for i, (j, rc) in enumerate(cands[start:start + 8]):
                 e = _energy(dec[i] - donors.decodes[j].float())
-                dist = distance_cells(Site(*rc), tuple(e.shape), vae.factor)
+                dist = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean")
                 mask = dist > far
                 energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
         for k in range(0, len(cands), 2):
@@ -445,7 +425,7 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
     if cost is not None:
         cost.decodes += k
     ref = ref.float()
-    dist = distance_cells(site, tuple(ref.shape[-2:]), vae.factor)
+    dist = cell_distance(site, tuple(ref.shape[-2:]), vae.factor, metric="euclidean")
     far = dist > field.erf
     if not bool(far.any()):
         far = dist > 1
@@ -486,12 +466,12 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
     shape = tuple(ref.shape[-2:])
 
     def far_energy(i: int, rc: tuple[int, int]) -> float:
-        dist = distance_cells(Site(*rc), shape, vae.factor)
+        dist = cell_distance(rc, shape, vae.factor, metric="euclidean")
         far = dist > field.erf
         return float(_energy(diff[i])[far].mean()) if bool(far.any()) else math.nan
 
     own = far_energy(0, (r, c))
-    own_profile = _integer_profile(_energy(diff[0]), distance_cells(Site(r, c), shape, vae.factor))
+    own_profile = ring_profile(_energy(diff[0]), cell_distance((r, c), shape, vae.factor, metric="euclidean"))
     matched = [far_energy(1 + i, rc) for i, rc in enumerate(cells)]
     planted = [far_energy(1 + len(cells) + i, rc) for i, rc in enumerate(cells)]
 
@@ -541,7 +521,7 @@ class CellVerdict:
 
     Examples
     --------
-    >>> from vaeprobe.models.adapter import load_vae
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
     >>> df = CellVerdict(vae).classify(z, [(2, 3), (5, 5)])
@@ -585,8 +565,8 @@ class CellVerdict:
             got = profile_columns(diff, chunk, self.vae.factor, field, dz2, ratio)
             if self.keep_profiles:  # mean energy per pixel at distance 0, 1, ... cells (for offline analysis)
                 for i, s in enumerate(chunk):
-                    got[i]["profile"] = _integer_profile(
-                        _energy(diff[i]), distance_cells(s, tuple(diff.shape[-2:]), self.vae.factor))
+                    got[i]["profile"] = ring_profile(
+                        _energy(diff[i]), cell_distance(s, tuple(diff.shape[-2:]), self.vae.factor, metric="euclidean"))
             rows += got
         out = []
         for s, row in zip(sites, rows):

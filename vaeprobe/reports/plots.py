@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from vaeprobe._io import atomic_path
+from vaeprobe.data.images import to_unit
 
 
 def figure(ncols: int, width: float = 3.2):
@@ -60,11 +61,17 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
 
 
 def tensor_to_unit(x) -> np.ndarray:
-    """A decoded image tensor ``[3, H, W]`` (or ``[1, 3, H, W]``) in [-1, 1] to ``[H, W, 3]`` in [0, 1]."""
+    """A decoded image tensor ``[3, H, W]`` (or ``[1, 3, H, W]``) in [-1, 1] to a float32 ``[H, W, 3]`` array in
+    [0, 1] (:func:`vaeprobe.data.images.to_unit`, clamped).
+
+    >>> import torch
+    >>> tensor_to_unit(torch.tensor([[[-1.0]], [[0.0]], [[2.0]]])).tolist()
+    [[[0.0, 0.5, 1.0]]]
+    """
     x = x.detach().float().cpu()
     if x.dim() == 4:
         x = x[0]
-    return ((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    return to_unit(x).permute(1, 2, 0).numpy()
 
 
 def signed_difference(after, before) -> tuple[np.ndarray, float]:
