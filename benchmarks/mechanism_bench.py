@@ -24,7 +24,7 @@ import torch
 
 from vaeprobe._io import write_text_atomic
 from vaeprobe.data.images import load_images
-from vaeprobe.probes.mechanism import MechanismCost, attribute_pathways, decode_frozen, record_pathways
+from vaeprobe.probes.mechanism import attribute_pathways, decode_frozen, record_pathways
 from vaeprobe.probes.perturb import Site
 from vaeprobe.models.loading import load_vae
 
@@ -48,11 +48,11 @@ def bench(vae, x: torch.Tensor, reps: int) -> dict:
     _, rec = record_pathways(vae, z)
     t_rec = best_of(lambda: record_pathways(vae, z), reps)
     t_frz = best_of(lambda: decode_frozen(vae, z, rec), reps)
-    cost = MechanismCost()
-    t_att = best_of(lambda: attribute_pathways(vae, z, site, cost=cost), reps)
+    t_att = best_of(lambda: attribute_pathways(vae, z, site), reps)
+    decodes = attribute_pathways(vae, z, site).decodes
     res = {"model": vae.spec, "latent": list(z.shape[-2:]), "decode_s": t_dec, "record_over_decode": t_rec / t_dec,
            "frozen_over_decode": t_frz / t_dec, "attribution_s": t_att, "attribution_over_decode": t_att / t_dec,
-           "decodes_per_attribution": cost.decodes // reps}
+           "decodes_per_attribution": decodes}
     print(json.dumps(res), flush=True)
     return res
 

@@ -80,14 +80,14 @@ def bench_model(vae: VAE, x: torch.Tensor, n_exact: int, batch: int, probes: int
     cells = [divmod(int(i), w) for i in rng.choice(n_all, size=min(n_exact, n_all), replace=False)]
     sites = select_sites(cells, (h, w))
     ref = vae.decode(z)
-    t_scan, _ = timed(lambda: exact_scan(vae, z, sites, "zero", batch=batch, ref=ref))
+    t_scan, _ = timed(lambda: exact_scan(vae, z, sites, "zero", batch=batch, ref=ref).table)
     res["exact"] = {"n": len(sites), "seconds": t_scan,
                     "ratio_to_batched_decodes": t_scan / (len(sites) / batch * t_batch)}
     print(f"  exact scan of {len(sites)}: {t_scan:.1f} s, ratio {res['exact']['ratio_to_batched_decodes']:.3f}",
           flush=True)
 
     # 2. linearised map vs exact Jacobian norms
-    t_lin, lin = timed(lambda: linear_scan(vae, z, n_probes=probes, radius=None))
+    t_lin, lin = timed(lambda: linear_scan(vae, z, n_probes=probes, radius=None).table)
     jac_cells = [divmod(int(i), w) for i in rng.choice(n_all, size=min(n_jac, n_all), replace=False)]
     t_jac, exact = timed(lambda: jacobian_norms(vae, z, positions=jac_cells))
     est = np.array([lin.sensitivity.to_numpy()[r * w + c] for r, c in jac_cells])
@@ -97,7 +97,7 @@ def bench_model(vae: VAE, x: torch.Tensor, n_exact: int, batch: int, probes: int
     print(f"  linear map ({probes} probes): {t_lin:.1f} s = {t_lin / t_one:.1f} decodes; {agree}", flush=True)
 
     # 3. two-stage
-    t_two, two = timed(lambda: two_stage_scan(vae, z, "zero", ref=ref))
+    t_two, two = timed(lambda: two_stage_scan(vae, z, "zero", ref=ref).table)
     full_cost = n_all * t_one
     res["two_stage"] = {"seconds": t_two, "positions_decoded": len(two), "share_of_full_scan": t_two / full_cost,
                         "full_scan_estimate_s": full_cost}
@@ -106,8 +106,8 @@ def bench_model(vae: VAE, x: torch.Tensor, n_exact: int, batch: int, probes: int
         zt = truth_vae.encode(x).mean
         reft = truth_vae.decode(zt)
         t_full, full = timed(lambda: exact_scan(truth_vae, zt, select_sites("all", (h, w)), "zero", batch=batch,
-                                                ref=reft))
-        t_two_t, two_t = timed(lambda: two_stage_scan(truth_vae, zt, "zero", ref=reft))
+                                                ref=reft).table)
+        t_two_t, two_t = timed(lambda: two_stage_scan(truth_vae, zt, "zero", ref=reft).table)
         top_full = tuple(int(v) for v in full.loc[full.far_l2.idxmax(), ["row", "col"]])
         top_two = tuple(int(v) for v in two_t.loc[two_t.far_l2.idxmax(), ["row", "col"]])
         res["two_stage_vs_full"] = {"model": truth_vae.spec, "full_seconds": t_full, "two_stage_seconds": t_two_t,

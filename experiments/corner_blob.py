@@ -111,7 +111,7 @@ def main() -> None:
         diff = (masked - ref)[0].pow(2).mean(0)
         norm = z[0].norm(dim=0)
         sites = select_sites([cell], (h, w)) + select_sites(f"grid:{args.grid}", (h, w))
-        scan = exact_scan(vae, z, sites, "zero", radius=args.radius, batch=4, ref=ref, measures=("far_l2",))
+        scan = exact_scan(vae, z, sites, "zero", radius=args.radius, batch=4, ref=ref, measures=("far_l2",)).table
         grid_med = float(scan.far_l2.iloc[1:].median())
         rows.append({
             "image": name, "worst_cell": list(cell), "worst_cell_error": worst, "median_cell_error": med,

@@ -87,9 +87,9 @@ def spread(vae, cfg: dict) -> dict:
         z = vae.encode(img.tensor()).mean
         sites = select_sites(cfg["spread_positions"], z.shape[-2:])
         ref = vae.decode(z)
-        df = attribute_pathways(vae, z, sites, "zero", radius=cfg["radius"], batch=1)
+        df = attribute_pathways(vae, z, sites, "zero", radius=cfg["radius"], batch=1).table
         scan = exact_scan(vae, z, sites, "zero", measures=("far_fraction", "radius90"), radius=cfg["radius"],
-                          batch=1, ref=ref)
+                          batch=1, ref=ref).table
         far, r90 = scan.far_fraction.to_numpy(), scan.radius90.to_numpy()
         kept = (df.far_l2_groupnorm_frozen / df.far_l2_live).to_numpy()
         per_image.append({"image": img.name, "cells": len(sites), "far_fraction": stats(far),
@@ -105,7 +105,7 @@ def top_cells(vae, cfg: dict) -> dict:
         z = vae.encode(img.tensor()).mean
         n = z[0].norm(dim=0)
         site = select_sites("top:1", z.shape[-2:], norm=n)
-        df = attribute_pathways(vae, z, site, "zero", radius=cfg["radius"], batch=1)
+        df = attribute_pathways(vae, z, site, "zero", radius=cfg["radius"], batch=1).table
         rows.append({"image": img.name, "row": site[0].row, "col": site[0].col,
                      "norm_ratio": float(n.max() / n.median()), "far_fraction": float(df.far_fraction_live[0]),
                      "share_groupnorm": float(df.share_groupnorm[0]),

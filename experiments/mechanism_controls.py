@@ -51,7 +51,7 @@ def run(spec: str, images, n_ordinary: int, attention: str) -> dict:
         else:
             spot = divmod(int(z[0].norm(dim=0).argmax()), w)
         cells = [c for c in ((int(i) // w, int(i) % w) for i in rng.permutation(h * w)) if c != spot][:n_ordinary]
-        df = attribute_pathways(vae, z, [Site(*spot)] + [Site(*c) for c in cells], attention=attention)
+        df = attribute_pathways(vae, z, [Site(*spot)] + [Site(*c) for c in cells], attention=attention).table
         df.insert(0, "image", img.name)
         spots.append(df.iloc[:1])
         ordinary.append(df.iloc[1:])

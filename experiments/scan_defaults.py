@@ -45,7 +45,7 @@ def main():
             gt = vae.ground_truth(x)[0] if vae.ground_truth else None
             if gt is not None and (gt["row"], gt["col"]) not in [(s.row, s.col) for s in sites]:
                 sites += select_sites([(gt["row"], gt["col"])], z.shape[-2:])
-            df = exact_scan(vae, z, sites, "zero", batch=16)
+            df = exact_scan(vae, z, sites, "zero", batch=16).table
             ordinary = df if gt is None else df[(df.row != gt["row"]) | (df.col != gt["col"])]
             r90 += ordinary.radius90.dropna().tolist()
             top = df.loc[df.global_ratio.idxmax()]

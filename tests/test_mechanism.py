@@ -137,7 +137,7 @@ def test_same_result_under_sdpa_and_classic_processors_and_processors_untouched(
     for proc in (AttnProcessor(), AttnProcessor2_0()):
         tiny_kl.set_attn_processor(proc)
         before = dict(tiny_kl.attn_processors)
-        results[type(proc).__name__] = attribute_pathways(vae, z, sites, radius=1)
+        results[type(proc).__name__] = attribute_pathways(vae, z, sites, radius=1).table
         assert all(tiny_kl.attn_processors[k] is before[k] for k in before)
     a, b = results["AttnProcessor"], results["AttnProcessor2_0"]
     for col in ("far_l2_live", "far_l2_attention_frozen", "far_l2_both_frozen"):
@@ -174,11 +174,9 @@ def test_model_without_attention_skips_that_variant():
                           mid_block_add_attention=False)
     vae = VAE(model, spec="no-attention-16ch")
     assert pathway_layers(vae)["attention"] == []
-    from vaeprobe.probes.mechanism import MechanismCost
-
-    cost = MechanismCost()
-    df = attribute_pathways(vae, torch.randn(1, 16, 6, 6), [Site(2, 2), Site(0, 5)], radius=1, cost=cost)
-    assert cost.decodes == 1 + 2 * 2          # clean + (live, groupnorm frozen) per site
+    res = attribute_pathways(vae, torch.randn(1, 16, 6, 6), [Site(2, 2), Site(0, 5)], radius=1)
+    df = res.table
+    assert res.decodes == 1 + 2 * 2          # clean + (live, groupnorm frozen) per site
     assert (df.far_l2_attention_frozen == df.far_l2_live).all()
     assert np.allclose(df.share_attention, 0.0)
 
@@ -193,7 +191,7 @@ def check_declared_mechanism(name: str, images) -> None:
         x = img.tensor()
         gt = vae.ground_truth(x)[0]
         z = vae.encode(x).mean
-        df = attribute_pathways(vae, z, [Site(gt["row"], gt["col"])])
+        df = attribute_pathways(vae, z, [Site(gt["row"], gt["col"])]).table
         hits.append(df.dominant[0] == DECLARED[name])
         frozen_ratio.append(df.far_l2_both_frozen[0] / df.far_l2_live[0])
     assert np.mean(hits) >= 0.9, (name, hits)
@@ -245,7 +243,7 @@ def test_declared_mechanism_at_128px(name):
     for img in list(images)[:4]:
         x = img.tensor()
         gt = vae.ground_truth(x)[0]
-        df = attribute_pathways(vae, vae.encode(x).mean, [Site(gt["row"], gt["col"])])
+        df = attribute_pathways(vae, vae.encode(x).mean, [Site(gt["row"], gt["col"])]).table
         hits.append(df.dominant[0] == DECLARED[name])
     assert all(hits), hits
 
@@ -257,7 +255,7 @@ def test_frozen_probabilities_miss_the_attention_sink():
     for img in list(HELDOUT)[:4]:
         x = img.tensor()
         gt = vae.ground_truth(x)[0]
-        df = attribute_pathways(vae, vae.encode(x).mean, [Site(gt["row"], gt["col"])], attention="probs")
+        df = attribute_pathways(vae, vae.encode(x).mean, [Site(gt["row"], gt["col"])], attention="probs").table
         shares.append(float(df.share_attention[0]))
     assert max(shares) < 0.5, shares
 
@@ -315,4 +313,4 @@ def test_cli_mechanism_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "positions" in r.stderr
     with pytest.raises(MechanismError, match="attention freezing"):
-        attribute_pathways(load_vae("builtin:tiny-random"), torch.zeros(1, 4, 4, 4), [Site(0, 0)], attention="x")
+        attribute_pathways(load_vae("builtin:tiny-random"), torch.zeros(1, 4, 4, 4), [Site(0, 0)], attention="x").table

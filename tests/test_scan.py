@@ -35,14 +35,14 @@ def test_exact_scan_matches_the_zeroing_reference(tiny_kl):
     x = torch.rand(1, 3, 48, 48) * 2 - 1
     z = vae.encode(x).mean
     sites = select_sites("all", z.shape[-2:])
-    df = exact_scan(vae, z, sites, "zero", batch=5)
+    df = exact_scan(vae, z, sites, "zero", batch=5).table
     ref = zeroed_far_field(vae, z, [(s.row, s.col) for s in sites], radius=3)
     np.testing.assert_allclose(df.far_l2.to_numpy(), np.array(ref), rtol=1e-4, equal_nan=True)
     med = np.nanmedian(df.far_l2)
     np.testing.assert_allclose(df.global_ratio, df.far_l2 / med, rtol=1e-6)
     # batch size does not change results
-    df1 = exact_scan(vae, z, sites[:7], "noise:0.5", batch=1)
-    df3 = exact_scan(vae, z, sites[:7], "noise:0.5", batch=3)
+    df1 = exact_scan(vae, z, sites[:7], "noise:0.5", batch=1).table
+    df3 = exact_scan(vae, z, sites[:7], "noise:0.5", batch=3).table
     pd.testing.assert_frame_equal(df1.drop(columns="global_ratio"), df3.drop(columns="global_ratio"),
                                   check_exact=False, rtol=1e-3, atol=1e-6)
 
@@ -84,7 +84,7 @@ def test_two_stage_controls_are_the_documented_draw(tiny_kl):
     vae = load_vae(tiny_kl)
     z = vae.encode(torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1).mean
     h, w = z.shape[-2:]
-    df = two_stage_scan(vae, z, n_norm=3, n_linear=0, n_control=6, seed=7, measures=("far_l2",))
+    df = two_stage_scan(vae, z, n_norm=3, n_linear=0, n_control=6, seed=7, measures=("far_l2",)).table
     top = torch.topk(z[0].norm(dim=0).flatten(), 3).indices.tolist()
     controls = list(zip(df.row[df.stage == "control"], df.col[df.stage == "control"]))
     assert controls == brute_sample(h, w, 6, [divmod(i, w) for i in top], seed=7)
@@ -105,9 +105,9 @@ def test_exact_and_two_stage_find_the_planted_spot(spec):
         x = img.tensor()
         z = vae.encode(x).mean
         gt = vae.ground_truth(x)[0]
-        df = exact_scan(vae, z, select_sites("all", z.shape[-2:]), "zero", batch=16)
+        df = exact_scan(vae, z, select_sites("all", z.shape[-2:]), "zero", batch=16).table
         exact_hits += _top(df) == (gt["row"], gt["col"])
-        two = two_stage_scan(vae, z, "zero", n_control=8)
+        two = two_stage_scan(vae, z, "zero", n_control=8).table
         two_hits += _top(two) == (gt["row"], gt["col"])
         assert len(two) <= 16
     assert exact_hits / len(images) >= 0.95, (spec, exact_hits)
@@ -121,7 +121,7 @@ def test_clean_model_has_no_global_position():
     flagged = []
     for img in images:
         z = vae.encode(img.tensor()).mean
-        df = exact_scan(vae, z, select_sites("all", z.shape[-2:]), "zero", batch=16)
+        df = exact_scan(vae, z, select_sites("all", z.shape[-2:]), "zero", batch=16).table
         flagged.append(bool((df.global_ratio >= DEFAULT_GLOBAL_THRESHOLD).any()))
     assert np.mean(flagged) <= 0.05, flagged
 

@@ -157,7 +157,7 @@ def test_not_differentiable_is_named_and_two_stage_falls_back(factory, words):
     with pytest.raises(NotDifferentiableError, match=words):
         sensitivity_map(vae, z, n_probes=2)
     # the exact decodes still work, so two-stage ablates the largest norms and a doubled control sample
-    df = two_stage_scan(vae, z, n_norm=2, n_linear=2, n_control=5, batch=4)
+    df = two_stage_scan(vae, z, n_norm=2, n_linear=2, n_control=5, batch=4).table
     assert words in df.attrs["linear_fallback"]
     assert (df.stage == "norm").sum() == 4 and (df.stage == "control").sum() == 10
     top = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
@@ -166,7 +166,7 @@ def test_not_differentiable_is_named_and_two_stage_falls_back(factory, words):
     tiny = load_vae("vae_factories:no_config")
     assert check_differentiable(tiny, tiny.encode(torch.zeros(1, 3, 64, 64)).mean) is None
     assert "linear_fallback" not in two_stage_scan(tiny, tiny.encode(torch.zeros(1, 3, 64, 64)).mean,
-                                                   n_control=4).attrs
+                                                   n_control=4).table.attrs
 
 
 def test_a_failing_image_is_reported_and_the_run_goes_on(tmp_path, capsys):
@@ -215,7 +215,7 @@ def test_frozen_groupnorm_of_taef2_matches_a_brute_force_reference(taef2):
     x = load_images("builtin:photos-heldout", size=64)[2].tensor()
     z = taef2.encode(x).mean
     sites = [Site(1, 1), Site(4, 6), Site(7, 2)]
-    df = attribute_pathways(taef2, z, sites, "zero", radius=2)
+    df = attribute_pathways(taef2, z, sites, "zero", radius=2).table
 
     decoder = taef2.model.decoder
     stats = {}

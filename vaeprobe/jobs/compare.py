@@ -192,7 +192,7 @@ class CompareJob(Job):
             from vaeprobe.probes.verdict import attach_verdicts, receptive_field
 
             field = receptive_field(vae, z, rec, exclude=robust_channel_stats(z)["excluded"])
-            cells = attach_verdicts(vae, z, rec, two_stage_scan(vae, z, "zero", ref=rec, field=field), field,
+            cells = attach_verdicts(vae, z, rec, two_stage_scan(vae, z, "zero", ref=rec, field=field).table, field,
                                     evidence=0)
             facts["top"], facts["global"] = float(cells.global_ratio.max()), bool(cells.is_global.any())
         if self.mechanism:
@@ -200,7 +200,7 @@ class CompareJob(Job):
             from vaeprobe.probes.perturb import Site
 
             r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
-            facts["dominant"] = str(attribute_pathways(vae, z, [Site(r, c)]).dominant[0])
+            facts["dominant"] = str(attribute_pathways(vae, z, [Site(r, c)]).table.dominant[0])
         return rec_row, facts, z, rec
 
     def process(self, run: RunDir, key: str, img) -> None:

@@ -9,7 +9,7 @@ from vaeprobe.jobs.runner import Job, RunDir, check_operator, check_positions, c
 from vaeprobe.probes.latents import robust_channel_stats
 from vaeprobe.probes.perturb import parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS
-from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, MechanismCost, MechanismError, PATHWAYS, attention_mass, attribute_pathways, droplet_layers, groupnorm_droplets, pathway_layers)
+from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, MechanismError, PATHWAYS, attention_mass, attribute_pathways, droplet_layers, groupnorm_droplets, pathway_layers)
 
 
 # -- the `vaeprobe mechanism` job --------------------------------------------------------------------------------
@@ -56,9 +56,9 @@ class MechanismJob(Job):
         top = divmod(int(norm.argmax()), z.shape[-1])
         operator = parse_operator(self.op, stats=robust_channel_stats(z), seed=self.seed)
         sites = select_sites(self.positions, z.shape[-2:], norm=norm)
-        cost = MechanismCost()
-        df = attribute_pathways(self.vae, z, sites, operator, radius=self.radius, attention=self.attention,
-                                batch=self.batch, cost=cost)
+        res = attribute_pathways(self.vae, z, sites, operator, radius=self.radius, attention=self.attention,
+                                 batch=self.batch)
+        df = res.table
         df.insert(0, "image", img.name)
         att_rows = self._attention_rows(run, key, img, x, z, top)
         drops = droplet_layers(groupnorm_droplets(self.vae, z))
@@ -66,7 +66,7 @@ class MechanismJob(Job):
             _save_shares(run.path / "figures" / f"{key}_shares.png", df, img.name)
             _save_droplets(run.path / "figures" / f"{key}_groupnorm.png", drops, img.name)
         meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
-                "top_norm": list(top), "positions": len(df), "decodes": cost.decodes,
+                "top_norm": list(top), "positions": len(df), "decodes": res.decodes,
                 "dominant": df.dominant.value_counts().to_dict() if len(df) else {},
                 "attention": att_rows, "groupnorm": drops.to_dict("records"),
                 "seconds": round(time.perf_counter() - t0, 3)}

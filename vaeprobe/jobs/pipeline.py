@@ -465,12 +465,11 @@ def _colour_stats(img: torch.Tensor) -> dict:
 
 
 def _random_cells(h: int, w: int, n: int, avoid: tuple[int, int], radius: int, seed: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    pool = [(r, c) for r in range(h) for c in range(w) if max(abs(r - avoid[0]), abs(c - avoid[1])) > radius]
-    if not pool:
-        pool = [(r, c) for r in range(h) for c in range(w) if (r, c) != avoid]
-    idx = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
-    return [pool[int(i)] for i in sorted(idx)]
+    """``n`` seeded control cells beyond ``radius`` of ``avoid`` (any other cell when none is that far), sorted."""
+    from vaeprobe.probes.geometry import sample_cells
+
+    cells = sample_cells(h, w, n, avoid=[avoid], radius=radius, seed=seed)
+    return sorted(cells or sample_cells(h, w, n, avoid=[avoid], seed=seed))
 
 
 class PipelineJob(Job):

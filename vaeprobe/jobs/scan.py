@@ -14,23 +14,26 @@ from vaeprobe.jobs.runner import Job, RunDir, check_operator, check_positions, c
 from vaeprobe.probes.latents import robust_channel_stats
 from vaeprobe.probes.perturb import parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS
-from vaeprobe.probes.scan import (DEFAULT_GLOBAL_THRESHOLD, KeptDecodes, MODES, ScanCost, ScanError, exact_scan, linear_scan, select_sites, two_stage_scan)
+from vaeprobe.probes.scan import (DEFAULT_GLOBAL_THRESHOLD, MODES, ScanError, ScanResult, exact_scan, linear_scan,
+                                  select_sites, two_stage_scan)
 
 
 # -- the `vaeprobe scan` job -------------------------------------------------------------------------------------
 
-def _save_kept(folder, array: np.ndarray, ref: torch.Tensor, keep: KeptDecodes) -> list[dict]:
+def _save_kept(folder, array: np.ndarray, ref: torch.Tensor, kept: list) -> list[dict]:
+    """Write the input, its clean decode and each kept perturbed decode with its signed difference; returns
+    ``[{row, col, gain}]``."""
     from vaeprobe.reports.plots import save_png, signed_difference, tensor_to_unit
 
     save_png(folder / "input.png", array)
     save_png(folder / "recon.png", tensor_to_unit(ref))
-    kept = []
-    for (r, c), img in keep.items():
+    out = []
+    for (r, c), img in kept:
         diff, gain = signed_difference(img, ref)
         save_png(folder / f"r{r}_c{c}.png", tensor_to_unit(img))
         save_png(folder / f"r{r}_c{c}_diff.png", diff)
-        kept.append({"row": r, "col": c, "gain": gain})
-    return kept
+        out.append({"row": r, "col": c, "gain": gain})
+    return out
 
 
 def _sum_counts(dicts) -> dict:
@@ -101,21 +104,21 @@ class ScanJob(Job):
             self._partner[shape] = self.vae.encode(got[0][1]).mean
         return self._partner[shape]
 
-    def _scan(self, run: RunDir, z, ref, norm, operator, cost, keep, field):
+    def _scan(self, run: RunDir, z, ref, norm, operator, field) -> ScanResult:
         vae, mode = self.vae, self.mode
         common = {"radius": self.radius, "measures": self.measures, "batch": self.batch, "ref": ref,
-                  "lpips_model": self.lpips_model, "cost": cost, "keep": keep, "field": field}
+                  "lpips_model": self.lpips_model, "keep": self.keep_images, "field": field}
         if mode == "exact":
             sites = select_sites(self.positions, z.shape[-2:], norm=norm, size=self.patch, channel=self.channel)
             return exact_scan(vae, z, sites, operator, progress=self.progress, **common)
         if mode == "linear":
-            return linear_scan(vae, z, n_probes=self.n_probes, radius=self.radius, seed=self.seed, cost=cost)
-        df = two_stage_scan(vae, z, operator, norm=norm, seed=self.seed, **common)
-        if df.attrs.get("linear_fallback"):
+            return linear_scan(vae, z, n_probes=self.n_probes, radius=self.radius, seed=self.seed)
+        res = two_stage_scan(vae, z, operator, norm=norm, seed=self.seed, **common)
+        if res.table.attrs.get("linear_fallback"):
             run.say(f"vaeprobe: note: {vae.spec}: no linear map, since the decoder is not differentiable "
-                    f"({df.attrs['linear_fallback']}); two-stage takes latent-norm candidates and a larger "
+                    f"({res.table.attrs['linear_fallback']}); two-stage takes latent-norm candidates and a larger "
                     f"random control sample instead", once=True)
-        return df
+        return res
 
     def process(self, run: RunDir, key: str, img) -> None:
         vae = self.vae
@@ -125,25 +128,26 @@ class ScanJob(Job):
         stats = robust_channel_stats(z)
         other = self.swap_latent(tuple(img.array.shape[:2])) if "swap" in self.op else None
         operator = parse_operator(self.op, stats=stats, other=other, seed=self.seed)
-        cost = ScanCost()
         ref = vae.decode(z)
-        keep = KeptDecodes(self.keep_images) if self.keep_images else None
-        field = None
+        field, decodes = None, 0
         if self.verdicts and self.mode != "linear":
             from vaeprobe.probes.verdict import receptive_field
 
             field = receptive_field(vae, z, ref, seed=self.seed, exclude=stats["excluded"])
-            cost.decodes += len(field.cells)
-        df = self._scan(run, z, ref, norm, operator, cost, keep, field)
-        kept = _save_kept(run.path / "images" / key, img.array, ref, keep) if keep is not None else []
+            decodes += len(field.cells)
+        res = self._scan(run, z, ref, norm, operator, field)
+        decodes += res.decodes
+        kept = _save_kept(run.path / "images" / key, img.array, ref, res.kept) if self.keep_images else []
+        df = res.table
         df.insert(0, "image", img.name)
         profiles = None
         if field is not None:
             from vaeprobe.probes.verdict import attach_verdicts
 
             df = attach_verdicts(vae, z, ref, df, field, donors=self.donors(tuple(img.array.shape[:2])),
-                                 evidence=self.evidence, cost=cost)
+                                 evidence=self.evidence)
             profiles = df.attrs.get("profiles")
+            decodes += df.attrs["decodes"]
         else:
             df["verdict"] = None
             df["is_global"] = False
@@ -151,7 +155,7 @@ class ScanJob(Job):
                 **self._top(df), "n_global": int(df["is_global"].sum()), "positions": len(df),
                 "verdicts": {str(k): int(v) for k, v in df["verdict"].value_counts().items()},
                 "erf": float(field.erf) if field is not None else math.nan, "profiles": profiles,
-                "decodes": cost.decodes, "backward": cost.backward, "kept": kept,
+                "decodes": decodes, "backward": res.backward, "kept": kept,
                 "linear_fallback": df.attrs.get("linear_fallback"), "seconds": round(time.perf_counter() - t0, 3)}
         run.write_part(key, df, meta)
 

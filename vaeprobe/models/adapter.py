@@ -101,6 +101,7 @@ class VAE:
                                f"diffusers interface (encode(x) -> .latent_dist, decode(z) -> .sample)")
         self.model = model.eval()
         self.spec = spec
+        self.decoded = 0  # images decoded through this adapter so far (cost accounting: compare before and after)
         self.ground_truth: Callable | None = getattr(model, "ground_truth", None)
         self.to(device=device, dtype=dtype)
         self._probe: tuple[int, int] | None = None
@@ -206,6 +207,7 @@ class VAE:
         ``grad=True`` keeps the autograd graph (for Jacobian probes); otherwise runs under ``no_grad``.
         """
         ctx = torch.enable_grad() if grad else torch.no_grad()
+        self.decoded += int(z.shape[0])
         with ctx:
             out = self._decode_raw(z)
             if self.dtype in (torch.float16, torch.bfloat16) and not _finite(out):

@@ -305,20 +305,33 @@ def shapley_shares(e_live, e_gn, e_att, e_both) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class MechanismCost:
-    decodes: int = 0   # images decoded, the clean one included
+class Attribution:
+    """What :func:`attribute_pathways` returns.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per site (columns in :func:`attribute_pathways`); ``attrs`` holds the settings.
+    decodes : int
+        Images decoded, the clean one included.
+    seconds : float
+        Wall time.
+    """
+
+    table: pd.DataFrame
+    decodes: int = 0
     seconds: float = 0.0
 
 
-def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero",
-                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = 8,
-                       cost: MechanismCost | None = None) -> pd.DataFrame:
+def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
+                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = 8) -> Attribution:
     """Attribute the far-field effect of perturbing each site of ``z`` ``[1, C, h, w]`` to the decoder's pathways.
 
     One clean decode (recorded) plus, per batch of sites, the four variants (a model without attention or
-    without GroupNorm skips the variant that would equal another). One row per site: ``row, col, op``, per
-    variant ``far_l2_<variant>`` and ``far_fraction_<variant>``, the shares of :func:`shapley_shares`,
-    ``interaction`` and ``dominant`` (``groupnorm``, ``attention``, ``residual`` or ``none``).
+    without GroupNorm skips the variant that would equal another). Returns an :class:`Attribution` whose table has
+    one row per site: ``row, col, op``, per variant ``far_l2_<variant>`` and ``far_fraction_<variant>``, the
+    shares of :func:`shapley_shares`, ``interaction`` and ``dominant`` (``groupnorm``, ``attention``,
+    ``residual`` or ``none``).
 
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:planted-groupnorm")
@@ -326,9 +339,9 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
     >>> x = load_images("builtin:photos-heldout", size=64)[0].tensor()
     >>> z = vae.encode(x).mean
     >>> spot = vae.ground_truth(x)[0]
-    >>> df = attribute_pathways(vae, z, [Site(spot["row"], spot["col"])])
-    >>> df.dominant[0]
-    'groupnorm'
+    >>> res = attribute_pathways(vae, z, [Site(spot["row"], spot["col"])])
+    >>> res.table.dominant[0], res.decodes   # the clean decode + live, GroupNorm-, attention- and both-frozen
+    ('groupnorm', 5)
     """
     if attention not in ATTENTION_MODES:
         raise MechanismError(f"unknown attention freezing {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
@@ -369,10 +382,7 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
         for k, v in shares.items():
             df[k] = v
     df.attrs.update({"attention": attention, "radius": radius, "has_groupnorm": has_gn, "has_attention": has_att})
-    if cost is not None:
-        cost.decodes += n_dec
-        cost.seconds += time.perf_counter() - t0
-    return df
+    return Attribution(table=df, decodes=n_dec, seconds=time.perf_counter() - t0)
 
 
 # -- diagnostics -------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Sequence
 
 import numpy as np
@@ -114,32 +114,54 @@ class KeptDecodes:
 
 
 @dataclass
-class ScanCost:
-    decodes: int = 0          # perturbed images decoded (the reference decode not included)
-    decode_calls: int = 0     # batched decoder calls
-    backward: int = 0         # backward passes (linearised map)
+class ScanResult:
+    """What a scan returns: its table and what it cost.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per scanned position (the columns are described by each scan function).
+    decodes : int
+        Perturbed images decoded (the reference decode not included).
+    decode_calls : int
+        Batched decoder calls.
+    backward : int
+        Backward passes (the linearised map).
+    seconds : float
+        Wall time of the scan.
+    kept : list of ((int, int), torch.Tensor)
+        The ``keep`` perturbed decodes ``[3, H, W]`` with the largest far-field energy, largest first, with their
+        cells (exact and two-stage scans with ``keep > 0``).
+    """
+
+    table: pd.DataFrame
+    decodes: int = 0
+    decode_calls: int = 0
+    backward: int = 0
     seconds: float = 0.0
+    kept: list = dataclass_field(default_factory=list)
 
 
-def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero",
+def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
                measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
-               ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False,
-               cost: ScanCost | None = None, keep: "KeptDecodes | None" = None, field=None) -> pd.DataFrame:
+               ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False, keep: int = 0,
+               field=None) -> ScanResult:
     """Perturb each site of latent ``z`` ``[1, C, h, w]`` with ``op``, decode ``batch`` at a time, measure.
 
     With ``field`` (a :class:`vaeprobe.probes.verdict.ReceptiveField` of this latent) and the ``zero`` operator on
     single whole cells, the rows also get the verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
 
-    Returns one row per site: ``row, col, size, channel, op``, every measure, and ``global_ratio`` (``far_l2`` over
-    the median ``far_l2`` of the scanned sites; meaningful when the sites are a fair sample, e.g. ``all``).
+    Returns a :class:`ScanResult` whose table has one row per site: ``row, col, size, channel, op``, every
+    measure, and ``global_ratio`` (``far_l2`` over the median ``far_l2`` of the scanned sites; meaningful when the
+    sites are a fair sample, e.g. ``all``); ``keep > 0`` keeps that many perturbed decodes (largest far field).
     Decoding runs in the VAE's dtype; differences are taken in float32.
 
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = vae.encode(torch.zeros(1, 3, 32, 32)).mean
-    >>> df = exact_scan(vae, z, select_sites("all", (4, 4)))
-    >>> len(df), bool((df.far_fraction >= 0).all())
-    (16, True)
+    >>> res = exact_scan(vae, z, select_sites("all", (4, 4)), keep=2)
+    >>> len(res.table), bool((res.table.far_fraction >= 0).all()), res.decodes, len(res.kept)
+    (16, True, 16, 2)
     """
     if isinstance(op, str):
         op = parse_operator(op)
@@ -147,6 +169,8 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     if ref is None:
         ref = vae.decode(z)
     rows: list[dict] = []
+    result = ScanResult(table=pd.DataFrame())
+    kept = KeptDecodes(keep)
     from tqdm import tqdm
 
     profiles = field is not None and op.name == "zero" and all(s.size == 1 and s.channel is None for s in sites)
@@ -170,26 +194,23 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
         for k, (site, v) in enumerate(zip(chunk, values)):
             rows.append({"row": site.row, "col": site.col, "size": site.size,
                          "channel": -1 if site.channel is None else site.channel, "op": op.name, **v})
-            if keep is not None:
-                keep.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), dec[k])
-        if cost is not None:
-            cost.decodes += len(chunk)
-            cost.decode_calls += 1
+            kept.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), dec[k])
+        result.decodes += len(chunk)
+        result.decode_calls += 1
         bar.update(len(chunk))
     bar.close()
     df = pd.DataFrame(rows)
     if "far_l2" in df and len(df):
         df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
-    if cost is not None:
-        cost.seconds += time.perf_counter() - t0
-    return df
+    result.table, result.kept, result.seconds = df, kept.items(), time.perf_counter() - t0
+    return result
 
 
 # -- linearised --------------------------------------------------------------------------------------------------
 
-def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = DEFAULT_RADIUS,
+def linear_scan(vae, z: torch.Tensor, *, n_probes: int = 32, radius: int | None = DEFAULT_RADIUS,
                 blocks: tuple[int, int] = (2, 2), far_probes: int = 8, seed: int = 0,
-                cost: ScanCost | None = None, shrink: bool = True) -> pd.DataFrame:
+                shrink: bool = True) -> ScanResult:
     """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image, ``n_probes`` probes) and,
     when ``radius`` is given, ``far_sensitivity`` (the far field relative to each position's block, ``far_probes``
     probes per block; see :func:`vaeprobe.probes.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far
@@ -197,7 +218,8 @@ def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = D
     after :func:`vaeprobe.probes.linear.shrink_map` (``shrink=False``: not shrunk); ``sensitivity_raw`` is the unbiased
     map and ``sensitivity_rel_se`` its relative standard error per cell. 32 probes keep the whole-image map within
     the 40-decode budget of the benchmark (one backward pass costs about one decode there); docs/scan.md has its
-    agreement with exact Jacobian norms."""
+    agreement with exact Jacobian norms. Returns a :class:`ScanResult` (``backward`` counts the backward
+    passes)."""
     from vaeprobe.probes.linear import sensitivity_map, shrink_map
 
     t0 = time.perf_counter()
@@ -219,20 +241,16 @@ def linear_scan(vae, z: torch.Tensor, n_probes: int = 32, radius: int | None = D
         med = float(np.median(df["far_sensitivity"]))
         df["far_ratio"] = df["far_sensitivity"] / med if med > 0 else np.nan
         n_back += far.n_backward
-    if cost is not None:
-        cost.backward += n_back
-        cost.seconds += time.perf_counter() - t0
-    return df
+    return ScanResult(table=df, backward=n_back, seconds=time.perf_counter() - t0)
 
 
 # -- two-stage ---------------------------------------------------------------------------------------------------
 
-def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torch.Tensor | None = None,
+def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: torch.Tensor | None = None,
                    n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
                    measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
-                   lpips_model=None, cost: ScanCost | None = None, keep: KeptDecodes | None = None,
-                   field=None) -> pd.DataFrame:
+                   lpips_model=None, keep: int = 0, field=None) -> ScanResult:
     """Exact ablation of a few candidates and a random control sample (``field``: see :func:`exact_scan`).
 
     Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
@@ -244,7 +262,8 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
 
     A decoder that autograd cannot go through (:class:`~vaeprobe.probes.linear.NotDifferentiableError`) has no linear
     map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls, and
-    ``df.attrs["linear_fallback"]`` holds the reason (absent otherwise).
+    the table's ``attrs["linear_fallback"]`` holds the reason (absent otherwise). Returns a :class:`ScanResult`
+    (its costs are the linear map's and the exact ablations' together).
     """
     from vaeprobe.probes.linear import NotDifferentiableError
 
@@ -252,12 +271,11 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
     if norm is None:
         norm = z[0].norm(dim=0)
     by_lin: list[int] = []
-    fallback = None
+    fallback, lin = None, None
     if n_linear:
         try:
-            lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed,
-                              cost=cost)
-            by_lin = lin["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
+            lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed)
+            by_lin = lin.table["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
         except NotDifferentiableError as exc:
             fallback = str(exc)
             n_norm, n_control = n_norm + n_linear, 2 * n_control
@@ -271,12 +289,16 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", norm: torc
         stage[r * w + c] = "control"
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
-    df = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
-                    lpips_model=lpips_model, cost=cost, keep=keep, field=field)
+    result = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
+                        lpips_model=lpips_model, keep=keep, field=field)
+    if lin is not None:
+        result.backward += lin.backward
+        result.seconds += lin.seconds
+    df = result.table
     df["stage"] = [stage[i] for i in order]
     ctrl = df.loc[df.stage == "control", "far_l2"].to_numpy()
     med = float(np.nanmedian(ctrl)) if len(ctrl) else float("nan")
     df["global_ratio"] = df["far_l2"] / med if med > 0 else np.nan
     if fallback is not None:
         df.attrs["linear_fallback"] = fallback
-    return df
+    return result

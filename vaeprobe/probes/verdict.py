@@ -372,8 +372,7 @@ def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
     return divmod(i, u.shape[-1])
 
 
-def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: float,
-                      cost=None) -> list[tuple[int, int]]:
+def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: float) -> list[tuple[int, int]]:
     """Each donor's counterpart of a cell with vector ``v`` at ``site``: of the donor's cell at the same position
     and its most similar vector (:func:`donor_cell`), the one whose zeroing changes the donor's decode more
     beyond ``far`` cells (a global code may sit at a fixed place, or wherever its vector is)."""
@@ -394,8 +393,6 @@ def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: flo
         energies = []
         for start in range(0, len(cands), 8):
             dec = vae.decode(zz[start:start + 8]).float()
-            if cost is not None:
-                cost.decodes += len(dec)
             for i, (j, rc) in enumerate(cands[start:start + 8]):
                 e = _energy(dec[i] - donors.decodes[j].float())
                 dist = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean")
@@ -408,7 +405,7 @@ def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: flo
 
 
 def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors: Donors,
-                     field: ReceptiveField, cost=None) -> dict[str, float]:
+                     field: ReceptiveField) -> dict[str, float]:
     """Question (d): ``swap_corr`` and ``swap_slope`` of the far-field colour change when the cell's vector is
     replaced by each donor's counterpart vector (:func:`counterpart_cells`; see the module docstring); nan when no
     far field changed."""
@@ -419,11 +416,9 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
     v = z[0, :, r, c]
     zz = z.repeat(k, 1, 1, 1)
     far_cells = field.erf if math.isfinite(field.erf) else 1.0
-    for j, (dr, dc) in enumerate(counterpart_cells(vae, v, site, donors, far_cells, cost=cost)):
+    for j, (dr, dc) in enumerate(counterpart_cells(vae, v, site, donors, far_cells)):
         zz[j, :, r:r + site.size, c:c + site.size] = donors.latents[j, :, dr, dc][:, None, None]
     dec = vae.decode(zz).float()
-    if cost is not None:
-        cost.decodes += k
     ref = ref.float()
     dist = cell_distance(site, tuple(ref.shape[-2:]), vae.factor, metric="euclidean")
     far = dist > field.erf
@@ -482,7 +477,7 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
     return {"matched_ratio": ratio(matched), "transplant_ratio": ratio(planted), "profile": own_profile}
 
 
-def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField, cost=None) -> float:
+def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> float:
     """Share of the far-field energy of zeroing the cell that freezing the decoder's GroupNorm statistics and
     attention context removes, ``(E_live - E_frozen) / E_live`` (the mechanism module's ``1 - share_residual``);
     nan for a decoder with neither."""
@@ -492,7 +487,7 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField, cost
     if not (layers.get("groupnorm") or layers.get("attention")):
         return math.nan
     radius = max(0, int(math.floor(field.erf)))
-    df = attribute_pathways(vae, z, [site], "zero", radius=radius, cost=cost)
+    df = attribute_pathways(vae, z, [site], "zero", radius=radius).table
     if "share_residual" not in df or df["share_residual"].isna().all():
         return math.nan
     return float(1.0 - df["share_residual"].iloc[0])
@@ -602,8 +597,8 @@ class CellVerdict:
 
 
 def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, field: ReceptiveField, *,
-                    rules: VerdictRules | None = None, donors: Donors | None = None, evidence: int = 4,
-                    cost=None) -> pd.DataFrame:
+                    rules: VerdictRules | None = None, donors: Donors | None = None,
+                    evidence: int = 4) -> pd.DataFrame:
     """Add the verdict columns to a scan table ``df`` of latent ``z`` (columns ``row``, ``col``).
 
     Rows that lack the profile measures (a scan with another operator than ``zero``, patches or one channel)
@@ -613,20 +608,19 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     (profile not local, or a latent-norm outlier) with the largest ``far_rel``. Adds ``verdict``, ``is_global``
     (True exactly for ``global`` and ``global-information``), ``far_score`` (:meth:`VerdictRules.score`),
     ``erf`` and the columns of :data:`EVIDENCE_COLUMNS`; ``df.attrs["profiles"]`` holds the distance profiles
-    (mean energy per pixel at distance 0, 1, ... cells) of the reference cells and of the evidence rows.
-    ``cost`` (anything with a ``decodes`` attribute) is charged for the extra decodes.
+    (mean energy per pixel at distance 0, 1, ... cells) of the reference cells and of the evidence rows, and
+    ``df.attrs["decodes"]`` the number of images these extra measurements decoded.
     """
-    from vaeprobe.probes.mechanism import MechanismCost, MechanismError
+    from vaeprobe.probes.mechanism import MechanismError
 
     rules = rules or VerdictRules()
     df = df.copy()
-    extra = 0
+    start = vae.decoded
     if not set(PROFILE_COLUMNS) <= set(df.columns) or df[list(PROFILE_COLUMNS[2:])].isna().all().all():
         prof = CellVerdict(vae, rules=rules, evidence=False).classify(z, list(zip(df.row, df.col)), ref=ref,
                                                                        field=field)
         for c in PROFILE_COLUMNS:
             df[c] = prof[c].to_numpy()
-        extra += len(df)
     for c in EVIDENCE_COLUMNS:
         df[c] = math.nan
     records = df[list(PROFILE_COLUMNS)].to_dict("records")
@@ -634,12 +628,9 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     if donors is not None:
         for i, shp in enumerate(shapes):
             if shp == "global":
-                sc = MechanismCost()
-                got = swap_information(vae, z, ref, Site(int(df.row.iloc[i]), int(df.col.iloc[i])), donors, field,
-                                       cost=sc)
+                got = swap_information(vae, z, ref, Site(int(df.row.iloc[i]), int(df.col.iloc[i])), donors, field)
                 for k, v in got.items():
                     df.iloc[i, df.columns.get_loc(k)] = v
-                extra += sc.decodes
     unusual = [i for i, (shp, r) in enumerate(zip(shapes, records))
                if shp != "local" or r["norm_ratio"] >= rules.norm_ratio]
     unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
@@ -648,13 +639,10 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
         site = Site(int(df.row.iloc[i]), int(df.col.iloc[i]))
         got = matched_controls(vae, z, ref, site, field)
         profiles["cells"][f"{site.row},{site.col}"] = got.pop("profile")
-        extra += 1 + 2 * min(3, len(field.cells))
-        mc = MechanismCost()
         try:
-            got["frozen_removed"] = frozen_removed(vae, z, site, field, cost=mc)
+            got["frozen_removed"] = frozen_removed(vae, z, site, field)
         except MechanismError:  # a decoder the hooks cannot freeze has no frozen share
             pass
-        extra += mc.decodes
         for k, v in got.items():
             df.iloc[i, df.columns.get_loc(k)] = v
     df["far_score"] = [rules.score(r) for r in df.to_dict("records")]
@@ -662,6 +650,5 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     df["is_global"] = df["verdict"].isin(GLOBAL_VERDICTS)
     df["erf"] = field.erf
     df.attrs["profiles"] = profiles
-    if cost is not None:
-        cost.decodes += extra
+    df.attrs["decodes"] = vae.decoded - start
     return df
