@@ -245,3 +245,18 @@ def test_operator_statistics_ignore_the_spot(spec):
         ratio = s["std"] / rest.std(dim=1)  # trained latents are heavy-tailed: the MAD spread sits below the std
         assert ((ratio > 0.3) & (ratio < 1.2)).all()
         assert (z.std(dim=(1, 2)) / rest.std(dim=1)).max() > 2  # the plain std is dominated by the spot
+
+
+def test_skip_messages_do_not_break_the_progress_bar(tmp_path, capsys):
+    """An unreadable input is reported on its own line, not glued to the progress bar that is on screen."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    Image.fromarray(np.full((32, 32, 3), 64, np.uint8)).save(folder / "c.png")
+    run = run_latents("builtin:tiny-random", str(folder), tmp_path / "run", maps=False, progress=True)
+    err = capsys.readouterr().err
+    segments = [s for s in err.replace("\r", "\n").split("\n") if "skipped" in s]
+    assert segments, err
+    assert all(s.startswith("vaeprobe: skipped") for s in segments), segments
+    assert run.summary["n_images"] == 2 and len(run.summary["skipped"]) == 1

