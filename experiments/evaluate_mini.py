@@ -55,7 +55,7 @@ def latents_and_droplet(vae, images: str, size: int, droplet: bool) -> dict:
         if post.raw_logvar is not None:
             raw_min = min(raw_min, float(post.raw_logvar.min()))
             clamp += int(post.at_clamp_floor()[0].any(0).sum())
-        m = latent_maps(post, [img.name])[0]
+        m = latent_maps(post, names=[img.name])[0]
         ratios.append(float(m.norm_ratio.max()))
         spots += bool(find_spots(m).is_spot.any())
         if droplet:

@@ -127,7 +127,7 @@ def measure(which: str, sizes, models, force: bool) -> None:
                 continue
             t0 = time.time()
             vae = load_vae(f"builtin:{name}")
-            donors = make_donors(vae, [d.tensor() for d in donor_imgs], [d.name for d in donor_imgs])
+            donors = make_donors(vae, [d.tensor() for d in donor_imgs], names=[d.name for d in donor_imgs])
             planted = name not in CLEAN
             cv = CellVerdict(vae, donors=donors, evidence=False, swap="always" if planted else "auto",
                              keep_profiles=True)

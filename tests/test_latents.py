@@ -28,7 +28,7 @@ def test_maps_hand_values():
     mean[0, 0] += 1.0                                       # every position: norm >= 1
     raw = torch.full((1, 3, 4, 4), -2.0)
     raw[0, 1, 1, 2] = -31.0                                 # one channel below the floor
-    m = latent_maps(Posterior(mean, raw.clamp(-30, 20), raw), ["x"])[0]
+    m = latent_maps(Posterior(mean, raw.clamp(-30, 20), raw), names=["x"])[0]
     assert m.norm[1, 2].item() == pytest.approx(float(np.sqrt(16 + 16)))
     assert m.norm[0, 0].item() == 1.0 and m.norm_ratio[0, 0].item() == 1.0  # median norm is 1
     assert int(m.clamp_channels[1, 2]) == 1 and int(m.at_clamp.sum()) == 1
@@ -64,7 +64,7 @@ def test_stats_stream_equal_to_batch_and_suggest_factors():
     for m in latent_maps(Posterior(means, None, None)):
         spots = find_spots(m)
         cells = [tuple(v) for v in spots.loc[spots.is_spot, ["row", "col"]].values.tolist()]
-        stats.add(m, means[int(m.name)], cells)
+        stats.add(m, means[int(m.name)], spots=cells)
     s = stats.summary()
     flat = means.permute(1, 0, 2, 3).reshape(4, -1).double().numpy()
     assert np.allclose(s["channel_mean"], flat.mean(1)) and np.allclose(s["channel_std"], flat.std(1))
@@ -109,7 +109,7 @@ def _score(spec, images, **kw):
     for img in images:
         x = img.tensor()
         post = vae.encode(x)
-        m = latent_maps(post, [img.name])[0]
+        m = latent_maps(post, names=[img.name])[0]
         maps.append(m)
         shapes[img.name] = m.shape
         gt = vae.ground_truth(x) if vae.ground_truth else []

@@ -74,7 +74,7 @@ def tinted(site, radius=DEFAULT_RADIUS, measures=DEFAULT_MEASURES):
     z = latent()
     op = Fill(64.0)  # 64 / (8 * 8 cells) = 1 added to channel 3's mean
     out = tint_decode(op.apply(z, Site(site.row, site.col, channel=3)))
-    return measure(tint_decode(z), out, [site], FACTOR, radius, measures)[0]
+    return measure(tint_decode(z), out, [site], FACTOR, radius=radius, measures=measures)[0]
 
 
 def test_uniform_tint_far_measures():
@@ -162,7 +162,7 @@ def test_far_l2_equals_the_oracle_energy_for_single_cells():
     ref = torch.randn(3, 48, 40, generator=gen)
     out = torch.randn(4, 3, 48, 40, generator=gen)
     sites = [Site(0, 0), Site(2, 3), Site(5, 4), Site(3, 1)]
-    ours = far_l2(ref, out, sites, FACTOR, 2).tolist()
+    ours = far_l2(ref, out, sites, FACTOR, radius=2).tolist()
     for i, s in enumerate(sites):
         assert ours[i] == pytest.approx(far_field_energy(out[i] - ref, s.row, s.col, FACTOR, 2), rel=1e-6)
         assert torch.equal(far_mask(s, (48, 40), FACTOR, 2), far_field_mask((48, 40), s.row, s.col, FACTOR, 2))
@@ -309,12 +309,12 @@ def test_lpips_identical_is_zero():
     gen = torch.Generator().manual_seed(2)
     ref = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
     out = torch.cat([ref, (ref + 0.5 * torch.randn(1, 3, 32, 32, generator=gen)).clamp(-1, 1)])
-    values = lpips(ref, out, model).tolist()
+    values = lpips(ref, out, lpips_model=model).tolist()
     assert values[0] == pytest.approx(0.0, abs=1e-7)
     assert values[1] > 0.01
     rows = measure(ref, out, [Site(0, 0), Site(1, 1)], FACTOR, measures=ALL_MEASURES, lpips_model=model)
     assert rows[0]["lpips"] == pytest.approx(0.0, abs=1e-7) and rows[1]["lpips"] == pytest.approx(values[1])
-    spatial = lpips_map(ref, out, model)
+    spatial = lpips_map(ref, out, lpips_model=model)
     assert spatial.shape == (2, 1, 32, 32)
     assert spatial[0].abs().max().item() < 1e-7 and spatial[1].mean().item() > 0
 

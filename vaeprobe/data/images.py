@@ -37,7 +37,25 @@ DEFAULT_FIT = "crop"
 
 @dataclass
 class LoadedImage:
-    """One image ready for a VAE: ``array`` is float32 HxWx3 in [0, 1]."""
+    """One image ready for a VAE.
+
+    Attributes
+    ----------
+    name : str
+        The file stem (``~1``, ``~2``, ... appended to repeated stems), the photo's name, or the record index.
+    array : numpy.ndarray
+        float32 HxWx3 in [0, 1], sides multiples of the VAE factor.
+    source : str
+        Where it came from: the path, ``builtin:SET/NAME`` or ``record I``.
+    original_size : (int, int)
+        ``(width, height)`` as stored, after EXIF orientation.
+
+    Examples
+    --------
+    >>> img = LoadedImage("grey", np.full((8, 16, 3), 0.5, np.float32), "memory", (16, 8))
+    >>> img.tensor().shape, float(img.tensor().max())
+    (torch.Size([1, 3, 8, 16]), 0.0)
+    """
 
     name: str
     array: np.ndarray
@@ -45,7 +63,13 @@ class LoadedImage:
     original_size: tuple[int, int]  # (width, height) as stored, after EXIF orientation
 
     def tensor(self):
-        """The image as a ``[1, 3, H, W]`` torch tensor in [-1, 1] (VAE input convention)."""
+        """The image as a ``[1, 3, H, W]`` float32 torch tensor in [-1, 1] (VAE input convention).
+
+        Returns
+        -------
+        torch.Tensor
+            A new contiguous tensor, ``2 * array - 1`` with channels first.
+        """
         import torch
 
         return torch.from_numpy(self.array).permute(2, 0, 1)[None].mul(2).sub(1).contiguous()
@@ -100,6 +124,16 @@ def luma(x):
 
 @dataclass
 class Skipped:
+    """An item that could not be used; ``str()`` gives ``"SOURCE: REASON"``.
+
+    Attributes
+    ----------
+    source : str
+        The path, ``builtin:SET/NAME`` or ``record I``.
+    reason : str
+        Why it was skipped, one line.
+    """
+
     source: str
     reason: str
 
@@ -109,7 +143,27 @@ class Skipped:
 
 @dataclass
 class ImageBatch:
-    """The result of :func:`load_images`: the good images, and what was skipped and why."""
+    """The result of :func:`load_images`: the good images, and what was skipped and why.
+
+    Iterating, indexing and ``len`` go over ``images``.
+
+    Attributes
+    ----------
+    images : list of LoadedImage
+        The images that loaded, in source order.
+    skipped : list of Skipped
+        What could not be used, and why.
+
+    Examples
+    --------
+    >>> batch = ImageBatch([LoadedImage("a", np.zeros((8, 8, 3), np.float32), "memory", (8, 8))],
+    ...                    [Skipped("b.png", "no such file")])
+    >>> len(batch), batch.names, batch[0].name
+    (1, ['a'], 'a')
+    >>> print(batch.summary())
+    loaded 1 image(s), skipped 1
+      skipped b.png: no such file
+    """
 
     images: list[LoadedImage] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -125,6 +179,7 @@ class ImageBatch:
 
     @property
     def names(self) -> list[str]:
+        """The images' names, in order."""
         return [im.name for im in self.images]
 
     def summary(self) -> str:
@@ -134,14 +189,30 @@ class ImageBatch:
         return "\n".join(lines)
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+def to_rgb(img: Image.Image, *, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1) to float32 RGB in [0, 1].
 
     Transparency is composited over ``background``; 16-bit and 32-bit integer data keep their full range.
 
+    Parameters
+    ----------
+    img : PIL.Image.Image
+        The image, in any mode.
+    background : (int, int, int), keyword-only
+        RGB (0-255) under transparent pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 HxWx3 in [0, 1].
+
+    Examples
+    --------
     >>> from PIL import Image
     >>> float(to_rgb(Image.new("I;16", (2, 2), 65535)).max())
     1.0
+    >>> to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 0)), background=(255, 0, 0))[0, 0].tolist()
+    [1.0, 0.0, 0.0]
     """
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -164,17 +235,41 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def fit_to_factor(arr: np.ndarray, factor: int, policy: str = DEFAULT_FIT, size: int | None = None) -> np.ndarray:
+def fit_to_factor(arr: np.ndarray, factor: int, *, policy: str = DEFAULT_FIT, size: int | None = None) -> np.ndarray:
     """Bring HxWx3 ``arr`` to sides that are multiples of ``factor``.
 
-    ``size``: first resize so the shorter side is ``size`` and center-crop a ``size`` x ``size`` square.
-    ``policy="crop"`` center-crops the remainder; ``policy="resize"`` resizes to the nearest multiples.
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        float32 HxWx3 in [0, 1].
+    factor : int
+        The VAE's downsampling factor.
+    policy : {"crop", "resize"}, keyword-only
+        ``"crop"`` center-crops the remainder (at most ``factor - 1`` pixels); ``"resize"`` resizes to the nearest
+        multiples (at least ``factor``).
+    size : int, keyword-only
+        Instead of ``policy``: resize so the shorter side is ``size`` and center-crop a ``size`` x ``size`` square
+        (``size`` must be a multiple of ``factor``).
 
+    Returns
+    -------
+    numpy.ndarray
+        float32, C-contiguous when cropped; ``arr`` itself when nothing changes.
+
+    Raises
+    ------
+    ValueError
+        For an unknown policy, or a ``size`` that is not a multiple of ``factor``.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8).shape
     (32, 48, 3)
     >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8, policy="resize").shape
     (40, 48, 3)
+    >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8, size=16).shape
+    (16, 16, 3)
     """
     if policy not in FIT_POLICIES:
         raise ValueError(f"unknown fit policy {policy!r}; use one of {FIT_POLICIES}")
@@ -198,15 +293,78 @@ def fit_to_factor(arr: np.ndarray, factor: int, policy: str = DEFAULT_FIT, size:
 
 
 def resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Resize a float HxWx3 image in [0, 1] to ``h`` x ``w`` with Lanczos (through 8-bit PIL).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        HxWx3 in [0, 1].
+    h, w : int
+        The new size in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``h`` x ``w`` x 3 in [0, 1], quantised to 1/255; ``arr`` itself when it already has that size.
+
+    Examples
+    --------
+    >>> resize(np.full((4, 6, 3), 0.5, np.float32), 2, 3).shape
+    (2, 3, 3)
+    """
     if arr.shape[:2] == (h, w):
         return arr
     img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8))
     return np.asarray(img.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
 
 
-def read_image(path: str | os.PathLike, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+def read_image(path: str | os.PathLike, *, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Read one image file; raise :class:`ImageLoadError` with the reason if it cannot be used."""
+    """Read one image file; raise :class:`ImageLoadError` with the reason if it cannot be used.
+
+    EXIF orientation is applied, any mode is converted by :func:`to_rgb` and the size is fitted by
+    :func:`fit_to_factor`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The image file.
+    factor : int, keyword-only
+        The VAE's downsampling factor; the sides become multiples of it.
+    policy : {"crop", "resize"}, keyword-only
+        How the sides become multiples of ``factor`` (:func:`fit_to_factor`).
+    size : int, keyword-only
+        Resize the shorter side to ``size`` and center-crop a square instead.
+    max_pixels : int, keyword-only
+        Refuse larger images as possible decompression bombs.
+
+    Returns
+    -------
+    LoadedImage
+        Named after the file stem.
+
+    Raises
+    ------
+    ImageLoadError
+        A missing, empty, unreadable, truncated, too large or too small (under one latent cell) file.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = Path(folder.name) / "red.png"
+    >>> Image.new("RGB", (50, 37), (255, 0, 0)).save(path)
+    >>> img = read_image(path)
+    >>> img.name, img.array.shape, img.original_size, img.array[0, 0].tolist()
+    ('red', (32, 48, 3), (50, 37), [1.0, 0.0, 0.0])
+    >>> read_image(path, factor=16, policy="resize").array.shape
+    (32, 48, 3)
+    >>> read_image(path, max_pixels=100)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    vaeprobe.errors.ImageLoadError: 50x37 = 1850 pixels exceeds the limit of 100 (possible decompression bomb); ...
+    >>> folder.cleanup()
+    """
     path = Path(path)
     try:
         if not path.exists():
@@ -244,7 +402,7 @@ def _finish(name: str, arr: np.ndarray, source: str, factor: int, policy: str, s
     h, w = arr.shape[:2]
     if h < factor or w < factor:
         raise ImageLoadError(f"{w}x{h} is smaller than one latent cell ({factor}x{factor} pixels)")
-    out = fit_to_factor(arr, factor, policy, size)
+    out = fit_to_factor(arr, factor, policy=policy, size=size)
     return LoadedImage(name=name, array=out.astype(np.float32, copy=False), source=source, original_size=(w, h))
 
 
@@ -264,12 +422,45 @@ def _expand_source(source: Any) -> list[str] | None:
     return None
 
 
-def iter_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+def iter_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str = "image",
                 skipped: list[Skipped] | None = None, report=None) -> Iterator[LoadedImage]:
     """Stream images one at a time (memory flat in the number of images); see :func:`load_images`.
 
     Each skipped item is appended to ``skipped`` and passed to ``report`` (default: one line on stderr).
+
+    Parameters
+    ----------
+    source : str, os.PathLike, sequence of paths or iterable of records
+        A folder, a glob, an image file, a list of files, a Hugging Face ``datasets`` dataset (or any iterable of
+        dicts or PIL images) or ``builtin:photos`` (``builtin:NAME`` for the other builtin sets).
+    factor, policy, size, max_pixels : keyword-only
+        As for :func:`read_image`.
+    image_column : str, keyword-only
+        The column holding the PIL image in dataset records.
+    skipped : list of Skipped, keyword-only
+        Each skipped item is appended here.
+    report : callable, keyword-only
+        Called with each :class:`Skipped` (default: ``vaeprobe: skipped SOURCE: REASON`` on stderr through tqdm).
+
+    Yields
+    ------
+    LoadedImage
+        In source order (sorted paths for a folder or glob).
+
+    Raises
+    ------
+    ImageLoadError
+        When a folder or glob holds no images, or a single path does not exist.
+
+    Examples
+    --------
+    >>> skipped = []
+    >>> images = iter_images(["missing.png"], skipped=skipped, report=lambda s: None)
+    >>> list(images), [str(s) for s in skipped]
+    ([], ['missing.png: no such file'])
+    >>> next(iter_images("builtin:photos-heldout", factor=16, size=32)).array.shape
+    (32, 32, 3)
     """
     if report is None:
         def report(s: Skipped) -> None:  # through tqdm, so a progress bar on the same stream stays whole
@@ -301,7 +492,7 @@ def iter_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: i
         seen: dict[str, int] = {}
         for p in paths:
             try:
-                img = read_image(p, factor, policy, size, max_pixels)
+                img = read_image(p, factor=factor, policy=policy, size=size, max_pixels=max_pixels)
             except ImageLoadError as exc:
                 skip(p, str(exc))
                 continue
@@ -329,7 +520,7 @@ def iter_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: i
             skip(src, f"record has no image column {image_column!r} ({exc})")
 
 
-def load_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+def load_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str = "image", report=None) -> ImageBatch:
     """Load images from a folder, a glob, a list of files, a HF ``datasets`` dataset or ``builtin:photos``.
 
@@ -337,11 +528,41 @@ def load_images(source: Any, factor: int = 8, policy: str = DEFAULT_FIT, size: i
     ``"resize"``: resize to the nearest multiples); ``size=N`` instead resizes the shorter side to N and
     center-crops N x N. Bad items are skipped with one line each; see :attr:`ImageBatch.skipped`.
 
+    Parameters
+    ----------
+    source : str, os.PathLike, sequence of paths or iterable of records
+        As for :func:`iter_images`.
+    factor : int, keyword-only
+        The VAE's downsampling factor.
+    policy : {"crop", "resize"}, keyword-only
+        How the sides become multiples of ``factor``.
+    size : int, keyword-only
+        Resize the shorter side to ``size`` and center-crop a square instead.
+    max_pixels : int, keyword-only
+        Refuse larger images (:data:`DEFAULT_MAX_PIXELS`).
+    image_column : str, keyword-only
+        The column holding the PIL image in dataset records.
+    report : callable, keyword-only
+        Called with each :class:`Skipped` (default: one line on stderr).
+
+    Returns
+    -------
+    ImageBatch
+        All the images in memory; :func:`iter_images` streams them instead.
+
+    Examples
+    --------
     >>> batch = load_images("builtin:photos-heldout", size=64)
     >>> len(batch) > 0 and batch[0].array.shape
     (64, 64, 3)
+    >>> from PIL import Image
+    >>> records = [{"image": Image.new("RGB", (20, 12))}, {"image": "not an image"}]
+    >>> batch = load_images(records, factor=4, report=lambda s: None)
+    >>> batch.names, batch[0].array.shape, [str(s) for s in batch.skipped]
+    (['000000'], (12, 20, 3), ["record 1: column 'image' holds str, not a PIL image"])
     """
     batch = ImageBatch()
-    for img in iter_images(source, factor, policy, size, max_pixels, image_column, batch.skipped, report):
+    for img in iter_images(source, factor=factor, policy=policy, size=size, max_pixels=max_pixels,
+                           image_column=image_column, skipped=batch.skipped, report=report):
         batch.images.append(img)
     return batch

@@ -132,12 +132,35 @@ def _compat_row(ref, cand, images: Sequence[dict]) -> dict:
 
 
 def latent_compatibility(ref, cand, images="builtin:photos-heldout", *, size: int | None = 64) -> dict:
-    """Whether ``cand`` decodes ``ref``'s latent space: both encode the same ``images`` (default: the builtin
-    held-out photos at ``size`` px) and the encoders count as identical when every latent agrees within
-    ``ENCODER_TOL`` (max |dz|). Returns the row of ``compatibility.parquet``: ``encoder_identical`` (the verdict),
-    ``compatibility`` (one sentence), ``max_latent_diff``, ``differing_positions``, shape facts and, for identical
-    encoders, the two decoders compared on the shared latents.
+    """Whether ``cand`` decodes ``ref``'s latent space.
 
+    Both encode the same images, and the encoders count as identical when every latent agrees within
+    ``ENCODER_TOL`` (max |dz|).
+
+    Parameters
+    ----------
+    ref, cand : vaeprobe.models.adapter.VAE
+        The reference and the candidate.
+    images : str, path or sequence, optional
+        What :func:`~vaeprobe.data.images.load_images` reads (default: the builtin held-out photos), at a
+        multiple of both factors.
+    size : int or None, keyword-only
+        Image size in pixels (``None``: as they are).
+
+    Returns
+    -------
+    dict
+        The row of ``compatibility.parquet``: ``encoder_identical`` (the verdict), ``compatibility`` (one
+        sentence), ``max_latent_diff``, ``differing_positions``, shape facts and, for identical encoders, the two
+        decoders compared on the shared latents.
+
+    Raises
+    ------
+    CompareError
+        When no image can be read.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> row = latent_compatibility(load_vae("builtin:tiny-random"), load_vae("builtin:tiny-random"), size=32)
     >>> row["encoder_identical"], row["compatibility"].split(" (")[0]
@@ -181,7 +204,7 @@ class CompareJob(Job):
         z = post.mean
         rec = vae.decode(z)
         rec_row = {"model": vae.spec, "image": img.name, **compare_images(img.array, tensor_to_unit(rec))}
-        m = latent_maps(post, [img.name])[0]
+        m = latent_maps(post, names=[img.name])[0]
         facts = {"spot": bool(find_spots(m).is_spot.any()), "ratio": float(m.norm_ratio.max()),
                  "clamp_hits": int(m.at_clamp.sum()) if m.clamp_channels is not None else 0,
                  "top": None, "global": None, "dominant": None, "z_sum": float(z.double().sum()),

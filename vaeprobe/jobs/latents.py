@@ -36,11 +36,11 @@ class LatentsJob(Job):
 
     def process(self, run: RunDir, key: str, img) -> None:
         post = self.vae.encode(img.tensor())
-        m = latent_maps(post, [img.name])[0]
+        m = latent_maps(post, names=[img.name])[0]
         spots = find_spots(m, threshold=self.threshold, top_k=self.top_k)
         cells = [(int(r), int(c)) for r, c in spots.loc[spots.is_spot, ["row", "col"]].values]
         summary = {**m.summary(), "n_spots": len(cells), "source": img.source}
-        meta = {"image": img.name, "summary": summary, "moments": image_moments(post.mean[0], cells),
+        meta = {"image": img.name, "summary": summary, "moments": image_moments(post.mean[0], exclude=cells),
                 "spots": cells, "spot_table": spots.to_dict(orient="list")}
         if self.maps:
             from vaeprobe.reports.plots import save_latent_maps

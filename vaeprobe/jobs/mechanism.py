@@ -34,7 +34,7 @@ class MechanismJob(Job):
     def _attention_rows(self, run: RunDir, key: str, img, x, z, top) -> list[dict]:
         rows = []
         for part, arg in (("decoder", z), ("encoder", x)):
-            for m in attention_mass(self.vae, arg, part):
+            for m in attention_mass(self.vae, arg, part=part):
                 h, w = m.mass.shape
                 cell = (min(h - 1, top[0] * h // z.shape[-2]), min(w - 1, top[1] * w // z.shape[-1]))
                 am = m.argmax()
@@ -106,7 +106,53 @@ def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero
     of decoder and encoder (sink score at the image's largest-norm cell) and the GroupNorm droplet shares of the
     decoder; ``figures`` also saves them as PNG files. One part per image is written atomically, so
     ``resume=True`` skips the images a killed run finished. Files: see docs/outputs.md, section mechanism.
-    Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds ``summary.json``).
+
+    Parameters
+    ----------
+    vae : VAE, str or torch.nn.Module
+        The model, or what :func:`~vaeprobe.models.loading.load_vae` loads.
+    images : str, path or sequence
+        What :func:`~vaeprobe.data.images.iter_images` reads.
+    out : str or Path
+        The run directory.
+    positions : str, keyword-only
+        Which cells: ``all``, ``grid:S``, ``top:K`` (largest latent norm) or ``list:R,C;R,C``.
+    op : str, keyword-only
+        The perturbation (:func:`~vaeprobe.probes.perturb.parse_operator`).
+    attention : {"context", "probs"}, keyword-only
+        How attention is frozen (:mod:`vaeprobe.probes.mechanism`).
+    size, fit : int or None, str, keyword-only
+        Image size in pixels and how sides become multiples of the VAE's factor.
+    radius : int, keyword-only
+        The far field starts more than ``radius`` latent cells from the site.
+    batch : int, keyword-only
+        Sites decoded at once.
+    seed : int, keyword-only
+        Seed of random operators.
+    figures : bool, keyword-only
+        Save the per-image figures.
+    resume, overwrite, progress : bool, keyword-only
+        As for :func:`~vaeprobe.jobs.runner.run_job`.
+    device, dtype : keyword-only
+        Where and in what precision the VAE runs.
+
+    Returns
+    -------
+    RunDir
+        ``summary`` holds ``summary.json``.
+
+    Raises
+    ------
+    MechanismError
+        For an unknown ``attention`` or ``positions``, or a model the hooks cannot freeze.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = run_mechanism("builtin:tiny-random", "builtin:photos-heldout", tempfile.mkdtemp(), size=32,
+    ...                     figures=False, progress=False)  # doctest: +SKIP
+    >>> run.summary["n_images"], sorted(run.summary["median_shares"])  # doctest: +SKIP
+    (7, ['attention', 'groupnorm', 'residual'])
     """
     if attention not in ATTENTION_MODES:
         raise MechanismError(f"unknown attention freezing {attention!r}; use one of {', '.join(ATTENTION_MODES)}")

@@ -37,7 +37,26 @@ COMMAND: list[str] | None = None
 
 
 def run_info(seconds: float) -> dict:
-    """What produced a run: command, package versions, host facts, finish time and duration."""
+    """What produced a run: command, package versions, host facts, finish time and duration (``run.json``).
+
+    Parameters
+    ----------
+    seconds : float
+        The run's duration.
+
+    Returns
+    -------
+    dict
+        ``command`` (the CLI command line, or ``python API (...)``), ``versions`` (of vaeprobe, torch,
+        diffusers, numpy, pandas, lpips; ``None`` when not installed), ``python``, ``platform``, ``finished``
+        (UTC, ISO 8601) and ``seconds`` (rounded to 0.01).
+
+    Examples
+    --------
+    >>> info = run_info(1.234)
+    >>> info["seconds"], sorted(info)
+    (1.23, ['command', 'finished', 'platform', 'python', 'seconds', 'versions'])
+    """
     import datetime
     import platform
     import shlex
@@ -56,7 +75,8 @@ def run_info(seconds: float) -> dict:
 
 
 class RunDirError(VaeprobeError):
-    pass
+    """A run directory that cannot be used as asked, or a run in which every item failed (the message says what
+    to do)."""
 
 
 def _canonical(obj: Any) -> str:
@@ -66,11 +86,49 @@ def _canonical(obj: Any) -> str:
 class RunDir:
     """A run directory holding ``config.json``, ``parts/KEY.parquet`` + ``parts/KEY.json`` and final tables.
 
-    ``config`` is what decides the results; a directory that holds a run with a different config, or any parts
-    when ``resume`` is false, is refused unless ``overwrite`` is set (then it is cleared first).
+    A directory that holds a run with a different config, or any parts when ``resume`` is false, is refused
+    unless ``overwrite`` is set (then it is cleared first). Creating it writes ``config.json``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The directory (created when missing).
+    config : dict
+        What decides the results (JSON-serialisable; other values are written as ``str``).
+    resume : bool, keyword-only
+        Accept a directory that already holds finished parts of the same config.
+    overwrite : bool, keyword-only
+        Clear the parts and config of an existing run first.
+
+    Attributes
+    ----------
+    path : Path
+        The directory.
+    config : dict
+        The config.
+    failed : list of dict
+        The items that failed in this process (``key``, ``image``, ``error``; see :meth:`guard`).
+
+    Raises
+    ------
+    RunDirError
+        When the directory holds a run with other settings, or finished parts without ``resume``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = tempfile.mkdtemp()
+    >>> _ = RunDir(path, {"job": "demo", "size": 64})
+    >>> try:
+    ...     RunDir(path, {"job": "demo", "size": 128})
+    ... except RunDirError as exc:
+    ...     print("other settings (size)" in str(exc))
+    True
+    >>> RunDir(path, {"job": "demo", "size": 128}, overwrite=True).config["size"]
+    128
     """
 
-    def __init__(self, path: str | Path, config: dict, resume: bool = True, overwrite: bool = False):
+    def __init__(self, path: str | Path, config: dict, *, resume: bool = True, overwrite: bool = False):
         self.path = Path(path)
         self.config = config
         cfg_file = self.path / "config.json"
@@ -95,8 +153,16 @@ class RunDir:
         self.failed: list[dict] = []
         self._notes: set[str] = set()
 
-    def say(self, message: str, once: bool = False) -> None:
-        """Print one line to stderr without breaking the progress bar (``once``: only the first time)."""
+    def say(self, message: str, *, once: bool = False) -> None:
+        """Print one line to stderr without breaking the progress bar.
+
+        Parameters
+        ----------
+        message : str
+            The line.
+        once : bool, keyword-only
+            Print it only the first time this run says it.
+        """
         if once and message in self._notes:
             return
         self._notes.add(message)
@@ -106,9 +172,21 @@ class RunDir:
 
     @contextlib.contextmanager
     def guard(self, key: str, name: str) -> Iterator[None]:
-        """Run one item's work: if it raises, the error is printed in one line, recorded in ``failed`` (key, image,
-        error) and the run goes on with the next item; no part is written for it, so ``--resume`` retries it.
+        """Run one item's work; if it raises, record the error and go on.
 
+        The error is printed in one line, recorded in ``failed`` (key, image, error) and the run goes on with the
+        next item; no part is written for it, so ``--resume`` retries it. ``KeyboardInterrupt`` still stops the
+        run.
+
+        Parameters
+        ----------
+        key : str
+            The item's key.
+        name : str
+            Its name (the image's), for the message.
+
+        Examples
+        --------
         >>> import tempfile
         >>> run = RunDir(tempfile.mkdtemp(), {"job": "demo"})
         >>> with run.guard("000000", "a.png"):
@@ -124,7 +202,22 @@ class RunDir:
             self.say(f"vaeprobe: {name}: failed ({error}); going on with the next image")
 
     def finished(self, keys: list[str]) -> list[str]:
-        """The keys of ``keys`` whose part exists (drops items that failed); an error when every item failed."""
+        """The keys of ``keys`` whose part exists (drops items that failed).
+
+        Parameters
+        ----------
+        keys : list of str
+            The items of the run.
+
+        Returns
+        -------
+        list of str
+
+        Raises
+        ------
+        RunDirError
+            When every item failed.
+        """
         done = [k for k in keys if self.is_done(k)]
         if keys and not done and self.failed:
             raise RunDirError(f"every image failed ({len(self.failed)}); the first, {self.failed[0]['image']}: "
@@ -133,6 +226,7 @@ class RunDir:
 
     @property
     def parts_dir(self) -> Path:
+        """``path / "parts"``, where the per-item files are."""
         return self.path / "parts"
 
     def is_done(self, key: str) -> bool:
@@ -140,12 +234,24 @@ class RunDir:
         return (self.parts_dir / f"{key}.json").exists()
 
     def meta(self, key: str) -> dict:
+        """The metadata dict that item ``key``'s part was written with."""
         return json.loads((self.parts_dir / f"{key}.json").read_text())
 
-    def write_part(self, key: str, table: pd.DataFrame | None, meta: dict,
+    def write_part(self, key: str, table: pd.DataFrame | None, meta: dict, *,
                    extra: dict[str, pd.DataFrame] | None = None) -> None:
-        """Write item ``key``: its table (optional), its ``extra`` tables (``KEY.NAME.parquet``, read back with
-        ``concat(..., part=NAME)``), then its metadata, each atomically."""
+        """Write item ``key``: its table, its extra tables, then its metadata (which marks it done), each atomically.
+
+        Parameters
+        ----------
+        key : str
+            The item's key.
+        table : pandas.DataFrame or None
+            Its rows of the job's main table (``KEY.parquet``), or ``None`` for none.
+        meta : dict
+            Its metadata (``KEY.json``; numpy values and paths are converted).
+        extra : dict of str to pandas.DataFrame, keyword-only
+            Further tables, written as ``KEY.NAME.parquet`` and read back with ``concat(..., part=NAME)``.
+        """
         if table is not None:
             with atomic_path(self.parts_dir / f"{key}.parquet") as tmp:
                 table.to_parquet(tmp, index=False)
@@ -159,12 +265,27 @@ class RunDir:
         return sorted(p.stem for p in self.parts_dir.glob("*.json"))
 
     def metas(self) -> Iterator[tuple[str, dict]]:
+        """``(key, metadata)`` of every finished item, in key order."""
         for key in self.keys():
             yield key, self.meta(key)
 
-    def concat(self, name: str, keys: list[str] | None = None, part: str | None = None) -> pd.DataFrame | None:
-        """Concatenate the parts' tables (their ``extra`` table ``part`` if given) into ``name`` (streamed, one part
-        in memory at a time); return it read back only when it is small (< 2 million rows), else ``None``."""
+    def concat(self, name: str, keys: list[str] | None = None, *, part: str | None = None) -> pd.DataFrame | None:
+        """Concatenate the parts' tables into the final table ``name``, streamed (one part in memory at a time).
+
+        Parameters
+        ----------
+        name : str
+            The file to write under ``path`` (e.g. ``scan.parquet``).
+        keys : list of str, optional
+            The items to take, in this order (default: every finished item, :meth:`keys`).
+        part : str, keyword-only
+            Take each item's ``extra`` table of this name instead of its main table.
+
+        Returns
+        -------
+        pandas.DataFrame or None
+            The table read back when it is small (< 2 million rows), else ``None``.
+        """
         import pyarrow.parquet as pq
 
         keys = self.keys() if keys is None else keys
@@ -189,9 +310,25 @@ class RunDir:
 
     def iterate(self, units: Iterable[tuple[str, str, Any]], desc: str, *, unit: str = "img",
                 progress: bool = True) -> Iterator[tuple[str, Any, bool]]:
-        """Yield ``(key, item, done)`` for every ``(key, name, item)`` of ``units`` with a progress bar (``self.bar``
-        while it runs); ``done`` is true when a finished part of the same key and name exists, so the caller skips
-        it."""
+        """Go through ``units`` with a progress bar (``self.bar`` while it runs).
+
+        Parameters
+        ----------
+        units : iterable of (str, str, object)
+            ``(key, name, item)`` triples.
+        desc : str
+            The bar's label.
+        unit : str, keyword-only
+            The bar's unit.
+        progress : bool, keyword-only
+            Show the bar.
+
+        Yields
+        ------
+        (str, object, bool)
+            ``(key, item, done)``; ``done`` is true when a finished part of the same key and name exists, so the
+            caller skips it.
+        """
         from tqdm import tqdm
 
         self.bar = tqdm(desc=desc, unit=unit, file=sys.stderr, disable=not progress)
@@ -203,15 +340,18 @@ class RunDir:
             self.bar.close()
 
     def finish(self, seconds: float) -> Path:
-        """Write ``run.json`` (:func:`run_info`) once the job's final tables are written."""
+        """Write ``run.json`` (:func:`run_info` of ``seconds``) once the job's final tables are written; returns its
+        path."""
         return self.write_json("run.json", run_info(seconds))
 
     def write_table(self, name: str, table: pd.DataFrame) -> Path:
+        """Write ``table`` to ``path / name`` as parquet, atomically; returns the path."""
         with atomic_path(self.path / name) as tmp:
             table.to_parquet(tmp, index=False)
         return self.path / name
 
     def write_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` to ``path / name`` as indented JSON, atomically; returns the path."""
         write_text_atomic(self.path / name, json.dumps(obj, indent=1, default=_json_default))
         return self.path / name
 
@@ -234,8 +374,26 @@ POSITIONS = re.compile(r"all|grid:\d+|top:\d+|list:[\d,;\s]+")
 
 
 def coerce_vae(vae, *, device=None, dtype=None):
-    """``vae`` as a :class:`~vaeprobe.models.adapter.VAE` adapter: a spec is loaded, an adapter moved to ``device``
-    and ``dtype`` when given."""
+    """``vae`` as a :class:`~vaeprobe.models.adapter.VAE` adapter.
+
+    Parameters
+    ----------
+    vae : VAE, str or torch.nn.Module
+        An adapter (returned as it is when neither ``device`` nor ``dtype`` is given) or anything
+        :func:`~vaeprobe.models.loading.load_vae` loads.
+    device, dtype : keyword-only
+        Where and in what precision it runs (default: as loaded).
+
+    Returns
+    -------
+    vaeprobe.models.adapter.VAE
+
+    Examples
+    --------
+    >>> vae = coerce_vae("builtin:tiny-random")
+    >>> coerce_vae(vae) is vae, vae.factor
+    (True, 8)
+    """
     from vaeprobe.models.loading import load_vae
 
     if hasattr(vae, "encode") and hasattr(vae, "factor") and device is None and dtype is None:
@@ -244,20 +402,72 @@ def coerce_vae(vae, *, device=None, dtype=None):
 
 
 def vae_config(vae) -> dict:
-    """The VAE's description for ``config.json`` (without the device, which does not decide the results)."""
+    """The VAE's description for ``config.json`` (without the device, which does not decide the results).
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+
+    Returns
+    -------
+    dict
+        ``vae.info()`` less ``device``.
+
+    Examples
+    --------
+    >>> cfg = vae_config(coerce_vae("builtin:tiny-random"))
+    >>> cfg["spec"], cfg["factor"], "device" in cfg
+    ('builtin:tiny-random', 8, False)
+    """
     info = vae.info()
     info.pop("device", None)
     return info
 
 
 def check_positions(positions, error: type[Exception]) -> None:
-    """Fail fast on a positions spec that :func:`~vaeprobe.probes.scan.select_sites` would refuse."""
+    """Fail fast on a positions spec that :func:`~vaeprobe.probes.scan.select_sites` would refuse.
+
+    Parameters
+    ----------
+    positions : str
+        ``all``, ``grid:S``, ``top:K`` or ``list:R,C;R,C``.
+    error : type of Exception
+        What to raise (the job's error class).
+
+    Examples
+    --------
+    >>> check_positions("grid:4", ValueError)
+    >>> check_positions("corners", ValueError)
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown positions 'corners'; use all, grid:S, top:K or list:R,C;R,C
+    """
     if not (isinstance(positions, str) and POSITIONS.fullmatch(positions.strip().lower())):
         raise error(f"unknown positions {positions!r}; use all, grid:S, top:K or list:R,C;R,C")
 
 
 def check_operator(op: str, vae, *, seed: int = 0) -> None:
-    """Fail fast on an operator spec (parsed once against neutral statistics)."""
+    """Fail fast on an operator spec (parsed once against neutral statistics).
+
+    Parameters
+    ----------
+    op : str
+        The spec (:func:`~vaeprobe.probes.perturb.parse_operator`).
+    vae : vaeprobe.models.adapter.VAE
+        The model (its latent channels).
+    seed : int, keyword-only
+        The seed of random operators.
+
+    Raises
+    ------
+    vaeprobe.probes.perturb.PerturbError
+        When the spec cannot be parsed.
+
+    Examples
+    --------
+    >>> check_operator("zero", coerce_vae("builtin:tiny-random"))
+    """
     import torch
 
     from vaeprobe.probes.perturb import parse_operator
@@ -268,8 +478,32 @@ def check_operator(op: str, vae, *, seed: int = 0) -> None:
 
 def image_units(images, *, factor: int, fit: str, size: int | None,
                 skipped: list) -> Iterator[tuple[str, str, Any]]:
-    """``(key, name, image)`` for every readable image of ``images`` (keys ``000000``, ``000001``, ...);
-    unreadable inputs are appended to ``skipped``."""
+    """``(key, name, image)`` for every readable image of ``images`` (keys ``000000``, ``000001``, ...).
+
+    Parameters
+    ----------
+    images : str, path or sequence
+        What :func:`~vaeprobe.data.images.iter_images` reads.
+    factor : int, keyword-only
+        Image sides become multiples of this.
+    fit : str, keyword-only
+        How (``iter_images``' ``policy``).
+    size : int or None, keyword-only
+        Resize to this many pixels (``None``: as they are).
+    skipped : list, keyword-only
+        Unreadable inputs are appended to it.
+
+    Yields
+    ------
+    (str, str, vaeprobe.data.images.LoadedImage)
+
+    Examples
+    --------
+    >>> skipped = []
+    >>> units = list(image_units("builtin:photos-heldout", factor=8, fit="crop", size=32, skipped=skipped))
+    >>> units[0][0], units[0][2].array.shape, skipped
+    ('000000', (32, 32, 3), [])
+    """
     from vaeprobe.data.images import iter_images
 
     for i, img in enumerate(iter_images(images, factor=factor, policy=fit, size=size, skipped=skipped)):
@@ -282,7 +516,18 @@ class Job:
     Subclasses set :attr:`name` and :attr:`desc` and implement :meth:`config`, :meth:`process` (one item: write
     its part with ``run.write_part``) and :meth:`summarise` (write the final tables from the finished parts and
     return the summary dict). :meth:`units` yields ``(key, name, item)``; by default the images of
-    ``self.images`` at ``self.factor``, ``self.fit`` and ``self.size``.
+    ``self.images`` at ``self.factor``, ``self.fit`` and ``self.size``. :func:`run_job` has an example.
+
+    Attributes
+    ----------
+    name : str
+        The job's name.
+    desc : str
+        The progress bar's label.
+    unit : str
+        The progress bar's unit.
+    images, factor, fit, size :
+        What the default :meth:`units` reads (:func:`image_units`).
     """
 
     name = "job"
@@ -294,18 +539,22 @@ class Job:
     size: int | None = None
 
     def config(self) -> dict:
+        """What decides the results (``config.json``; a resumed run must have the same)."""
         raise NotImplementedError
 
     def units(self, skipped: list) -> Iterator[tuple[str, str, Any]]:
+        """``(key, name, item)`` for every item; unreadable inputs are appended to ``skipped``."""
         return image_units(self.images, factor=self.factor, fit=self.fit, size=self.size, skipped=skipped)
 
     def process(self, run: "RunDir", key: str, item: Any) -> None:
+        """Do one item's work and write its part (``run.write_part(key, ...)``)."""
         raise NotImplementedError
 
     def collect(self, run: "RunDir", key: str, meta: dict) -> None:
         """Called for every finished item (new or resumed), in order: running totals, the bar's postfix."""
 
     def summarise(self, run: "RunDir", keys: list[str]) -> dict:
+        """Write the final tables from the finished parts ``keys`` and return the summary (``summary.json``)."""
         raise NotImplementedError
 
     def after(self, run: "RunDir", summary: dict) -> None:
@@ -313,11 +562,37 @@ class Job:
 
 
 def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> "RunDir":
-    """Run ``job`` into the run directory ``out``: every item once (finished ones skipped with ``resume``), a
-    failing item reported in one line and recorded while the run goes on, then the job's summary (plus the
-    skipped inputs and failed items) in ``summary.json`` and ``run.json``. Returns the :class:`RunDir`, whose
-    ``summary`` attribute holds the summary.
+    """Run ``job`` into the run directory ``out``.
 
+    Every item runs once (finished ones skipped with ``resume``), a failing item is reported in one line and
+    recorded while the run goes on, then the job's summary (plus the skipped inputs and failed items) goes to
+    ``summary.json``, and ``run.json`` is written.
+
+    Parameters
+    ----------
+    job : Job
+        What to run.
+    out : str or Path
+        The run directory (:class:`RunDir`).
+    resume : bool, keyword-only
+        Skip the items a previous run of the same config finished.
+    overwrite : bool, keyword-only
+        Discard a previous run in ``out``.
+    progress : bool, keyword-only
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    RunDir
+        Its ``summary`` attribute holds the summary.
+
+    Raises
+    ------
+    RunDirError
+        When ``out`` cannot be used as asked, or every item failed.
+
+    Examples
+    --------
     >>> import tempfile, pandas as pd
     >>> class Count(Job):
     ...     name = desc = "count"

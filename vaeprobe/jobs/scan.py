@@ -92,7 +92,8 @@ class ScanJob(Job):
             from vaeprobe.probes.verdict import make_donors
 
             got = self._swap_images(self.n_donors, shape)
-            self._donors[shape] = make_donors(self.vae, [x for _, x in got], [n for n, _ in got]) if got else None
+            self._donors[shape] = (make_donors(self.vae, [x for _, x in got], names=[n for n, _ in got])
+                                   if got else None)
         return self._donors[shape]
 
     def swap_latent(self, shape: tuple[int, int]) -> torch.Tensor:
@@ -193,8 +194,7 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
     """Scan every image of ``images`` and write a run directory ``out``.
 
     One part per image is written atomically, so ``resume=True`` skips the images a killed run finished. Files: see
-    docs/outputs.md, section scan. Returns the :class:`~vaeprobe.jobs.runner.RunDir` (``summary`` holds
-    ``summary.json``).
+    docs/outputs.md, section scan.
 
     Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
     ``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
@@ -216,6 +216,70 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
     ``keep_images`` positions with the largest far-field energy, the perturbed decode and the signed difference
     (amplified by the ``gain`` recorded in the image's metadata under ``kept``) are saved as PNG files; reports
     show them.
+
+    Parameters
+    ----------
+    vae : VAE, str or torch.nn.Module
+        The model, or what :func:`~vaeprobe.models.loading.load_vae` loads.
+    images : str, path or sequence
+        What :func:`~vaeprobe.data.images.iter_images` reads.
+    out : str or Path
+        The run directory.
+    op : str, keyword-only
+        The perturbation (:func:`~vaeprobe.probes.perturb.parse_operator`).
+    positions : str, keyword-only
+        Which cells: ``all``, ``grid:S``, ``top:K`` (largest latent norm) or ``list:R,C;R,C`` (exact mode).
+    mode : {"exact", "two-stage", "linear"}, keyword-only
+        Decode every position, rank them with the linearised map first and decode the top ones and controls, or
+        only the linearised map (:mod:`vaeprobe.probes.scan`).
+    size, fit : int or None, str, keyword-only
+        Image size in pixels and how sides become multiples of the VAE's factor.
+    radius : int, keyword-only
+        The far field starts more than ``radius`` latent cells from the site.
+    measures : sequence of str, keyword-only
+        The response measures (:func:`~vaeprobe.probes.response.measure`).
+    batch : int, keyword-only
+        Perturbed latents decoded at once.
+    n_probes : int, keyword-only
+        Random probes of the linearised map (linear and two-stage modes).
+    seed : int, keyword-only
+        Seed of random operators, probes and control cells.
+    patch, channel : int, int or None, keyword-only
+        Perturb ``patch`` x ``patch`` cells, in one channel or all (``None``).
+    threshold : float, keyword-only
+        ``global_ratio`` threshold of ``n_ratio_over``.
+    swap_with : str, keyword-only
+        The images of the ``swap`` operator's partner and of the swap test's donors.
+    keep_images : int, keyword-only
+        Perturbed decodes saved per image.
+    resume, overwrite, progress : bool, keyword-only
+        As for :func:`~vaeprobe.jobs.runner.run_job`.
+    verdicts : bool, keyword-only
+        Add the verdict columns (exact and two-stage modes).
+    evidence : int, keyword-only
+        Cells per image that get the matched controls and the frozen-pathway share.
+    n_donors : int, keyword-only
+        Donor images of the swap test.
+    device, dtype : keyword-only
+        Where and in what precision the VAE runs.
+
+    Returns
+    -------
+    RunDir
+        ``summary`` holds ``summary.json``.
+
+    Raises
+    ------
+    vaeprobe.probes.scan.ScanError
+        For an unknown mode or positions, or ``mode="linear"`` with a decoder autograd cannot go through.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = run_scan("builtin:tiny-random", "builtin:photos-heldout", tempfile.mkdtemp(), size=32, keep_images=0,
+    ...                progress=False)  # doctest: +SKIP
+    >>> run.summary["n_images"], run.summary["mode"]  # doctest: +SKIP
+    (7, 'exact')
     """
     if mode not in MODES:
         raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")

@@ -44,6 +44,20 @@ class Block:
     """The rectangle of latent cells ``rows[0] <= r < rows[1]``, ``cols[0] <= c < cols[1]`` (half-open, like
     slices).
 
+    Attributes
+    ----------
+    rows : (int, int)
+        ``(r0, r1)`` with ``0 <= r0 < r1``.
+    cols : (int, int)
+        ``(c0, c1)`` with ``0 <= c0 < c1``.
+
+    Raises
+    ------
+    GeometryError
+        When a range is empty or negative.
+
+    Examples
+    --------
     >>> Block((0, 2), (1, 4)).bounds(8, 8)
     (0, 2, 1, 4)
     """
@@ -61,7 +75,28 @@ class Block:
         object.__setattr__(self, "cols", cols)
 
     def bounds(self, h: int, w: int) -> tuple[int, int, int, int]:
-        """``(r0, r1, c0, c1)`` clipped to an ``h x w`` grid; raises if the block lies outside it."""
+        """``(r0, r1, c0, c1)`` clipped to an ``h x w`` grid.
+
+        Parameters
+        ----------
+        h, w : int
+            The latent grid.
+
+        Returns
+        -------
+        tuple of int
+            Rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1``.
+
+        Raises
+        ------
+        GeometryError
+            When the block lies outside the grid.
+
+        Examples
+        --------
+        >>> Block((2, 9), (0, 1)).bounds(4, 4)
+        (2, 4, 0, 1)
+        """
         r0, r1 = self.rows
         c0, c1 = self.cols
         if r0 >= h or c0 >= w:
@@ -75,6 +110,20 @@ Region = Union[Site, Block, "tuple[int, int]"]
 def latent_grid(shape: tuple[int, int], factor: int) -> tuple[int, int]:
     """The ``(h, w)`` latent grid of an image of ``shape = (H, W)`` pixels (partial cells count).
 
+    Parameters
+    ----------
+    shape : (int, int)
+        The image size ``(H, W)`` in pixels.
+    factor : int
+        The VAE's downsampling.
+
+    Returns
+    -------
+    (int, int)
+        ``(ceil(H / factor), ceil(W / factor))``.
+
+    Examples
+    --------
     >>> latent_grid((48, 40), 8), latent_grid((33, 8), 8)
     ((6, 5), (5, 1))
     """
@@ -82,9 +131,29 @@ def latent_grid(shape: tuple[int, int], factor: int) -> tuple[int, int]:
 
 
 def region_bounds(region: Region, grid: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``(r0, r1, c0, c1)``: the rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1`` of ``region`` on an ``h x w``
-    ``grid``, clipped to it.
+    """``(r0, r1, c0, c1)``: the rows ``r0 .. r1 - 1`` and columns ``c0 .. c1 - 1`` of ``region`` on a grid,
+    clipped to it.
 
+    Parameters
+    ----------
+    region : Site, Block or (row, col)
+        The cells (see the module docstring).
+    grid : (int, int)
+        The ``(h, w)`` latent grid.
+
+    Returns
+    -------
+    tuple of int
+
+    Raises
+    ------
+    GeometryError
+        When ``region`` is none of these, or a block lies outside the grid.
+    vaeprobe.probes.perturb.PerturbError
+        When a site or cell lies outside the grid.
+
+    Examples
+    --------
     >>> region_bounds(Site(0, 0, size=3), (4, 4)), region_bounds((2, 3), (4, 4))
     ((0, 2, 0, 2), (2, 3, 3, 4))
     >>> region_bounds(Block((1, 3), (0, 9)), (4, 4))
@@ -152,9 +221,22 @@ def cell_distance(region: Region, shape: tuple[int, int], factor: int, *, metric
 
 
 def cell_gap(a: tuple[int, int], b: tuple[int, int], *, metric: str = "chebyshev") -> float:
-    """Distance in latent cells between cells ``a`` and ``b`` (``(row, col)`` each): ``max(|dr|, |dc|)`` (an int)
-    or, with ``metric="euclidean"``, ``sqrt(dr^2 + dc^2)``.
+    """Distance in latent cells between cells ``a`` and ``b``.
 
+    Parameters
+    ----------
+    a, b : (int, int)
+        ``(row, col)`` each.
+    metric : {"chebyshev", "euclidean"}, keyword-only
+        ``max(|dr|, |dc|)`` or ``sqrt(dr^2 + dc^2)``.
+
+    Returns
+    -------
+    int or float
+        An int for Chebyshev, a float for Euclidean.
+
+    Examples
+    --------
     >>> cell_gap((2, 5), (4, 4)), cell_gap((0, 0), (3, 4), metric="euclidean")
     (2, 5.0)
     """
@@ -201,10 +283,23 @@ def _ring_index(dist: torch.Tensor) -> torch.Tensor:
 
 
 def ring_sums(values: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """Sum of ``values`` over the pixels at each integer distance 0, 1, ..., ``max(dist)``: a 1-D tensor (float64
-    for float64 values). ``dist`` comes from :func:`cell_distance` (Euclidean distances are rounded to the nearest
-    integer); both are ``[H, W]`` on one device.
+    """Sum of ``values`` over the pixels at each integer distance 0, 1, ..., ``max(dist)``.
 
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``[H, W]``, a per-pixel quantity.
+    dist : torch.Tensor
+        ``[H, W]`` on the same device, from :func:`cell_distance` (Euclidean distances are rounded to the nearest
+        integer).
+
+    Returns
+    -------
+    torch.Tensor
+        1-D, ``max(dist) + 1`` entries (float64 for float64 values).
+
+    Examples
+    --------
     >>> d = cell_distance((0, 0), (3, 3), 1)
     >>> ring_sums(torch.ones(3, 3, dtype=torch.float64), d).tolist()  # 1 cell at distance 0, 3 at 1, 5 at 2
     [1.0, 3.0, 5.0]
@@ -214,9 +309,20 @@ def ring_sums(values: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
 
 
 def ring_profile(values: torch.Tensor, dist: torch.Tensor) -> list[float]:
-    """Mean of ``values`` per pixel at each integer distance 0, 1, ..., ``max(dist)`` (nan where no pixel is at that
-    distance); ``dist`` as for :func:`ring_sums`.
+    """Mean of ``values`` per pixel at each integer distance 0, 1, ..., ``max(dist)``.
 
+    Parameters
+    ----------
+    values, dist : torch.Tensor
+        As for :func:`ring_sums`.
+
+    Returns
+    -------
+    list of float
+        ``max(dist) + 1`` means; nan where no pixel is at that distance.
+
+    Examples
+    --------
     >>> d = cell_distance((0, 0), (3, 3), 1)
     >>> rows = torch.arange(3, dtype=torch.float64)[:, None].expand(3, 3)
     >>> [round(v, 3) for v in ring_profile(rows, d)]  # the mean row index at distance 0, 1, 2

@@ -56,9 +56,25 @@ def _autograd_reason(exc: BaseException) -> str:
 
 
 def check_differentiable(vae, z: torch.Tensor) -> str | None:
-    """``None`` when one vector-Jacobian product through the decoder at ``z`` works and is informative, else the
-    reason in a few words (what :class:`NotDifferentiableError` would say). Costs one decode and one backward pass.
+    """Whether autograd can go through the decoder at ``z``: one vector-Jacobian product, informative or not.
 
+    Costs one decode and one backward pass.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]`` (or ``[C, h, w]``).
+
+    Returns
+    -------
+    str or None
+        ``None`` when the product works and is informative, else the reason in a few words (what
+        :class:`NotDifferentiableError` would say).
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> check_differentiable(vae, torch.randn(1, 4, 4, 4)) is None
@@ -162,7 +178,7 @@ def _blocks(blocks, h: int, w: int) -> tuple[int, int]:
 
 
 # -- exact reference -------------------------------------------------------------------------------------------
-def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | None = None,
+def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | None = None, *,
                    radius: int | None = None, batch: int = 8) -> torch.Tensor:
     """Exact sensitivity ``S_p`` (or far-field sensitivity ``F_p`` when ``radius`` is given) of each position.
 
@@ -175,9 +191,27 @@ def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | No
     memory allows (``batch`` tangents are decoded at once). This is the reference the estimate of
     :func:`sensitivity_map` is checked against.
 
-    ``z``: one latent ``[1, C, h, w]``. ``positions``: ``(row, col)`` pairs; ``None`` means all ``h * w`` cells in
-    row-major order. Returns a float32 CPU tensor ``[len(positions)]``.
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]`` (or ``[C, h, w]``).
+    positions : iterable of (int, int) or torch.Tensor, optional
+        ``(row, col)`` pairs; ``None`` means all ``h * w`` cells in row-major order.
+    radius : int, keyword-only
+        Sum only over the far field, the pixels more than ``radius`` cells away (Chebyshev); ``None``: the
+        whole image.
+    batch : int, keyword-only
+        Tangents decoded at once.
 
+    Returns
+    -------
+    torch.Tensor
+        float32 on the CPU, ``[len(positions)]``.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))  # 32x32 px
@@ -241,16 +275,36 @@ def _rel_se(mean: torch.Tensor, mean_sq: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class SensitivityMap:
-    """Estimated sensitivity of every latent position, with what it cost.
+    """Estimated sensitivity of every latent position, with what it cost (:func:`sensitivity_map`).
 
-    ``map``: float32 ``[h, w]`` (same units as :func:`jacobian_norms`; NaN in blocks whose far field is empty).
-    ``radius`` and ``blocks`` are the far-field settings used (``blocks`` clipped to the grid; both ``None`` for the
-    plain map).
     ``n_forward`` decodes with the graph kept and ``n_backward`` backward passes (vector-Jacobian products) were
     used; a backward pass costs roughly two decodes, so a benchmark can express the cost in decode-equivalents.
-    ``rel_se``: the estimated relative standard error of each cell's value (the spread of its per-probe values over
-    ``sqrt(n_probes)``, divided by the value; NaN with one probe). ``shrunk``: whether :func:`shrink_map` was
-    applied (then ``raw`` holds the unbiased map it started from).
+
+    Attributes
+    ----------
+    map : torch.Tensor
+        float32 ``[h, w]`` (same units as :func:`jacobian_norms`; NaN in blocks whose far field is empty).
+    n_probes : int
+        Random probes per block.
+    radius : int or None
+        The far-field radius used (``None`` for the plain map).
+    blocks : (int, int) or None
+        The far-field blocks used, clipped to the grid (``None`` for the plain map).
+    n_backward : int
+        Backward passes used.
+    n_forward : int
+        Decodes with the graph kept.
+    rel_se : torch.Tensor or None
+        The estimated relative standard error of each cell's value (the spread of its per-probe values over
+        ``sqrt(n_probes)``, divided by the value; NaN with one probe).
+    shrunk : bool
+        Whether :func:`shrink_map` was applied.
+    raw : torch.Tensor or None
+        With ``shrunk``, the unbiased map it started from.
+    probes : torch.Tensor or None
+        ``[n_probes, h, w]``, each probe's values (``sensitivity_map(..., keep_probes=True)``).
+    tau2 : float or None
+        :func:`shrink_map`'s estimate of the true local variation (log units squared).
     """
 
     map: torch.Tensor
@@ -266,10 +320,23 @@ class SensitivityMap:
     tau2: float | None = None  # shrink_map's estimate of the true local variation (log units squared)
 
     @classmethod
-    def from_probes(cls, energies: torch.Tensor, n_backward: int | None = None) -> "SensitivityMap":
-        """The whole-image map (mean and relative standard error) from per-probe values ``[K, h, w]`` (e.g. a
-        subset of the ``probes`` kept by ``sensitivity_map(..., keep_probes=True)``).
+    def from_probes(cls, energies: torch.Tensor, *, n_backward: int | None = None) -> "SensitivityMap":
+        """The whole-image map (mean and relative standard error) from per-probe values.
 
+        Parameters
+        ----------
+        energies : torch.Tensor
+            ``[K, h, w]`` per-probe values (e.g. a subset of the ``probes`` kept by
+            ``sensitivity_map(..., keep_probes=True)``).
+        n_backward : int, keyword-only
+            The backward passes to record (default ``K``).
+
+        Returns
+        -------
+        SensitivityMap
+
+        Examples
+        --------
         >>> m = SensitivityMap.from_probes(torch.tensor([[[1.0]], [[3.0]]]))
         >>> m.map.item(), round(m.rel_se.item(), 4)  # mean 2, sample std sqrt(2), over sqrt(2), over 2
         (2.0, 0.5)
@@ -282,8 +349,9 @@ class SensitivityMap:
                    n_backward=k if n_backward is None else n_backward, n_forward=1, rel_se=rel_se.float())
 
 
-def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None = None,
-                    blocks: int | tuple[int, int] = (2, 2), seed: int = 0, keep_probes: bool = False) -> SensitivityMap:
+def sensitivity_map(vae, z: torch.Tensor, *, n_probes: int = 8, radius: int | None = None,
+                    blocks: int | tuple[int, int] = (2, 2), seed: int = 0,
+                    keep_probes: bool = False) -> SensitivityMap:
     """Randomised estimate of ``S_p`` (or of a far-field sensitivity) for all positions of latent ``z`` at once.
 
     One decode keeps the autograd graph; then for each of ``n_probes`` Gaussian images ``v`` (seeded) one backward
@@ -305,6 +373,35 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     default quadrants cost 4x the plain map, a fixed factor whatever the grid size. A block whose far field is empty
     (radius too large for the grid) gets NaN, with a warning, and uses no backward passes.
 
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]`` (or ``[C, h, w]``).
+    n_probes : int, keyword-only
+        Gaussian probes per block (at least 1).
+    radius : int, keyword-only
+        Estimate far-field sensitivities beyond ``radius`` cells (Chebyshev); ``None``: the whole image.
+    blocks : int or (int, int), keyword-only
+        With ``radius``, the ``(rows, cols)`` of blocks the grid is cut into.
+    seed : int, keyword-only
+        Seed of the probes.
+    keep_probes : bool, keyword-only
+        Whole-image map only: also return each probe's values, ``probes`` ``[n_probes, h, w]``, for resampling
+        studies (:meth:`SensitivityMap.from_probes`).
+
+    Returns
+    -------
+    SensitivityMap
+
+    Raises
+    ------
+    NotDifferentiableError
+        When autograd cannot go through the decoder or the gradient is zero or not finite.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))  # 32x32 px
@@ -315,9 +412,6 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
     True
     >>> sensitivity_map(vae, z, n_probes=2, radius=0, blocks=(2, 2)).n_backward  # 2 probes x 4 blocks
     8
-
-    ``keep_probes=True`` (whole-image map only) also returns each probe's values, ``probes`` ``[n_probes, h, w]``,
-    for resampling studies (:meth:`SensitivityMap.from_probes`).
     """
     n_probes = int(n_probes)
     if n_probes < 1:
@@ -391,7 +485,7 @@ def sensitivity_map(vae, z: torch.Tensor, n_probes: int = 8, radius: int | None 
                           probes=torch.stack(kept) if kept else None)
 
 
-def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> SensitivityMap:
+def shrink_map(est: SensitivityMap, *, size: int = 3, limit: float = 1.0) -> SensitivityMap:
     """Shrink a noisy sensitivity map towards each cell's neighbours (limited-translation empirical Bayes).
 
     Work in logs: ``l_p = log S_p`` has standard error ``s_p`` (``est.rel_se``); ``n_p`` is the mean log of the
@@ -406,6 +500,22 @@ def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> Sensit
     plain 3x3 box average of log S does as well there); out of sample on taef2, 0.980 -> 0.981, where the box
     average falls to 0.803, and on the trained mini, 0.58 -> 0.72 (box 0.70).
 
+    Parameters
+    ----------
+    est : SensitivityMap
+        A whole-image map from at least 2 probes.
+    size : int, keyword-only
+        The odd side of the neighbour window (at least 3).
+    limit : float, keyword-only
+        The most a cell moves, in standard errors.
+
+    Returns
+    -------
+    SensitivityMap
+        ``shrunk`` True, ``raw`` the input map, ``tau2`` the estimated local variation.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, vae.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -442,10 +552,26 @@ def shrink_map(est: SensitivityMap, size: int = 3, limit: float = 1.0) -> Sensit
 
 
 def robust_tau2(diff: torch.Tensor, se2: torch.Tensor, m: float) -> float:
-    """True local variation of a log map from its neighbour differences ``diff`` and squared standard errors
-    ``se2``: the squared MAD-based scale of ``diff`` (1.4826 MAD, the standard deviation for normal data) minus
-    the median noise ``se2 (1 + 1/m)``; at least 1e-12. A few outlying cells move a median, not a mean.
+    """True local variation of a log map from its neighbour differences and their noise.
 
+    The squared MAD-based scale of ``diff`` (1.4826 MAD, the standard deviation for normal data) minus the median
+    noise ``se2 (1 + 1/m)``; at least 1e-12. A few outlying cells move a median, not a mean.
+
+    Parameters
+    ----------
+    diff : torch.Tensor
+        Each cell's log value minus its neighbours' mean.
+    se2 : torch.Tensor
+        The cells' squared standard errors (log units).
+    m : float
+        Neighbours per cell (the noise of the neighbours' mean is ``se2 / m``).
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
     >>> d = torch.tensor([0.1, -0.1, 0.2, -0.2, 0.0, 50.0])   # one huge cell
     >>> round(robust_tau2(d, torch.zeros(6), 8.0), 4), round(float((d ** 2).mean()), 1)
     (0.022, 416.7)
@@ -464,14 +590,32 @@ def _flat(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
-def agreement(estimate, exact, k: int = 10) -> dict:
+def agreement(estimate, exact, *, k: int = 10) -> dict:
     """How well an estimate ranks positions like the exact values.
 
-    ``estimate`` and ``exact``: a :class:`SensitivityMap`, tensors or arrays with the same number of entries, in
-    the same (row-major) order; positions where either is not finite are left out. Returns ``spearman`` (rank
-    correlation, ``scipy.stats.spearmanr``; NaN if either side is constant or fewer than 2 positions remain),
-    ``topk`` (``|top-k(estimate) & top-k(exact)| / k``), ``k`` (clipped to the number of positions) and ``n``.
+    Positions where either is not finite are left out.
 
+    Parameters
+    ----------
+    estimate, exact : SensitivityMap, torch.Tensor or array_like
+        The same number of entries each, in the same (row-major) order.
+    k : int, keyword-only
+        The size of the top sets compared.
+
+    Returns
+    -------
+    dict
+        ``spearman`` (rank correlation, ``scipy.stats.spearmanr``; NaN if either side is constant or fewer than 2
+        positions remain), ``topk`` (``|top-k(estimate) & top-k(exact)| / k``), ``k`` (clipped to the number of
+        positions) and ``n``.
+
+    Raises
+    ------
+    ValueError
+        When the sizes differ.
+
+    Examples
+    --------
     >>> res = agreement(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 30.0, 20.0, 40.0]), k=2)
     >>> round(res["spearman"], 6), res["topk"], res["k"], res["n"]
     (0.8, 0.5, 2, 4)

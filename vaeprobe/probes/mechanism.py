@@ -76,9 +76,28 @@ def _is_attention(m: nn.Module) -> bool:
 
 
 def pathway_layers(vae) -> dict[str, list[str]]:
-    """Names of the modules the probes hook: every ``nn.GroupNorm`` and every attention layer (a module with
-    ``to_q``, ``to_k`` and ``to_v`` linear projections, as diffusers' ``Attention``).
+    """Names of the modules the probes hook: every ``nn.GroupNorm`` and every attention layer.
 
+    An attention layer is a module with ``to_q``, ``to_k`` and ``to_v`` linear projections, as diffusers'
+    ``Attention``.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE or torch.nn.Module
+        The model (an adapter's ``model`` is searched).
+
+    Returns
+    -------
+    dict
+        ``{"groupnorm": [...], "attention": [...]}``: the module names, in ``named_modules`` order.
+
+    Raises
+    ------
+    MechanismError
+        When an attention layer uses fused QKV projections, which the hooks cannot freeze.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> layers = pathway_layers(load_vae("builtin:tiny-random"))
     >>> layers["attention"]
@@ -103,9 +122,23 @@ def pathway_layers(vae) -> dict[str, list[str]]:
 class PathwayRecord:
     """What one pass left behind, keyed by ``(module name, call index)``.
 
-    ``groupnorm``: ``(mean, var)`` per call, each ``[B, G]`` float32; ``qkv``: ``{"q", "k", "v"}`` projections per
-    attention call, ``[B, N, C]``; ``attention_shape``: the ``(H, W)`` of each attention call's input;
-    ``droplets``: per GroupNorm call ``(share [B, G], position [B, G], (H, W))`` when asked for.
+    Attributes
+    ----------
+    groupnorm : dict
+        ``(mean, var)`` per GroupNorm call, each ``[B, G]`` float32.
+    qkv : dict
+        ``{"q", "k", "v"}`` projections per attention call, ``[B, N, C]``.
+    attention_shape : dict
+        The ``(H, W)`` of each attention call's input.
+    droplets : dict
+        Per GroupNorm call ``(share [B, G], position [B, G], (H, W))``, when asked for
+        (``record_pathways(..., droplets=True)``).
+
+    Examples
+    --------
+    >>> rec = PathwayRecord()
+    >>> rec.groupnorm, rec.qkv
+    ({}, {})
     """
 
     groupnorm: dict = field(default_factory=dict)
@@ -237,11 +270,27 @@ def _hooks(vae, record: PathwayRecord | None = None, frozen: PathwayRecord | Non
             h.remove()
 
 
-def record_pathways(vae, z: torch.Tensor, droplets: bool = False) -> tuple[torch.Tensor, PathwayRecord]:
+def record_pathways(vae, z: torch.Tensor, *, droplets: bool = False) -> tuple[torch.Tensor, PathwayRecord]:
     """Decode ``z`` once, recording every GroupNorm's statistics and every attention's q/k/v.
 
-    Returns ``(image, record)``; the image equals ``vae.decode(z)`` (recording changes nothing).
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        The latent(s) ``[B, C, h, w]`` to decode.
+    droplets : bool, keyword-only
+        Also record each GroupNorm group's strongest position (:attr:`PathwayRecord.droplets`).
 
+    Returns
+    -------
+    image : torch.Tensor
+        Equal to ``vae.decode(z)`` (recording changes nothing).
+    record : PathwayRecord
+        The statistics and projections, for :func:`decode_frozen`.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -255,11 +304,36 @@ def record_pathways(vae, z: torch.Tensor, droplets: bool = False) -> tuple[torch
     return img, rec
 
 
-def decode_frozen(vae, z: torch.Tensor, record: PathwayRecord, groupnorm: bool = True,
+def decode_frozen(vae, z: torch.Tensor, record: PathwayRecord, *, groupnorm: bool = True,
                   attention: str | None = "context") -> torch.Tensor:
-    """Decode ``z`` with the GroupNorm statistics (``groupnorm=True``) and/or the attention context
-    (``attention="context"`` or ``"probs"``; ``None`` leaves attention live) taken from ``record``.
+    """Decode ``z`` with the GroupNorm statistics and/or the attention context taken from ``record``.
 
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        The latent(s) ``[B, C, h, w]`` to decode; a record of batch 1 serves any ``B``.
+    record : PathwayRecord
+        What :func:`record_pathways` recorded on the clean latent.
+    groupnorm : bool, keyword-only
+        Freeze every GroupNorm's mean and variance.
+    attention : {"context", "probs"} or None, keyword-only
+        How to freeze attention (see the module docstring); ``None`` leaves attention live.
+
+    Returns
+    -------
+    torch.Tensor
+        The decoded image(s).
+
+    Raises
+    ------
+    MechanismError
+        When the decode makes a call the clean one did not, or the hooks froze nothing although the record
+        holds statistics (an attention processor that does not call ``to_q``/``to_k``/``to_v``).
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -285,6 +359,21 @@ def shapley_shares(e_live, e_gn, e_att, e_both) -> dict[str, np.ndarray]:
     With ``v(S)`` the energy when only the pathways in ``S`` are open: ``v({}) = e_both``, ``v({gn}) = e_att``
     (attention frozen), ``v({att}) = e_gn``, ``v({gn, att}) = e_live``.
 
+    Parameters
+    ----------
+    e_live, e_gn, e_att, e_both : float or array_like
+        Far-field energies of the live, GroupNorm-frozen, attention-frozen and both-frozen decodes (one value
+        per site, broadcast together).
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``share_groupnorm``, ``share_attention``, ``share_residual`` (summing to 1), ``interaction`` and
+        ``dominant`` (the pathway with the largest share); nan shares and ``"none"`` where ``e_live`` is at or
+        below ``NO_EFFECT``.
+
+    Examples
+    --------
     >>> s = shapley_shares(10.0, 2.0, 10.0, 2.0)   # freezing GroupNorm removes 8 of 10, attention nothing
     >>> float(s["share_groupnorm"]), float(s["share_attention"]), float(s["share_residual"])
     (0.8, 0.0, 0.2)
@@ -328,11 +417,39 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
     """Attribute the far-field effect of perturbing each site of ``z`` ``[1, C, h, w]`` to the decoder's pathways.
 
     One clean decode (recorded) plus, per batch of sites, the four variants (a model without attention or
-    without GroupNorm skips the variant that would equal another). Returns an :class:`Attribution` whose table has
-    one row per site: ``row, col, op``, per variant ``far_l2_<variant>`` and ``far_fraction_<variant>``, the
-    shares of :func:`shapley_shares`, ``interaction`` and ``dominant`` (``groupnorm``, ``attention``,
-    ``residual`` or ``none``).
+    without GroupNorm skips the variant that would equal another).
 
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``.
+    sites : sequence of Site
+        The sites to perturb, one at a time.
+    op : Operator or str, optional
+        The perturbation, or its spec for :func:`~vaeprobe.probes.perturb.parse_operator` (default: zero).
+    radius : int, keyword-only
+        The far field starts more than ``radius`` latent cells from the site (Chebyshev).
+    attention : {"context", "probs"}, keyword-only
+        How attention is frozen (see the module docstring).
+    batch : int, keyword-only
+        Sites decoded at once.
+
+    Returns
+    -------
+    Attribution
+        Its table has one row per site: ``row, col, op``, per variant ``far_l2_<variant>`` and
+        ``far_fraction_<variant>``, the shares of :func:`shapley_shares`, ``interaction`` and ``dominant``
+        (``groupnorm``, ``attention``, ``residual`` or ``none``).
+
+    Raises
+    ------
+    MechanismError
+        For an unknown ``attention``, a latent batch other than 1 or a model the hooks cannot freeze.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:planted-groupnorm")
     >>> from vaeprobe.data.images import load_images
@@ -391,7 +508,22 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
 class AttentionMass:
     """Attention received by each key position of one attention call, averaged over queries and heads.
 
-    ``mass`` is ``[H, W]`` and sums to 1; ``sink_score(cell)`` is the mass at ``cell`` over the median mass.
+    ``sink_score(cell)`` is the mass at ``cell`` over the median mass.
+
+    Attributes
+    ----------
+    layer : str
+        The attention module's name.
+    call : int
+        Which call of that module (0 for the first).
+    mass : torch.Tensor
+        ``[H, W]``, summing to 1.
+
+    Examples
+    --------
+    >>> m = AttentionMass("mid", 0, torch.tensor([[0.1, 0.1], [0.1, 0.7]]))
+    >>> m.argmax(), round(m.sink_score((1, 1)), 3)
+    ((1, 1), 7.0)
     """
 
     layer: str
@@ -399,11 +531,24 @@ class AttentionMass:
     mass: torch.Tensor
 
     def sink_score(self, cell: tuple[int, int]) -> float:
-        """Mass at ``cell`` over the median mass (the median floored at ``MASS_FLOOR``, so a layer that puts all
-        its attention on one position scores ``1 / MASS_FLOOR`` rather than infinity)."""
+        """Mass at ``cell`` over the median mass.
+
+        The median is floored at ``MASS_FLOOR``, so a layer that puts all its attention on one position scores
+        ``1 / MASS_FLOOR`` rather than infinity.
+
+        Parameters
+        ----------
+        cell : (int, int)
+            ``(row, col)`` in the layer's ``[H, W]`` grid.
+
+        Returns
+        -------
+        float
+        """
         return float(self.mass[cell]) / max(float(self.mass.median()), MASS_FLOOR)
 
     def argmax(self) -> tuple[int, int]:
+        """The ``(row, col)`` that receives the most attention."""
         i = int(self.mass.argmax())
         return i // self.mass.shape[1], i % self.mass.shape[1]
 
@@ -428,10 +573,26 @@ def _attention_probs_mass(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, chu
     return total / (n * heads)
 
 
-def attention_mass(vae, latent_or_image: torch.Tensor, part: str = "decoder") -> list[AttentionMass]:
-    """Attention mass maps of every attention layer that runs when decoding a latent ``[1, C, h, w]``
-    (``part="decoder"``) or encoding an image ``[1, 3, H, W]`` (``part="encoder"``).
+def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder") -> list[AttentionMass]:
+    """Attention mass maps of every attention layer that runs in one decode or encode.
 
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    latent_or_image : torch.Tensor
+        A latent ``[1, C, h, w]`` (``part="decoder"``) or an image ``[1, 3, H, W]`` in [-1, 1]
+        (``part="encoder"``).
+    part : {"decoder", "encoder"}, keyword-only
+        Which half of the model runs.
+
+    Returns
+    -------
+    list of AttentionMass
+        One per attention call, in the order they ran.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> maps = attention_mass(vae, torch.randn(1, 4, 4, 4))
@@ -456,11 +617,28 @@ def attention_mass(vae, latent_or_image: torch.Tensor, part: str = "decoder") ->
 
 
 def groupnorm_droplets(vae, z: torch.Tensor) -> pd.DataFrame:
-    """Per GroupNorm call of the decode of ``z`` ``[1, C, h, w]`` and per group: ``share``, the fraction of the
-    group's variance (sum of squared deviations from the group mean) contributed by its single strongest spatial
-    position, and where that position is (``row, col`` at the layer's resolution, ``lat_row, lat_col`` the latent
-    cell). A uniform group gives ``1 / (H W)``; a droplet gives nearly 1.
+    """The StyleGAN2 "droplet" signature of every GroupNorm group in the decode of ``z``.
 
+    Per GroupNorm call and per group: ``share``, the fraction of the group's variance (sum of squared deviations
+    from the group mean) contributed by its single strongest spatial position, and where that position is
+    (``row, col`` at the layer's resolution, ``lat_row, lat_col`` the latent cell). A uniform group gives
+    ``1 / (H W)``; a droplet gives nearly 1.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per call and group: ``order`` (the call's place in the decode), ``layer``, ``call``, ``group``,
+        ``share``, ``row``, ``col``, ``height``, ``width``, ``lat_row``, ``lat_col``.
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> df = groupnorm_droplets(load_vae("builtin:tiny-random"), torch.randn(1, 4, 4, 4))
     >>> sorted(df.columns)[:4], bool(((df.share > 0) & (df.share <= 1)).all())
@@ -489,7 +667,26 @@ def _grid(n: int, h: int, w: int) -> tuple[int, int]:
 
 
 def droplet_layers(droplets: pd.DataFrame) -> pd.DataFrame:
-    """One row per GroupNorm call: the strongest group's ``share``, its latent cell, and the median share."""
+    """One row per GroupNorm call: the strongest group's share, its latent cell, and the median share.
+
+    Parameters
+    ----------
+    droplets : pandas.DataFrame
+        A table of :func:`groupnorm_droplets`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``order, layer, call, max_share, lat_row, lat_col, height, width, median_share``, one row per call (no
+        rows, but the columns, for an empty table).
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> top = droplet_layers(groupnorm_droplets(load_vae("builtin:tiny-random"), torch.randn(1, 4, 4, 4)))
+    >>> bool((top.max_share >= top.median_share).all()), len(droplet_layers(pd.DataFrame()))
+    (True, 0)
+    """
     if droplets.empty:
         return pd.DataFrame(columns=["order", "layer", "call", "max_share", "median_share", "lat_row", "lat_col"])
     idx = droplets.groupby("order").share.idxmax()

@@ -99,8 +99,22 @@ def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:
 # -- whole-image measures -------------------------------------------------------------------------------------
 
 def l2(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    """Mean squared change per image, ``[N]`` float64.
+    """Mean squared change per image over all pixels and channels.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64.
+
+    Examples
+    --------
     >>> l2(torch.zeros(3, 4, 4), torch.full((2, 3, 4, 4), 0.5)).tolist()
     [0.25, 0.25]
     """
@@ -109,8 +123,22 @@ def l2(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
 
 def l1(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    """Mean absolute change per image, ``[N]`` float64.
+    """Mean absolute change per image over all pixels and channels.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64.
+
+    Examples
+    --------
     >>> l1(torch.zeros(3, 4, 4), -torch.full((1, 3, 4, 4), 0.5)).tolist()
     [0.5]
     """
@@ -126,6 +154,20 @@ def _psnr_from_l2(mse: torch.Tensor) -> torch.Tensor:
 def psnr(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per image with data range 2 (images in [-1, 1]); ``inf`` for an unchanged image.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64, ``10 log10(4 / l2)``.
+
+    Examples
+    --------
     >>> out = torch.stack([torch.full((3, 4, 4), 0.2), torch.zeros(3, 4, 4)])  # l2 0.04 and 0
     >>> [round(v, 4) for v in psnr(torch.zeros(3, 4, 4), out).tolist()]
     [20.0, inf]
@@ -139,8 +181,27 @@ def _to_unit_numpy(img: torch.Tensor) -> np.ndarray:
 
 def ssim(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
     """SSIM per image (:func:`vaeprobe.probes.metrics.ssim`, RGB, 7x7 window) after mapping [-1, 1] to [0, 1] and
-    clipping; ``[N]`` float64. Images must be at least 7 pixels on each side.
+    clipping. Runs on the CPU in numpy.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64, 1.0 for an unchanged image.
+
+    Raises
+    ------
+    MeasureError
+        When the images are smaller than 7 pixels on a side.
+
+    Examples
+    --------
     >>> ssim(torch.zeros(3, 8, 8), torch.zeros(1, 3, 8, 8)).tolist()
     [1.0]
     """
@@ -155,9 +216,28 @@ def _lpips_model(lpips_model, device):
     return lpips_model if lpips_model is not None else _metrics.get_lpips(device)
 
 
-def lpips(ref: torch.Tensor, perturbed: torch.Tensor, lpips_model=None) -> torch.Tensor:
-    """LPIPS distance per image, ``[N]`` float64 (``lpips_model`` defaults to
-    :func:`vaeprobe.probes.metrics.get_lpips` on the images' device)."""
+def lpips(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -> torch.Tensor:
+    """LPIPS distance per image.
+
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
+        The network; default :func:`vaeprobe.probes.metrics.get_lpips` on the images' device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64 on the CPU, 0 for an unchanged image.
+
+    Examples
+    --------
+    >>> lpips(torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32)).tolist()
+    [0.0, 0.0]
+    """
     ref, perturbed = _images(ref, perturbed)
     model = _lpips_model(lpips_model, ref.device)
     with torch.no_grad():
@@ -165,8 +245,28 @@ def lpips(ref: torch.Tensor, perturbed: torch.Tensor, lpips_model=None) -> torch
     return out.detach().flatten().double().cpu()
 
 
-def lpips_map(ref: torch.Tensor, perturbed: torch.Tensor, lpips_model=None) -> torch.Tensor:
-    """Spatial LPIPS map ``[N, 1, H, W]`` (where in the image the perceptual change is), float32 on the CPU."""
+def lpips_map(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -> torch.Tensor:
+    """Spatial LPIPS map: where in the image the perceptual change is.
+
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
+        The network; default :func:`vaeprobe.probes.metrics.get_lpips` on the images' device.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N, 1, H, W]`` float32 on the CPU.
+
+    Examples
+    --------
+    >>> lpips_map(torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 1, 32, 32])
+    """
     ref, perturbed = _images(ref, perturbed)
     model = _lpips_model(lpips_model, ref.device)
     with torch.no_grad():
@@ -234,24 +334,63 @@ def _site_measure(name: str, ref, perturbed, sites, factor, radius) -> torch.Ten
     return _site_columns(perturbed - ref, sites, factor, radius, {name})[name]
 
 
-def far_l2(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int,
+def far_l2(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
            radius: int = DEFAULT_RADIUS) -> torch.Tensor:
-    """Mean squared change over each site's far field, ``[N]`` float64 (nan for an empty far field).
+    """Mean squared change over each site's far field.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    sites : sequence of Site or (int, int)
+        ``sites[i]`` is the site perturbed for image ``i``.
+    factor : int
+        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
+    radius : int, keyword-only
+        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64 (nan for an empty far field).
+
+    Examples
+    --------
     >>> ref = torch.zeros(3, 32, 32)
-    >>> far_l2(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8, 2).tolist()
+    >>> far_l2(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8, radius=2).tolist()
     [0.25]
     """
     return _site_measure("far_l2", ref, perturbed, sites, factor, radius)
 
 
-def far_fraction(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int,
+def far_fraction(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
                  radius: int = DEFAULT_RADIUS) -> torch.Tensor:
-    """Share of each image's change energy that lies in its site's far field, ``[N]`` in [0, 1] (nan if the
-    image did not change).
+    """Share of each image's change energy (sum of squared change) that lies in its site's far field.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    sites : sequence of Site or (int, int)
+        ``sites[i]`` is the site perturbed for image ``i``.
+    factor : int
+        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
+    radius : int, keyword-only
+        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64 in [0, 1] (nan if the image did not change).
+
+    Examples
+    --------
     >>> ref = torch.zeros(3, 32, 32)
-    >>> far_fraction(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8, 2).tolist()  # 448 of 1024 pixels
+    >>> far_fraction(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8, radius=2).tolist()  # 448 of 1024 px
     [0.4375]
     """
     return _site_measure("far_fraction", ref, perturbed, sites, factor, radius)
@@ -259,8 +398,26 @@ def far_fraction(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Sit
 
 def radius90(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int) -> torch.Tensor:
     """Smallest radius R (latent cells, Chebyshev distance from the site) such that the pixels within R hold at
-    least 90% of the change energy; ``[N]`` float64 holding integers (nan if the image did not change).
+    least 90% (:data:`ENERGY_SHARE`) of the change energy.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    sites : sequence of Site or (int, int)
+        ``sites[i]`` is the site perturbed for image ``i``.
+    factor : int
+        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N]`` float64 holding integers (nan if the image did not change).
+
+    Examples
+    --------
     >>> ref = torch.zeros(3, 32, 32)
     >>> radius90(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8).tolist()  # 4x4 cells: 16/16 at R = 3
     [3.0]
@@ -268,13 +425,34 @@ def radius90(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], 
     return _site_measure("radius90", ref, perturbed, sites, factor, DEFAULT_RADIUS)
 
 
-def far_colour_shift(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int,
+def far_colour_shift(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
                      radius: int = DEFAULT_RADIUS) -> torch.Tensor:
-    """Mean change (perturbed - reference) over each site's far field: ``[N, 4]`` float64 with columns R, G, B
-    and BT.601 luma (the ``far_dr``, ``far_dg``, ``far_db``, ``far_dy`` measures).
+    """Mean change (perturbed - reference) over each site's far field, per RGB channel and in BT.601 luma.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    sites : sequence of Site or (int, int)
+        ``sites[i]`` is the site perturbed for image ``i``.
+    factor : int
+        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
+    radius : int, keyword-only
+        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[N, 4]`` float64 with columns R, G, B and luma (the ``far_dr``, ``far_dg``, ``far_db``, ``far_dy``
+        measures); nan for an empty far field.
+
+    Examples
+    --------
     >>> shift = torch.tensor([0.1, 0.0, -0.1]).reshape(1, 3, 1, 1).expand(1, 3, 32, 32)
-    >>> [round(v, 4) for v in far_colour_shift(torch.zeros(3, 32, 32), shift, [Site(0, 0)], 8, 2)[0].tolist()]
+    >>> out = far_colour_shift(torch.zeros(3, 32, 32), shift, [Site(0, 0)], 8, radius=2)
+    >>> [round(v, 4) for v in out[0].tolist()]
     [0.1, 0.0, -0.1, 0.0185]
     """
     names = ("far_dr", "far_dg", "far_db", "far_dy")
@@ -290,8 +468,22 @@ def global_effect_ratio(far_l2_values: Sequence[float] | np.ndarray | torch.Tens
 
     NaN entries are ignored for the median and stay NaN; a zero median gives ``inf`` (or nan for 0 / 0).
 
+    Parameters
+    ----------
+    far_l2_values : sequence of float, numpy.ndarray or torch.Tensor
+        The ``far_l2`` of each position (flattened).
+
+    Returns
+    -------
+    numpy.ndarray
+        1-D float64, one ratio per position (empty for no positions).
+
+    Examples
+    --------
     >>> global_effect_ratio([1.0, 2.0, 4.0, 8.0, 100.0]).tolist()
     [0.25, 0.5, 1.0, 2.0, 25.0]
+    >>> global_effect_ratio(torch.tensor([0.0, 0.0, 1.0])).tolist()
+    [nan, nan, inf]
     """
     if isinstance(far_l2_values, torch.Tensor):
         far_l2_values = far_l2_values.detach().cpu().numpy()
@@ -305,20 +497,50 @@ def global_effect_ratio(far_l2_values: Sequence[float] | np.ndarray | torch.Tens
 
 # -- everything at once ---------------------------------------------------------------------------------------
 
-def measure(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int,
+def measure(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
             radius: int = DEFAULT_RADIUS, measures: Sequence[str] = DEFAULT_MEASURES,
             lpips_model=None) -> list[dict[str, float]]:
     """One dict ``{measure: float}`` per perturbed image (keys in the order of ``measures``).
 
-    ``ref`` is the unperturbed decode ``[3, H, W]`` or ``[1, 3, H, W]``, ``perturbed`` the decodes ``[N, 3, H,
-    W]`` of the perturbed latents and ``sites[i]`` the site perturbed for image ``i``; ``factor`` maps pixels to
-    latent cells and ``radius`` sets the far field. See the module docstring for the measures.
+    See the module docstring for the measures.
 
+    Parameters
+    ----------
+    ref : torch.Tensor
+        The unperturbed decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+    perturbed : torch.Tensor
+        The decodes ``[N, 3, H, W]`` of the perturbed latents (a single ``[3, H, W]`` is N = 1).
+    sites : sequence of Site or (int, int)
+        ``sites[i]`` is the site perturbed for image ``i``.
+    factor : int
+        The VAE's downsampling: maps pixel ``(y, x)`` to latent cell ``(y // factor, x // factor)``.
+    radius : int, keyword-only
+        Sets the far field: pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+    measures : str or sequence of str, keyword-only
+        Names from :data:`ALL_MEASURES` (default :data:`DEFAULT_MEASURES`; duplicates are dropped).
+    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
+        The network for ``lpips`` (default: the shared one on the images' device).
+
+    Returns
+    -------
+    list of dict of str to float
+        One dict per perturbed image.
+
+    Raises
+    ------
+    MeasureError
+        For an unknown measure, mismatched shapes, not one site per image, a site outside the image, or a bad
+        ``factor`` or ``radius``.
+
+    Examples
+    --------
     >>> ref = torch.zeros(3, 32, 32)
     >>> out = torch.zeros(1, 3, 32, 32)
     >>> out[0, :, 8:16, 8:16] = 0.5  # change exactly the pixels of latent cell (1, 1)
     >>> measure(ref, out, [Site(1, 1)], factor=8, measures=("l2", "far_fraction", "radius90"))
     [{'l2': 0.015625, 'far_fraction': 0.0, 'radius90': 0.0}]
+    >>> measure(ref, out, [Site(0, 0)], 8, radius=0, measures="far_fraction")  # seen from cell (0, 0)
+    [{'far_fraction': 1.0}]
     """
     names = _check_measures(measures)
     ref, perturbed = _images(ref, perturbed)
@@ -339,6 +561,6 @@ def measure(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], f
     if "ssim" in names:
         cols["ssim"] = ssim(ref, perturbed)
     if "lpips" in names:
-        cols["lpips"] = lpips(ref, perturbed, lpips_model)
+        cols["lpips"] = lpips(ref, perturbed, lpips_model=lpips_model)
     table = {k: cols[k].tolist() for k in names}
     return [{k: float(table[k][i]) for k in names} for i in range(n)]

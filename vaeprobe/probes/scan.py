@@ -39,20 +39,49 @@ MODES = ("exact", "linear", "two-stage")
 
 
 class ScanError(VaeprobeError, ValueError):
-    pass
+    """A scan that cannot run as asked (bad positions; the message says what to change)."""
 
 
 # -- choosing positions ------------------------------------------------------------------------------------------
 
-def select_sites(spec: str | Sequence[tuple[int, int]], shape: tuple[int, int], norm: torch.Tensor | None = None,
-                 size: int = 1, channel: int | None = None) -> list[Site]:
-    """Positions to scan on an ``h x w`` latent: ``"all"``, ``"grid:S"`` (every S-th row and column, starting at
-    S // 2), ``"top:K"`` (the K largest latent norms; needs ``norm``), ``"list:R,C;R,C"`` or a list of pairs.
+def select_sites(spec: str | Sequence[tuple[int, int]], shape: tuple[int, int], *,
+                 norm: torch.Tensor | None = None, size: int = 1, channel: int | None = None) -> list[Site]:
+    """Positions to scan on an ``h x w`` latent, as :class:`~vaeprobe.probes.perturb.Site` objects.
 
+    Parameters
+    ----------
+    spec : str or sequence of (int, int)
+        ``"all"``, ``"grid:S"`` (every S-th row and column, starting at S // 2), ``"top:K"`` (the K largest latent
+        norms; needs ``norm``), ``"list:R,C;R,C"`` or a list of ``(row, col)`` pairs (case and surrounding spaces
+        of a string are ignored).
+    shape : (int, int)
+        The latent grid ``(h, w)``.
+    norm : torch.Tensor, keyword-only
+        The latent norm map ``[h, w]``, for ``top:K``.
+    size : int, keyword-only
+        Side of each site's patch in cells (:class:`~vaeprobe.probes.perturb.Site`).
+    channel : int or None, keyword-only
+        The one channel each site changes, or ``None`` for all.
+
+    Returns
+    -------
+    list of Site
+        In row-major order for ``all`` and ``grid``, largest norm first for ``top``, as given for a list.
+
+    Raises
+    ------
+    ScanError
+        For an unknown spec, a bad grid step or list, ``top:K`` without ``norm``, or a position outside the grid.
+
+    Examples
+    --------
     >>> [(s.row, s.col) for s in select_sites("grid:2", (4, 4))]
     [(1, 1), (1, 3), (3, 1), (3, 3)]
     >>> [(s.row, s.col) for s in select_sites("list:0,1;2,2", (4, 4))]
     [(0, 1), (2, 2)]
+    >>> norm = torch.zeros(4, 4); norm[2, 3] = 5.0
+    >>> select_sites("top:1", (4, 4), norm=norm, size=3, channel=0)
+    [Site(row=2, col=3, size=3, channel=0)]
     """
     h, w = shape
     if isinstance(spec, str):
@@ -90,6 +119,13 @@ def select_sites(spec: str | Sequence[tuple[int, int]], shape: tuple[int, int], 
 class KeptDecodes:
     """The ``k`` perturbed decodes with the largest score (far-field energy) seen so far, for figures and reports.
 
+    Parameters
+    ----------
+    k : int
+        How many to keep (0 or less: none).
+
+    Examples
+    --------
     >>> keep = KeptDecodes(2)
     >>> for score, cell in ((1.0, (0, 0)), (3.0, (0, 1)), (2.0, (1, 1))):
     ...     keep.offer(score, cell, torch.zeros(3, 8, 8))
@@ -102,6 +138,18 @@ class KeptDecodes:
         self._items: list[tuple[float, tuple[int, int], torch.Tensor]] = []
 
     def offer(self, score: float, cell: tuple[int, int], image: torch.Tensor) -> None:
+        """Keep ``image`` (a float32 CPU copy) if its ``score`` is among the ``k`` largest; a non-finite score is
+        never kept.
+
+        Parameters
+        ----------
+        score : float
+            The ranking score (the scans use ``far_l2``).
+        cell : (int, int)
+            The perturbed cell, returned with the image.
+        image : torch.Tensor
+            The perturbed decode ``[3, H, W]``.
+        """
         if self.k <= 0 or not math.isfinite(score):
             return
         self._items.append((float(score), cell, image.detach().float().cpu().clone()))
@@ -146,22 +194,56 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
                measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False, keep: int = 0,
                field=None) -> ScanResult:
-    """Perturb each site of latent ``z`` ``[1, C, h, w]`` with ``op``, decode ``batch`` at a time, measure.
+    """Perturb each site of latent ``z`` with ``op``, decode ``batch`` at a time, measure.
 
-    With ``field`` (a :class:`vaeprobe.probes.verdict.ReceptiveField` of this latent) and the ``zero`` operator on
-    single whole cells, the rows also get the verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
-
-    Returns a :class:`ScanResult` whose table has one row per site: ``row, col, size, channel, op``, every
-    measure, and ``global_ratio`` (``far_l2`` over the median ``far_l2`` of the scanned sites; meaningful when the
-    sites are a fair sample, e.g. ``all``); ``keep > 0`` keeps that many perturbed decodes (largest far field).
     Decoding runs in the VAE's dtype; differences are taken in float32.
 
+    Parameters
+    ----------
+    vae : VAE
+        The model (:func:`vaeprobe.models.loading.load_vae`).
+    z : torch.Tensor
+        The latent ``[1, C, h, w]``.
+    sites : sequence of Site
+        The positions to perturb (:func:`select_sites`).
+    op : Operator or str
+        The perturbation (:func:`vaeprobe.probes.perturb.parse_operator` syntax, e.g. ``"zero"``, ``"noise:0.5"``).
+    measures : sequence of str, keyword-only
+        The response measures (:func:`vaeprobe.probes.response.measure`).
+    radius : int, keyword-only
+        The far-field radius in latent cells.
+    batch : int, keyword-only
+        Perturbed latents per decoder call.
+    ref : torch.Tensor, keyword-only
+        The unperturbed decode of ``z`` (decoded here when not given).
+    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
+        The network for the ``lpips`` measure.
+    progress : bool, keyword-only
+        Show a progress bar on stderr.
+    keep : int, keyword-only
+        Keep that many perturbed decodes, those with the largest far field (:attr:`ScanResult.kept`).
+    field : vaeprobe.probes.verdict.ReceptiveField, keyword-only
+        The receptive field of this latent: with the ``zero`` operator on single whole cells, the rows also get the
+        verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
+
+    Returns
+    -------
+    ScanResult
+        Its table has one row per site: ``row, col, size, channel, op`` (channel -1: all), every measure, and
+        ``global_ratio`` (``far_l2`` over the median ``far_l2`` of the scanned sites; meaningful when the sites
+        are a fair sample, e.g. ``all``).
+
+    Examples
+    --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
-    >>> z = vae.encode(torch.zeros(1, 3, 32, 32)).mean
-    >>> res = exact_scan(vae, z, select_sites("all", (4, 4)), keep=2)
+    >>> z = vae.encode(torch.zeros(1, 3, 64, 64)).mean   # an 8 x 8 latent
+    >>> res = exact_scan(vae, z, select_sites("grid:2", (8, 8)), keep=2)
     >>> len(res.table), bool((res.table.far_fraction >= 0).all()), res.decodes, len(res.kept)
     (16, True, 16, 2)
+    >>> res = exact_scan(vae, z, select_sites("grid:4", (8, 8)), "noise:0.5", measures=("l2",), batch=2)
+    >>> list(res.table.columns), res.decode_calls
+    (['row', 'col', 'size', 'channel', 'op', 'l2'], 2)
     """
     if isinstance(op, str):
         op = parse_operator(op)
@@ -211,15 +293,52 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
 def linear_scan(vae, z: torch.Tensor, *, n_probes: int = 32, radius: int | None = DEFAULT_RADIUS,
                 blocks: tuple[int, int] = (2, 2), far_probes: int = 8, seed: int = 0,
                 shrink: bool = True) -> ScanResult:
-    """Per-position sensitivity maps from randomised VJPs: ``sensitivity`` (whole image, ``n_probes`` probes) and,
-    when ``radius`` is given, ``far_sensitivity`` (the far field relative to each position's block, ``far_probes``
-    probes per block; see :func:`vaeprobe.probes.linear.sensitivity_map`). One row per position, plus ``far_ratio`` = far
-    sensitivity over its median. ``n_probes=0`` skips the whole-image map. ``sensitivity`` is the whole-image map
-    after :func:`vaeprobe.probes.linear.shrink_map` (``shrink=False``: not shrunk); ``sensitivity_raw`` is the unbiased
-    map and ``sensitivity_rel_se`` its relative standard error per cell. 32 probes keep the whole-image map within
-    the 40-decode budget of the benchmark (one backward pass costs about one decode there); docs/scan.md has its
-    agreement with exact Jacobian norms. Returns a :class:`ScanResult` (``backward`` counts the backward
-    passes)."""
+    """Per-position sensitivity maps from randomised vector-Jacobian products.
+
+    ``sensitivity`` is the whole image's map (``n_probes`` probes) and, when ``radius`` is given,
+    ``far_sensitivity`` the far field's relative to each position's block (``far_probes`` probes per block; see
+    :func:`vaeprobe.probes.linear.sensitivity_map`). 32 probes keep the whole-image map within the 40-decode budget
+    of the benchmark (one backward pass costs about one decode there); docs/scan.md has its agreement with exact
+    Jacobian norms.
+
+    Parameters
+    ----------
+    vae : VAE
+        The model; its decoder must be differentiable
+        (:class:`~vaeprobe.probes.linear.NotDifferentiableError` otherwise).
+    z : torch.Tensor
+        The latent ``[1, C, h, w]``.
+    n_probes : int, keyword-only
+        Probes for the whole-image map; 0 skips it.
+    radius : int or None, keyword-only
+        The far-field radius in latent cells; ``None`` skips the far-field map.
+    blocks : (int, int), keyword-only
+        The block size in cells for the far-field map.
+    far_probes : int, keyword-only
+        Probes per block for the far-field map; 0 skips it.
+    seed : int, keyword-only
+        Seeds the probes (the far-field map uses ``seed + 1``).
+    shrink : bool, keyword-only
+        Pass the whole-image map through :func:`vaeprobe.probes.linear.shrink_map` (with at least 2 probes and a
+        positive map).
+
+    Returns
+    -------
+    ScanResult
+        Its table has one row per position (``row``, ``col``, row-major): ``sensitivity`` (shrunk unless
+        ``shrink=False``), ``sensitivity_raw`` (the unbiased map), ``sensitivity_rel_se`` (its relative standard
+        error per cell), ``far_sensitivity`` and ``far_ratio`` (far sensitivity over its median); ``backward``
+        counts the backward passes.
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.zeros(1, 3, 64, 64)).mean   # an 8 x 8 latent
+    >>> res = linear_scan(vae, z, n_probes=2, far_probes=1)
+    >>> len(res.table), bool((res.table.sensitivity > 0).all()), bool(res.table.far_ratio.notna().all())
+    (64, True, True)
+    """
     from vaeprobe.probes.linear import sensitivity_map, shrink_map
 
     t0 = time.perf_counter()
@@ -251,19 +370,59 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
                    measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
                    lpips_model=None, keep: int = 0, field=None) -> ScanResult:
-    """Exact ablation of a few candidates and a random control sample (``field``: see :func:`exact_scan`).
+    """Exact ablation of a few candidates and a random control sample.
 
-    Candidates: the ``n_norm`` largest latent norms (``norm`` ``[h, w]``, computed from ``z`` if not given) and
-    the ``n_linear`` largest linearised far-field sensitivities (``n_probes`` probes per block; skipped when
-    ``n_linear`` is 0). Controls: ``n_control`` other positions drawn at random (seeded;
-    :func:`vaeprobe.probes.geometry.sample_cells`). ``global_ratio`` is
-    each position's far-field energy over the median of the controls. Column ``stage``: ``norm``, ``linear``,
-    ``norm+linear`` or ``control``.
+    Candidates: the ``n_norm`` largest latent norms and the ``n_linear`` largest linearised far-field
+    sensitivities. Controls: ``n_control`` other positions drawn at random (seeded;
+    :func:`vaeprobe.probes.geometry.sample_cells`). ``global_ratio`` is each position's far-field energy over the
+    median of the controls.
 
-    A decoder that autograd cannot go through (:class:`~vaeprobe.probes.linear.NotDifferentiableError`) has no linear
-    map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls, and
-    the table's ``attrs["linear_fallback"]`` holds the reason (absent otherwise). Returns a :class:`ScanResult`
-    (its costs are the linear map's and the exact ablations' together).
+    A decoder that autograd cannot go through (:class:`~vaeprobe.probes.linear.NotDifferentiableError`) has no
+    linear map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls,
+    and the table's ``attrs["linear_fallback"]`` holds the reason (absent otherwise).
+
+    Parameters
+    ----------
+    vae : VAE
+        The model.
+    z : torch.Tensor
+        The latent ``[1, C, h, w]``.
+    op : Operator or str
+        The perturbation, as for :func:`exact_scan`.
+    norm : torch.Tensor, keyword-only
+        The latent norm map ``[h, w]`` (computed from ``z`` if not given).
+    n_norm : int, keyword-only
+        Candidates by latent norm.
+    n_linear : int, keyword-only
+        Candidates by linearised far-field sensitivity; 0 skips the linear map.
+    n_control : int, keyword-only
+        Random control positions.
+    n_probes : int, keyword-only
+        Probes per block for the linear map.
+    radius : int, keyword-only
+        The far-field radius in latent cells (the linear map's and the measures').
+    blocks : (int, int), keyword-only
+        The block size for the linear map.
+    seed : int, keyword-only
+        Seeds the linear map and the controls.
+    measures, batch, ref, lpips_model, keep, field : keyword-only
+        As for :func:`exact_scan`.
+
+    Returns
+    -------
+    ScanResult
+        The :func:`exact_scan` table plus column ``stage`` (``norm``, ``linear``, ``norm+linear`` or ``control``),
+        with ``global_ratio`` relative to the controls; its costs are the linear map's and the exact ablations'
+        together.
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.zeros(1, 3, 64, 64)).mean   # an 8 x 8 latent
+    >>> res = two_stage_scan(vae, z, n_norm=2, n_linear=2, n_control=4, n_probes=1)
+    >>> sorted(set(res.table.stage) - {"norm", "linear", "norm+linear"}), res.decodes == len(res.table) <= 8
+    (['control'], True)
     """
     from vaeprobe.probes.linear import NotDifferentiableError
 

@@ -89,7 +89,37 @@ def _erf_of(e: torch.Tensor, dist: torch.Tensor, share: float) -> float:
 
 @dataclass
 class ReceptiveField:
-    """An image's reference for ordinary cells (see the module docstring)."""
+    """An image's reference for ordinary cells (see the module docstring), as :func:`receptive_field` measures it.
+
+    Attributes
+    ----------
+    erf : float
+        The effective receptive field in latent cells (Euclidean), the median over the reference cells.
+    tail0 : float
+        Share of an ordinary cell's change energy beyond ``erf`` (median).
+    variance : float
+        The clean decode's variance per pixel, summed over RGB.
+    cells : list of (int, int)
+        The ordinary reference cells that were zeroed.
+    profile : list of float
+        Median over the cells of the mean energy at integer distance d, d = 0, 1, ...
+    dz2 : float
+        Median ``||dz||^2`` of the reference cells.
+    shape : list of float
+        Median profile, each cell's normalised by its near field (distance <= 1).
+    shapes : list of list of float
+        Those normalised profiles, one per reference cell.
+    excess : list of float
+        Each reference cell's own ``far_excess`` against the median.
+    band : list of float
+        Each reference cell's own ``band_rel``.
+
+    Examples
+    --------
+    >>> rf = ReceptiveField(erf=1.0, tail0=0.05, variance=1.0, cells=[], profile=[], dz2=1.0, shape=[1.0, 0.5])
+    >>> rf.expected(torch.tensor([0.0, 1.0, 3.0])).tolist()   # past the profile: its last value
+    [1.0, 0.5, 0.5]
+    """
 
     erf: float                   # latent cells
     tail0: float                 # share of an ordinary cell's change energy beyond ``erf`` (median)
@@ -103,8 +133,19 @@ class ReceptiveField:
     band: list[float] = field(default_factory=list)     # each reference cell's own band_rel
 
     def expected(self, dist: torch.Tensor) -> torch.Tensor:
-        """An ordinary cell's energy at each distance in ``dist``, per unit of near-field energy (distances past
-        the measured profile take its last finite value)."""
+        """An ordinary cell's energy at each distance in ``dist``, per unit of near-field energy.
+
+        Parameters
+        ----------
+        dist : torch.Tensor
+            Distances in latent cells (rounded to the nearest integer); distances past the measured profile take
+            its last finite value.
+
+        Returns
+        -------
+        torch.Tensor
+            float64, the shape of ``dist`` (all nan when the profile has no finite value).
+        """
         prof = np.asarray(self.shape, dtype=np.float64)
         finite = np.isfinite(prof)
         if not finite.any():
@@ -116,16 +157,39 @@ class ReceptiveField:
         return torch.from_numpy(prof)[idx]
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (for JSON and ``DataFrame.attrs``)."""
         return asdict(self)
 
 
 def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[tuple[int, int]] = (),
                    threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int]]:
-    """``n`` seeded interior cells of ``z`` ``[1, C, h, w]`` whose norm ratio is under half of ``threshold`` and
-    under the 90th percentile, away from ``exclude`` (interior: not on the border when the latent is at least 4
-    cells wide); drawn by :func:`vaeprobe.probes.geometry.sample_cells` with those cells as the allowed mask. When
-    no cell qualifies, any cell of the latent may be drawn (``exclude`` included).
+    """``n`` seeded ordinary cells of ``z``: interior, not latent-norm outliers, away from ``exclude``.
 
+    The allowed cells have a norm ratio (norm over the median norm) under half of ``threshold`` and a norm
+    under the 90th percentile, are not in ``exclude`` and are interior (not on the border when the latent is at
+    least 4 cells wide); they are drawn by :func:`vaeprobe.probes.geometry.sample_cells` with those cells as the
+    allowed mask. When no cell qualifies, any cell of the latent may be drawn (``exclude`` included).
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``.
+    n : int
+        How many cells (fewer come back when fewer qualify).
+    seed : int, keyword-only
+        Seed of the draw.
+    exclude : sequence of (int, int), keyword-only
+        Cells never drawn (e.g. the cells under test).
+    threshold : float, keyword-only
+        The spot threshold of the norm ratio (:data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
+
+    Returns
+    -------
+    list of (int, int)
+        The cells, in the order drawn.
+
+    Examples
+    --------
     >>> z = torch.ones(1, 4, 6, 6)
     >>> z[0, :, 2, 2] = 50.0   # a latent-norm outlier
     >>> cells = ordinary_cells(z, 20, exclude=[(3, 3)])
@@ -146,8 +210,31 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
 
 def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n: int = 12, seed: int = 0,
                     share: float = ERF_SHARE, exclude: Sequence[tuple[int, int]] = ()) -> ReceptiveField:
-    """Measure the effective receptive field of ``vae``'s decoder on latent ``z`` ``[1, C, h, w]`` by zeroing
-    ``n`` ordinary cells (decoded 6 at a time).
+    """Measure the effective receptive field of ``vae``'s decoder on latent ``z`` by zeroing ordinary cells.
+
+    ``n`` cells of :func:`ordinary_cells` are zeroed (decoded 6 at a time) and their change energy profiled by
+    distance (see the module docstring).
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``.
+    ref : torch.Tensor, optional
+        The clean decode of ``z`` (decoded when not given).
+    n : int, keyword-only
+        How many reference cells.
+    seed : int, keyword-only
+        Seed of the cells' draw.
+    share : float, keyword-only
+        The share of the change energy the receptive field holds.
+    exclude : sequence of (int, int), keyword-only
+        Cells never used as reference (latent-norm outliers, the cells under test).
+
+    Returns
+    -------
+    ReceptiveField
 
     Examples
     --------
@@ -206,9 +293,27 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
 
 def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, field: ReceptiveField,
                     dz2: Sequence[float], norm_ratio: Sequence[float]) -> list[dict[str, float]]:
-    """The measures of the module docstring for each perturbed decode: ``diff`` is ``[N, 3, H, W]`` (perturbed
-    minus clean), ``dz2[i]`` the squared norm of image ``i``'s latent perturbation, ``norm_ratio[i]`` its cell's
-    norm ratio.
+    """The measures of the module docstring for each perturbed decode.
+
+    Parameters
+    ----------
+    diff : torch.Tensor
+        ``[N, 3, H, W]``: perturbed minus clean decodes.
+    sites : sequence of Site
+        The perturbed site of each decode.
+    factor : int
+        The VAE's downsampling factor.
+    field : ReceptiveField
+        The image's reference (:func:`receptive_field`).
+    dz2 : sequence of float
+        ``dz2[i]``: the squared norm of decode ``i``'s latent perturbation.
+    norm_ratio : sequence of float
+        ``norm_ratio[i]``: the norm ratio of decode ``i``'s cell.
+
+    Returns
+    -------
+    list of dict
+        One dict per decode with the keys of :data:`PROFILE_COLUMNS` (nan where a measure is undefined).
 
     Examples
     --------
@@ -267,10 +372,34 @@ def _calibrated() -> dict:
 _CAL = _calibrated()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerdictRules:
-    """Thresholds of the verdict. The defaults are the calibrated ones of ``vaeprobe/probes/verdict_rules.json``
-    (written by ``experiments/verdict_calibration.py fit``; docs/verdicts.md has the data)."""
+    """Thresholds of the verdict (keyword-only).
+
+    The defaults are the calibrated ones of ``vaeprobe/probes/verdict_rules.json`` (written by
+    ``experiments/verdict_calibration.py fit``; docs/verdicts.md has the data).
+
+    Attributes
+    ----------
+    far_score : float
+        Threshold of the score ``band_rel ** far_weight * far_excess ** (1 - far_weight)`` (:meth:`score`).
+    far_weight : float
+        The share of the size (``band_rel``) in that score.
+    far_excess : float
+        The floor of ``far_excess``, the excess over an ordinary cell's shape.
+    flatness : float
+        Threshold of ``flatness``, outer over inner far-field energy: a global effect stays flat.
+    swap_corr, swap_slope : float
+        Thresholds of the swap test (far colour change against donor colour difference) for
+        ``global-information``.
+    norm_ratio : float
+        The spot threshold of the norm ratio for ``high-norm``.
+
+    Examples
+    --------
+    >>> VerdictRules(flatness=0.5).flatness, VerdictRules().norm_ratio == DEFAULT_THRESHOLD
+    (0.5, True)
+    """
 
     far_score: float = _CAL.get("far_score", 0.4)       # band_rel ** far_weight * far_excess ** (1 - far_weight)
     far_weight: float = _CAL.get("far_weight", 0.4)     # the share of the size (band_rel) in that score
@@ -281,7 +410,23 @@ class VerdictRules:
     norm_ratio: float = DEFAULT_THRESHOLD
 
     def shape(self, row: dict) -> str:
-        """``local``, ``wide-local`` or ``global`` from the profile measures (nan counts as not over)."""
+        """The shape of a cell's far effect from its profile measures (nan counts as not over).
+
+        Parameters
+        ----------
+        row : dict
+            The measures of :data:`PROFILE_COLUMNS` (a dict or a table row).
+
+        Returns
+        -------
+        str
+            ``local``, ``wide-local`` or ``global``.
+
+        Examples
+        --------
+        >>> VerdictRules().shape({"band_rel": 0.5, "far_excess": 500.0, "flatness": 0.05})
+        'wide-local'
+        """
         def over(key: str, limit: float) -> bool:
             v = row.get(key, math.nan)
             return v is not None and not (isinstance(v, float) and math.isnan(v)) and v >= limit
@@ -291,10 +436,23 @@ class VerdictRules:
         return "global" if over("flatness", self.flatness) else "wide-local"
 
     def score(self, row: dict) -> float:
-        """The far-effect score ``band_rel ** w * far_excess ** (1 - w)`` (``w = far_weight``): the evidence of a
-        far effect weighs its size just beyond the receptive field against its excess over an ordinary cell's
-        shape, a straight boundary in log space; nan (never over) when either is missing or not positive.
+        """The far-effect score ``band_rel ** w * far_excess ** (1 - w)`` (``w = far_weight``).
 
+        The evidence of a far effect weighs its size just beyond the receptive field against its excess over an
+        ordinary cell's shape, a straight boundary in log space.
+
+        Parameters
+        ----------
+        row : dict
+            At least ``band_rel`` and ``far_excess``.
+
+        Returns
+        -------
+        float
+            The score; nan (never over) when either is missing or not positive, inf for an infinite excess.
+
+        Examples
+        --------
         >>> VerdictRules(far_weight=0.5).score({"band_rel": 0.04, "far_excess": 25.0})
         1.0
         """
@@ -306,8 +464,21 @@ class VerdictRules:
         return float(band ** self.far_weight * excess ** (1 - self.far_weight))
 
     def classify(self, row: dict) -> str:
-        """The verdict of one cell from its measures (a dict or a table row).
+        """The verdict of one cell from its measures.
 
+        Parameters
+        ----------
+        row : dict
+            The measures of :data:`PROFILE_COLUMNS` and, for ``global-information``, ``swap_corr`` and
+            ``swap_slope`` (a dict or a table row).
+
+        Returns
+        -------
+        str
+            One of :data:`VERDICTS`.
+
+        Examples
+        --------
         >>> rules = VerdictRules()
         >>> rules.classify({"norm_ratio": 40.0, "band_rel": 1e-6, "far_excess": 1.0})
         'high-norm'
@@ -327,6 +498,7 @@ class VerdictRules:
         return "high-norm" if row.get("norm_ratio", 0.0) >= self.norm_ratio else "ordinary"
 
     def to_dict(self) -> dict:
+        """The thresholds as a plain dict."""
         return asdict(self)
 
 
@@ -334,7 +506,19 @@ class VerdictRules:
 
 @dataclass
 class Donors:
-    """Latents and clean-decode mean colours of a few donor images, at one latent size."""
+    """Latents and clean-decode mean colours of a few donor images, at one latent size (:func:`make_donors`).
+
+    Attributes
+    ----------
+    latents : torch.Tensor
+        ``[K, C, h, w]``.
+    colours : torch.Tensor
+        ``[K, 3]``: the mean colour of each donor's clean decode.
+    names : list of str
+        The donors' names.
+    decodes : torch.Tensor or None
+        ``[K, 3, H, W]``: the clean decodes (to find each donor's counterpart cell, :func:`counterpart_cells`).
+    """
 
     latents: torch.Tensor                  # [K, C, h, w]
     colours: torch.Tensor                  # [K, 3] mean colour of each donor's clean decode
@@ -342,10 +526,37 @@ class Donors:
     decodes: torch.Tensor | None = None    # [K, 3, H, W] the clean decodes (to find each donor's counterpart cell)
 
 
-def make_donors(vae, images: Sequence[torch.Tensor], names: Sequence[str] = ()) -> Donors:
-    """Encode and decode donor images (``[1, 3, H, W]`` each, in [-1, 1], all of one size). A donor the model
-    cannot encode (a ``ValueError``, such as a planted control that cannot be built on it) is left out; its name
-    is not in ``names``."""
+def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = ()) -> Donors:
+    """Encode and decode donor images for the swap test.
+
+    A donor the model cannot encode (a ``ValueError``, such as a planted control that cannot be built on it) is
+    left out; its name is not in ``names``.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    images : sequence of torch.Tensor
+        ``[1, 3, H, W]`` each, in [-1, 1], all of one size.
+    names : sequence of str, keyword-only
+        One name per image (default: ``donor 0``, ``donor 1``, ...).
+
+    Returns
+    -------
+    Donors
+
+    Raises
+    ------
+    ValueError
+        When no image could be encoded.
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> donors = make_donors(load_vae("builtin:tiny-random"), [torch.zeros(1, 3, 32, 32)], names=["grey"])
+    >>> tuple(donors.latents.shape), donors.names, tuple(donors.colours.shape)
+    ((1, 4, 4, 4), ['grey'], (1, 3))
+    """
     names = list(names) or [f"donor {i}" for i in range(len(images))]
     zs, kept = [], []
     for x, name in zip(images, names):
@@ -362,8 +573,28 @@ def make_donors(vae, images: Sequence[torch.Tensor], names: Sequence[str] = ()) 
 
 
 def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
-    """The cell of latent ``u`` ``[C, h, w]`` most like vector ``v`` ``[C]``: the largest cosine similarity minus
-    the absolute log ratio of the norms."""
+    """The cell of latent ``u`` most like vector ``v``: the largest cosine similarity minus the absolute log ratio
+    of the norms.
+
+    Parameters
+    ----------
+    v : torch.Tensor
+        ``[C]``: a cell's vector.
+    u : torch.Tensor
+        ``[C, h, w]``: a latent.
+
+    Returns
+    -------
+    (int, int)
+        ``(row, col)`` in ``u``.
+
+    Examples
+    --------
+    >>> u = torch.ones(2, 3, 3)
+    >>> u[:, 1, 2] = torch.tensor([2.0, -2.0])
+    >>> donor_cell(torch.tensor([1.0, -1.0]), u)
+    (1, 2)
+    """
     flat = u.flatten(1).float()
     vn = v.float().norm().clamp_min(1e-12)
     un = flat.norm(dim=0).clamp_min(1e-12)
@@ -373,9 +604,31 @@ def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
 
 
 def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: float) -> list[tuple[int, int]]:
-    """Each donor's counterpart of a cell with vector ``v`` at ``site``: of the donor's cell at the same position
-    and its most similar vector (:func:`donor_cell`), the one whose zeroing changes the donor's decode more
-    beyond ``far`` cells (a global code may sit at a fixed place, or wherever its vector is)."""
+    """Each donor's counterpart of a cell with vector ``v`` at ``site``.
+
+    Of the donor's cell at the same position and its most similar vector (:func:`donor_cell`), the counterpart
+    is the one whose zeroing changes the donor's decode more beyond ``far`` cells (a global code may sit at a
+    fixed place, or wherever its vector is). Costs up to two decodes per donor (none where both cells coincide
+    or the donors have no decodes).
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    v : torch.Tensor
+        ``[C]``: the cell's vector.
+    site : Site
+        Where the cell is.
+    donors : Donors
+        The donors (:func:`make_donors`).
+    far : float
+        The far field starts beyond this many cells (Euclidean).
+
+    Returns
+    -------
+    list of (int, int)
+        One cell per donor.
+    """
     out = []
     cands = []
     for j in range(donors.latents.shape[0]):
@@ -406,9 +659,31 @@ def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: flo
 
 def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors: Donors,
                      field: ReceptiveField) -> dict[str, float]:
-    """Question (d): ``swap_corr`` and ``swap_slope`` of the far-field colour change when the cell's vector is
-    replaced by each donor's counterpart vector (:func:`counterpart_cells`; see the module docstring); nan when no
-    far field changed."""
+    """Question (d): does the far field move towards the donor's colour when the cell takes a donor's vector?
+
+    The cell's vector is replaced by each donor's counterpart vector (:func:`counterpart_cells`; see the module
+    docstring) and the far-field mean colour change is regressed on the donor's colour minus the recipient's.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        The recipient latent ``[1, C, h, w]``.
+    ref : torch.Tensor
+        Its clean decode.
+    site : Site
+        The cell.
+    donors : Donors
+        The donors, at ``z``'s latent size (other sizes give nan).
+    field : ReceptiveField
+        The recipient's reference (its ``erf`` bounds the far field).
+
+    Returns
+    -------
+    dict
+        ``swap_corr`` and ``swap_slope``; nan when there are no donors or no far field.
+    """
     k = donors.latents.shape[0]
     if k == 0 or donors.latents.shape[-2:] != z.shape[-2:]:
         return {"swap_corr": math.nan, "swap_slope": math.nan}
@@ -438,12 +713,36 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
     return {"swap_corr": corr, "swap_slope": slope}
 
 
-def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field: ReceptiveField,
+def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field: ReceptiveField, *,
                      k: int = 3) -> dict[str, float]:
-    """Question (b) against controls: far-field energy of zeroing the cell over the median far-field energy of
-    (1) ``matched_ratio``: a perturbation of the same norm at ``k`` ordinary cells, along minus each cell's own
-    vector, and (2) ``transplant_ratio``: the cell's vector written at those cells. Near 1: the same change
-    anywhere does the same; far above 1: the effect belongs to this cell."""
+    """Question (b) against controls: is the far effect of zeroing the cell its own, or the change's size?
+
+    The far-field energy of zeroing the cell over the median far-field energy of (1) ``matched_ratio``: a
+    perturbation of the same norm at ``k`` ordinary cells, along minus each cell's own vector, and (2)
+    ``transplant_ratio``: the cell's vector written at those cells. Near 1: the same change anywhere does the
+    same; far above 1: the effect belongs to this cell. Costs ``1 + 2 k`` decodes.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``.
+    ref : torch.Tensor
+        Its clean decode.
+    site : Site
+        The cell.
+    field : ReceptiveField
+        The image's reference; its first ``k`` cells (other than the site) are the controls.
+    k : int, keyword-only
+        How many control cells.
+
+    Returns
+    -------
+    dict
+        ``matched_ratio``, ``transplant_ratio`` (nan without control cells) and ``profile``, the zeroed cell's
+        mean change energy per pixel at distance 0, 1, ... cells.
+    """
     r, c = site.row, site.col
     v = z[0, :, r, c].clone()
     mag = float(v.norm())
@@ -478,9 +777,33 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
 
 
 def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> float:
-    """Share of the far-field energy of zeroing the cell that freezing the decoder's GroupNorm statistics and
-    attention context removes, ``(E_live - E_frozen) / E_live`` (the mechanism module's ``1 - share_residual``);
-    nan for a decoder with neither."""
+    """Share of the far-field energy of zeroing the cell that freezing the decoder's pathways removes.
+
+    ``(E_live - E_frozen) / E_live`` with the GroupNorm statistics and the attention context frozen (the
+    mechanism module's ``1 - share_residual``, :func:`vaeprobe.probes.mechanism.attribute_pathways` with the far
+    field beyond ``floor(field.erf)`` cells).
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        One latent ``[1, C, h, w]``.
+    site : Site
+        The cell.
+    field : ReceptiveField
+        The image's reference.
+
+    Returns
+    -------
+    float
+        In [0, 1] up to rounding; nan for a decoder with neither GroupNorm nor attention, or no far effect.
+
+    Raises
+    ------
+    vaeprobe.probes.mechanism.MechanismError
+        For a decoder the hooks cannot freeze.
+    """
     from vaeprobe.probes.mechanism import attribute_pathways, pathway_layers
 
     layers = pathway_layers(vae)
@@ -513,6 +836,10 @@ class CellVerdict:
     swap : {"auto", "always"}, keyword-only
         ``auto`` runs the swap test only for cells whose profile is global (the only ones it can change the
         verdict of); ``always`` for every cell (calibration).
+    n_reference : int, keyword-only
+        How many ordinary cells :func:`receptive_field` zeroes for the image's reference.
+    seed : int, keyword-only
+        Seed of the reference cells' draw.
 
     Examples
     --------
@@ -533,13 +860,46 @@ class CellVerdict:
         self.evidence, self.swap, self.n_reference, self.seed = evidence, swap, n_reference, seed
         self.keep_profiles = keep_profiles
 
-    def reference(self, z: torch.Tensor, ref: torch.Tensor | None = None,
+    def reference(self, z: torch.Tensor, ref: torch.Tensor | None = None, *,
                   exclude: Sequence[tuple[int, int]] = ()) -> ReceptiveField:
+        """The image's :class:`ReceptiveField` (:func:`receptive_field` with ``n_reference`` and ``seed``).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            One latent ``[1, C, h, w]``.
+        ref : torch.Tensor, optional
+            Its clean decode (decoded when not given).
+        exclude : sequence of (int, int), keyword-only
+            Cells never used as reference.
+
+        Returns
+        -------
+        ReceptiveField
+        """
         return receptive_field(self.vae, z, ref, n=self.n_reference, seed=self.seed, exclude=exclude)
 
     def classify(self, z: torch.Tensor, cells: Sequence[tuple[int, int]], *, ref: torch.Tensor | None = None,
                  field: ReceptiveField | None = None) -> pd.DataFrame:
-        """One row per cell: ``row, col, verdict`` and the measures and evidence of the module docstring."""
+        """The verdict of each cell, from zeroing it.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            One latent ``[1, C, h, w]``.
+        cells : sequence of (int, int)
+            The cells to classify.
+        ref : torch.Tensor, keyword-only
+            The clean decode of ``z`` (decoded when not given).
+        field : ReceptiveField, keyword-only
+            The image's reference (measured with the cells excluded when not given).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per cell: ``row, col, verdict``, the measures and evidence of the module docstring,
+            ``far_score``, ``is_global`` and ``erf``; ``attrs["field"]`` holds the reference as a dict.
+        """
         if ref is None:
             ref = self.vae.decode(z)
         cells = [tuple(int(v) for v in rc) for rc in cells]
@@ -579,8 +939,28 @@ class CellVerdict:
         return df
 
     def evidence_for(self, z, ref, site: Site, field: ReceptiveField, row: dict) -> dict:
-        """Swap test for cells whose shape is global; matched controls and frozen share for every cell whose
-        shape or norm is unusual (when ``evidence``)."""
+        """The evidence beyond the profile for one cell.
+
+        The swap test for cells whose shape is global (every cell with ``swap="always"``; only with donors);
+        the matched controls and the frozen share for every cell whose shape or norm is unusual (when
+        ``evidence``).
+
+        Parameters
+        ----------
+        z, ref : torch.Tensor
+            The latent ``[1, C, h, w]`` and its clean decode.
+        site : Site
+            The cell.
+        field : ReceptiveField
+            The image's reference.
+        row : dict
+            The cell's profile measures (:func:`profile_columns`).
+
+        Returns
+        -------
+        dict
+            Some of :data:`EVIDENCE_COLUMNS` (those that ran).
+        """
         from vaeprobe.probes.mechanism import MechanismError
 
         got: dict = {}
@@ -599,17 +979,52 @@ class CellVerdict:
 def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, field: ReceptiveField, *,
                     rules: VerdictRules | None = None, donors: Donors | None = None,
                     evidence: int = 4) -> pd.DataFrame:
-    """Add the verdict columns to a scan table ``df`` of latent ``z`` (columns ``row``, ``col``).
+    """Add the verdict columns to a scan table ``df`` of latent ``z``.
 
     Rows that lack the profile measures (a scan with another operator than ``zero``, patches or one channel)
     get them from zeroing the cell ``(row, col)``, which costs one decode per row. The swap test runs for every
     row whose profile is global (``len(donors)`` decodes each, and up to twice that to find each donor's
     counterpart cell); the matched controls and the frozen-pathway share for the ``evidence`` unusual rows
-    (profile not local, or a latent-norm outlier) with the largest ``far_rel``. Adds ``verdict``, ``is_global``
-    (True exactly for ``global`` and ``global-information``), ``far_score`` (:meth:`VerdictRules.score`),
-    ``erf`` and the columns of :data:`EVIDENCE_COLUMNS`; ``df.attrs["profiles"]`` holds the distance profiles
-    (mean energy per pixel at distance 0, 1, ... cells) of the reference cells and of the evidence rows, and
-    ``df.attrs["decodes"]`` the number of images these extra measurements decoded.
+    (profile not local, or a latent-norm outlier) with the largest ``far_rel``.
+
+    Parameters
+    ----------
+    vae : vaeprobe.models.adapter.VAE
+        The model.
+    z : torch.Tensor
+        The scanned latent ``[1, C, h, w]``.
+    ref : torch.Tensor
+        Its clean decode.
+    df : pandas.DataFrame
+        The scan table (columns ``row``, ``col``; the profile measures when the scan zeroed single cells).
+    field : ReceptiveField
+        The image's reference (:func:`receptive_field`).
+    rules : VerdictRules, keyword-only
+        Thresholds (default: the calibrated ones).
+    donors : Donors, keyword-only
+        Donors for the swap test; without them no row can be ``global-information``.
+    evidence : int, keyword-only
+        How many unusual rows get the matched controls and the frozen-pathway share.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of ``df`` with ``verdict``, ``is_global`` (True exactly for ``global`` and
+        ``global-information``), ``far_score`` (:meth:`VerdictRules.score`), ``erf`` and the columns of
+        :data:`EVIDENCE_COLUMNS`; ``attrs["profiles"]`` holds the distance profiles (mean energy per pixel at
+        distance 0, 1, ... cells) of the reference cells and of the evidence rows, and ``attrs["decodes"]`` the
+        number of images these extra measurements decoded.
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
+    >>> ref = vae.decode(z)
+    >>> rf = receptive_field(vae, z, ref, n=3)
+    >>> out = attach_verdicts(vae, z, ref, pd.DataFrame({"row": [2, 5], "col": [3, 5]}), rf, evidence=0)
+    >>> len(out), set(out.verdict) <= set(VERDICTS), out.attrs["decodes"]   # one decode per row for the profile
+    (2, True, 2)
     """
     from vaeprobe.probes.mechanism import MechanismError
 
