@@ -17,26 +17,33 @@ def test_rfid_runs_with_local_weights_and_is_stated_missing_without(tmp_path, mo
     """rFID goes through the standard FID Inception (vaeprobe.probes.fid; its own tests check the network, the
     preprocessing and the distance): absent weights are stated in the summary, a weights file gives finite values,
     and resuming the run reuses every finished image."""
+    from PIL import Image
+
+    from vaeprobe.data.images import load_images
     from vaeprobe.probes.fid import FID_WEIGHTS_FILE
 
     from conftest import random_fid_state
 
+    photos = tmp_path / "photos"   # three photos keep the Inception forward passes few
+    photos.mkdir()
+    for img in list(load_images("builtin:photos-heldout", size=32))[:3]:
+        Image.fromarray((img.array * 255).round().astype(np.uint8)).save(photos / f"{img.name}.png")
     monkeypatch.setenv("VAEPROBE_INCEPTION", str(tmp_path / "absent.pth"))
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
-    run = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "a",
+    run = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], str(photos), tmp_path / "a",
                        size=32, scan=False, mechanism=False, progress=False)
     assert run.summary["rfid"].startswith("not computed") and FID_WEIGHTS_FILE in run.summary["rfid"]
     assert all(np.isnan(m["rfid"]) for m in run.summary["models"])
     weights = tmp_path / FID_WEIGHTS_FILE
     torch.save(random_fid_state(), weights)
-    run = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "b",
+    run = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], str(photos), tmp_path / "b",
                        size=32, scan=False, mechanism=False, progress=False, inception=weights)
     assert run.summary["rfid"].startswith("computed with")
     first = [m["rfid"] for m in run.summary["models"]]
     assert all(np.isfinite(v) and v >= -1e-6 for v in first)
     # a resumed run recomputes nothing and gives the same numbers
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b" / "parts").glob("*.json")}
-    again = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], "builtin:photos-heldout", tmp_path / "b",
+    again = compare_vaes(["builtin:tiny-random", "vae_factories:tiny"], str(photos), tmp_path / "b",
                          size=32, scan=False, mechanism=False, progress=False, inception=weights, resume=True)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b" / "parts").glob("*.json")} == stamps
     assert [m["rfid"] for m in again.summary["models"]] == pytest.approx(first)

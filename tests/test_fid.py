@@ -212,3 +212,17 @@ def test_weights_url_is_the_librarys():
     from pytorch_fid import inception as lib
 
     assert fid.FID_WEIGHTS_URL == lib.FID_WEIGHTS_URL and lib.FID_WEIGHTS_URL.endswith(FID_WEIGHTS_FILE)
+
+
+def test_few_rows_use_the_exact_low_rank_form():
+    """Fewer rows than dimensions: the N x M singular-value form equals the D x D eigenvalue form (and, where the
+    covariances are full rank, the library's), and it is what frechet_distance returns."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(6, 40)), rng.normal(size=(9, 40)) * 1.5 + 0.3
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    diff = a.mean(0) - b.mean(0)
+    dense = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * fid._trace_sqrt_product(s1, s2))
+    assert fid._low_rank_fid(a, b) == pytest.approx(dense, rel=1e-7)
+    assert frechet_distance(a, b) == pytest.approx(dense, rel=1e-7)
+    full_a, full_b = rng.normal(size=(200, 5)), rng.normal(size=(300, 5)) + 1.0   # full rank: the library's path
+    assert fid._low_rank_fid(full_a, full_b) == pytest.approx(frechet_distance(full_a, full_b), rel=1e-6)

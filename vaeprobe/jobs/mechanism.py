@@ -109,22 +109,16 @@ def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero
 
     Parameters
     ----------
-    vae : VAE, str or torch.nn.Module
-        The model, or what :func:`~vaeprobe.models.loading.load_vae` loads.
-    images : str, path or sequence
-        What :func:`~vaeprobe.data.images.iter_images` reads.
-    out : str or Path
-        The run directory.
+    vae, images, out
+        As for :func:`~vaeprobe.jobs.scan.run_scan`.
     positions : str, keyword-only
         Which cells: ``all``, ``grid:S``, ``top:K`` (largest latent norm) or ``list:R,C;R,C``.
     op : str, keyword-only
         The perturbation (:func:`~vaeprobe.probes.perturb.parse_operator`).
     attention : {"context", "probs"}, keyword-only
         How attention is frozen (:mod:`vaeprobe.probes.mechanism`).
-    size, fit : int or None, str, keyword-only
-        Image size in pixels and how sides become multiples of the VAE's factor.
-    radius : int, keyword-only
-        The far field starts more than ``radius`` latent cells from the site.
+    size, fit, radius : keyword-only
+        As for :func:`~vaeprobe.jobs.scan.run_scan`.
     batch : int, keyword-only
         Sites decoded at once.
     seed : int, keyword-only
@@ -134,12 +128,13 @@ def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero
     resume, overwrite, progress : bool, keyword-only
         As for :func:`~vaeprobe.jobs.runner.run_job`.
     device, dtype : keyword-only
-        Where and in what precision the VAE runs.
+        As for :func:`~vaeprobe.jobs.scan.run_scan`.
 
     Returns
     -------
     RunDir
-        ``summary`` holds ``summary.json``.
+        ``summary`` holds ``summary.json``: the dominant pathways, the median shares, the attention and GroupNorm
+        layers.
 
     Raises
     ------

@@ -86,6 +86,7 @@ class VAE:
     (downsampling), ``scaling_factor``/``shift_factor`` (diffusion latents are ``(z - shift) * scale``),
     ``device``, ``dtype``. ``ground_truth`` is set for planted-spot control models.
 
+    >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
     >>> x = torch.zeros(1, 3, 32, 32)
     >>> post = vae.encode(x)

@@ -157,7 +157,7 @@ def make_decoder(latent_channels: int, *, pool: bool = False) -> nn.Sequential:
     Parameters
     ----------
     latent_channels : int
-        Channels of the latent it reads.
+        Channels of the latent it reads (what :func:`make_encoder` writes).
     pool : bool, optional
         Give the three blocks at the latent's resolution (right after the input conv) the pool branch (see
         :class:`Block`).
@@ -246,7 +246,7 @@ class TAESD(nn.Module):
         Parameters
         ----------
         z : torch.Tensor
-            Latents ``[B, latent_channels, h, w]``.
+            Latents ``[B, latent_channels, h, w]`` as :meth:`encode` returns them (not scaled).
 
         Returns
         -------

@@ -54,7 +54,7 @@ class Block:
     Raises
     ------
     GeometryError
-        When a range is empty or negative.
+        When ``r1 <= r0``, ``c1 <= c0`` or a bound is negative.
 
     Examples
     --------
@@ -90,7 +90,7 @@ class Block:
         Raises
         ------
         GeometryError
-            When the block lies outside the grid.
+            When the block starts past the grid (``r0 >= h`` or ``c0 >= w``).
 
         Examples
         --------

@@ -22,6 +22,9 @@ far field of ``p`` (pixels whose latent cell is more than ``radius`` cells away,
   neighbouring cells (the map of a decoder is spatially smooth while the probe noise is independent per cell);
   large isolated deviations such as a spot move by at most one standard error.
 - :func:`agreement` compares an estimate with the exact values (Spearman rank correlation, top-k overlap).
+
+The functions that decode take ``vae``, the model (a :class:`~vaeprobe.models.adapter.VAE`), and ``z``, one latent
+``[1, C, h, w]`` (or ``[C, h, w]``).
 """
 
 from __future__ import annotations
@@ -62,10 +65,8 @@ def check_differentiable(vae, z: torch.Tensor) -> str | None:
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]`` (or ``[C, h, w]``).
+    vae, z
+        As in the module docstring.
 
     Returns
     -------
@@ -193,10 +194,8 @@ def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | No
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]`` (or ``[C, h, w]``).
+    vae, z
+        As in the module docstring.
     positions : iterable of (int, int) or torch.Tensor, optional
         ``(row, col)`` pairs; ``None`` means all ``h * w`` cells in row-major order.
     radius : int, keyword-only
@@ -375,10 +374,8 @@ def sensitivity_map(vae, z: torch.Tensor, *, n_probes: int = 8, radius: int | No
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]`` (or ``[C, h, w]``).
+    vae, z
+        As in the module docstring.
     n_probes : int, keyword-only
         Gaussian probes per block (at least 1).
     radius : int, keyword-only

@@ -35,6 +35,9 @@ hook is removed when the call returns or raises.
 Diagnostics from one clean pass: :func:`attention_mass` (the attention each key position receives, averaged over
 queries and heads, and a sink score) and :func:`groupnorm_droplets` (per GroupNorm layer and group, the share of
 the group's variance that its single strongest position contributes: the StyleGAN2 "droplet" signature).
+
+Parameters named alike mean the same in every function here: ``vae`` is the model, a
+:class:`~vaeprobe.models.adapter.VAE` (the hooks go on its ``model``), and ``z`` a latent ``[B, C, h, w]``.
 """
 
 from __future__ import annotations
@@ -275,10 +278,8 @@ def record_pathways(vae, z: torch.Tensor, *, droplets: bool = False) -> tuple[to
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        The latent(s) ``[B, C, h, w]`` to decode.
+    vae, z
+        As in the module docstring.
     droplets : bool, keyword-only
         Also record each GroupNorm group's strongest position (:attr:`PathwayRecord.droplets`).
 
@@ -293,7 +294,7 @@ def record_pathways(vae, z: torch.Tensor, *, droplets: bool = False) -> tuple[to
     --------
     >>> from vaeprobe.models.loading import load_vae
     >>> vae = load_vae("builtin:tiny-random")
-    >>> z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    >>> z = torch.randn(1, 4, 4, 4)
     >>> img, rec = record_pathways(vae, z)
     >>> bool(torch.equal(img, vae.decode(z))), len(rec.qkv)
     (True, 1)
@@ -310,10 +311,8 @@ def decode_frozen(vae, z: torch.Tensor, record: PathwayRecord, *, groupnorm: boo
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        The latent(s) ``[B, C, h, w]`` to decode; a record of batch 1 serves any ``B``.
+    vae, z
+        As in the module docstring; a record of batch 1 serves any ``B``.
     record : PathwayRecord
         What :func:`record_pathways` recorded on the clean latent.
     groupnorm : bool, keyword-only
@@ -421,10 +420,8 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]``.
+    vae, z
+        As in the module docstring, with ``B = 1``.
     sites : sequence of Site
         The sites to perturb, one at a time.
     op : Operator or str, optional
@@ -578,8 +575,8 @@ def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder")
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
+    vae
+        As in the module docstring.
     latent_or_image : torch.Tensor
         A latent ``[1, C, h, w]`` (``part="decoder"``) or an image ``[1, 3, H, W]`` in [-1, 1]
         (``part="encoder"``).
@@ -626,10 +623,8 @@ def groupnorm_droplets(vae, z: torch.Tensor) -> pd.DataFrame:
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]``.
+    vae, z
+        As in the module docstring, with ``B = 1``.
 
     Returns
     -------

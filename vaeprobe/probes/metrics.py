@@ -23,7 +23,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     Parameters
     ----------
     a, b : numpy.ndarray
-        Float images of the same shape (``[H, W, 3]``), values in [0, 1] (data range 1).
+        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1] (data range 1).
 
     Returns
     -------
@@ -47,7 +47,7 @@ def ssim(a: np.ndarray, b: np.ndarray, *, luminance: bool = False) -> float:
     Parameters
     ----------
     a, b : numpy.ndarray
-        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1] (data range 1), at least 7x7.
+        As for :func:`psnr`, at least 7x7 pixels.
     luminance : bool, optional
         Compare the BT.601 luma only (:func:`rgb_to_y`), as the original MATLAB SSIM does, instead of the mean
         SSIM over the three channels.
@@ -55,7 +55,7 @@ def ssim(a: np.ndarray, b: np.ndarray, *, luminance: bool = False) -> float:
     Returns
     -------
     float
-        The mean SSIM, 1 for identical images.
+        The mean SSIM over the three channels (or that of the luma), 1 for identical images.
 
     Examples
     --------
@@ -235,7 +235,7 @@ def lpips_distance(a: np.ndarray, b: np.ndarray) -> float:
     Parameters
     ----------
     a, b : numpy.ndarray
-        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1].
+        As for :func:`psnr`; compared whole, not resized.
 
     Returns
     -------
@@ -261,7 +261,7 @@ def compare_images(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     Parameters
     ----------
     a, b : numpy.ndarray
-        Float RGB images ``[H, W, 3]`` of the same shape, values in [0, 1].
+        As for :func:`psnr`, :func:`ssim` and :func:`lpips_distance`.
 
     Returns
     -------

@@ -130,7 +130,7 @@ class Site:
         Parameters
         ----------
         h, w : int
-            The latent's height and width in cells.
+            As in :meth:`bounds`.
 
         Returns
         -------
@@ -151,7 +151,7 @@ class Site:
         Parameters
         ----------
         h, w : int
-            The latent's height and width in cells.
+            As in :meth:`bounds`, whose ranges it turns into slices.
 
         Returns
         -------

@@ -51,7 +51,8 @@ ALL_MEASURES: tuple[str, ...] = DEFAULT_MEASURES + ("ssim", "lpips")
 
 ENERGY_SHARE = 0.9  # the share of the change energy that radius90 encloses
 
-_SITE_MEASURES = {"far_l2", "far_fraction", "radius90", "far_dr", "far_dg", "far_db", "far_dy"}
+_SHIFT_MEASURES = ("far_dr", "far_dg", "far_db", "far_dy")  # the columns of far_colour_shift, in order
+_SITE_MEASURES = {"far_l2", "far_fraction", "radius90", *_SHIFT_MEASURES}
 _REL_TOL = 1e-9  # relative slack when comparing an energy share with ENERGY_SHARE (rounding in the sums)
 
 
@@ -103,15 +104,13 @@ def l2(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    ref, perturbed
+        As in :func:`measure`.
 
     Returns
     -------
     torch.Tensor
-        ``[N]`` float64.
+        ``[N]`` float64, the mean of ``(perturbed - ref) ** 2``.
 
     Examples
     --------
@@ -127,15 +126,13 @@ def l1(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    ref, perturbed
+        As in :func:`measure` and :func:`l2`.
 
     Returns
     -------
     torch.Tensor
-        ``[N]`` float64.
+        ``[N]`` float64, the mean of ``|perturbed - ref|``.
 
     Examples
     --------
@@ -156,10 +153,8 @@ def psnr(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    ref, perturbed
+        As in :func:`l2`, whose value it converts to dB.
 
     Returns
     -------
@@ -185,10 +180,8 @@ def ssim(ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
+    ref, perturbed
+        As in :func:`measure`; at least 7x7 pixels.
 
     Returns
     -------
@@ -216,17 +209,21 @@ def _lpips_model(lpips_model, device):
     return lpips_model if lpips_model is not None else _metrics.get_lpips(device)
 
 
+def _lpips_out(ref: torch.Tensor, perturbed: torch.Tensor, lpips_model, spatial: bool) -> torch.Tensor:
+    """The network's output for each perturbed image against ``ref`` (no gradients)."""
+    ref, perturbed = _images(ref, perturbed)
+    model = _lpips_model(lpips_model, ref.device)
+    with torch.no_grad():
+        return model(ref.expand_as(perturbed), perturbed, spatial=spatial).detach()
+
+
 def lpips(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -> torch.Tensor:
     """LPIPS distance per image.
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
-    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
-        The network; default :func:`vaeprobe.probes.metrics.get_lpips` on the images' device.
+    ref, perturbed, lpips_model
+        As in :func:`measure`.
 
     Returns
     -------
@@ -238,11 +235,7 @@ def lpips(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -> to
     >>> lpips(torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32)).tolist()
     [0.0, 0.0]
     """
-    ref, perturbed = _images(ref, perturbed)
-    model = _lpips_model(lpips_model, ref.device)
-    with torch.no_grad():
-        out = model(ref.expand_as(perturbed), perturbed)
-    return out.detach().flatten().double().cpu()
+    return _lpips_out(ref, perturbed, lpips_model, False).flatten().double().cpu()
 
 
 def lpips_map(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -> torch.Tensor:
@@ -250,12 +243,8 @@ def lpips_map(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
-    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
-        The network; default :func:`vaeprobe.probes.metrics.get_lpips` on the images' device.
+    ref, perturbed, lpips_model
+        As in :func:`lpips`, of which this is the map per pixel.
 
     Returns
     -------
@@ -267,11 +256,7 @@ def lpips_map(ref: torch.Tensor, perturbed: torch.Tensor, *, lpips_model=None) -
     >>> lpips_map(torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 1, 32, 32])
     """
-    ref, perturbed = _images(ref, perturbed)
-    model = _lpips_model(lpips_model, ref.device)
-    with torch.no_grad():
-        out = model(ref.expand_as(perturbed), perturbed, spatial=True)
-    return out.detach().float().cpu()
+    return _lpips_out(ref, perturbed, lpips_model, True).float().cpu()
 
 
 # -- site measures --------------------------------------------------------------------------------------------
@@ -292,7 +277,7 @@ def _site_columns(diff: torch.Tensor, sites: list[Site], factor: int, radius: in
         energy = _energy(diff)
     cols = {k: torch.full((n,), math.nan, dtype=torch.float64) for k in wanted}
     need_far = bool(wanted & (_SITE_MEASURES - {"radius90"}))
-    need_shift = bool(wanted & {"far_dr", "far_dg", "far_db", "far_dy"})
+    need_shift = bool(wanted & set(_SHIFT_MEASURES))
     # far_dy is the dot product of the mean RGB shift with the BT.601 weights (data.images.luma sums the three
     # products in order, which differs from this dot in the last bit in about a third of cases)
     luma = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64)
@@ -309,7 +294,7 @@ def _site_columns(diff: torch.Tensor, sites: list[Site], factor: int, radius: in
                 cols["far_l2"][i] = far_energy / (3 * count)
             if count and need_shift:
                 shift = (diff[i].flatten(1).double() @ far).cpu() / count  # mean change per RGB channel
-                for k, name in enumerate(("far_dr", "far_dg", "far_db")):
+                for k, name in enumerate(_SHIFT_MEASURES[:3]):
                     if name in cols:
                         cols[name][i] = float(shift[k])
                 if "far_dy" in cols:
@@ -327,11 +312,13 @@ def _check_radius(radius: int) -> None:
         raise MeasureError(f"radius must be an int >= 0 (latent cells), got {radius!r}")
 
 
-def _site_measure(name: str, ref, perturbed, sites, factor, radius) -> torch.Tensor:
+def _site_measures(names: Sequence[str], ref, perturbed, sites, factor,
+                   radius: int = DEFAULT_RADIUS) -> dict[str, torch.Tensor]:
+    """The site measures ``names`` of the public functions below, after checking their inputs."""
     _check_radius(radius)
     ref, perturbed = _images(ref, perturbed)
     sites = _sites(sites, perturbed.shape[0], tuple(ref.shape[-2:]), factor)
-    return _site_columns(perturbed - ref, sites, factor, radius, {name})[name]
+    return _site_columns(perturbed - ref, sites, factor, radius, set(names))
 
 
 def far_l2(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
@@ -340,16 +327,8 @@ def far_l2(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], fa
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
-    sites : sequence of Site or (int, int)
-        ``sites[i]`` is the site perturbed for image ``i``.
-    factor : int
-        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
-    radius : int, keyword-only
-        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+    ref, perturbed, sites, factor, radius
+        As in :func:`measure`.
 
     Returns
     -------
@@ -362,7 +341,7 @@ def far_l2(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], fa
     >>> far_l2(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8, radius=2).tolist()
     [0.25]
     """
-    return _site_measure("far_l2", ref, perturbed, sites, factor, radius)
+    return _site_measures(["far_l2"], ref, perturbed, sites, factor, radius)["far_l2"]
 
 
 def far_fraction(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
@@ -371,16 +350,8 @@ def far_fraction(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Sit
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
-    sites : sequence of Site or (int, int)
-        ``sites[i]`` is the site perturbed for image ``i``.
-    factor : int
-        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
-    radius : int, keyword-only
-        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+    ref, perturbed, sites, factor, radius
+        As in :func:`measure`; ``radius`` sets the far field whose share is taken.
 
     Returns
     -------
@@ -393,7 +364,7 @@ def far_fraction(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Sit
     >>> far_fraction(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8, radius=2).tolist()  # 448 of 1024 px
     [0.4375]
     """
-    return _site_measure("far_fraction", ref, perturbed, sites, factor, radius)
+    return _site_measures(["far_fraction"], ref, perturbed, sites, factor, radius)["far_fraction"]
 
 
 def radius90(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int) -> torch.Tensor:
@@ -402,14 +373,8 @@ def radius90(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], 
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
-    sites : sequence of Site or (int, int)
-        ``sites[i]`` is the site perturbed for image ``i``.
-    factor : int
-        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
+    ref, perturbed, sites, factor
+        As in :func:`measure` (``radius`` plays no part).
 
     Returns
     -------
@@ -422,7 +387,7 @@ def radius90(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], 
     >>> radius90(ref, torch.full((1, 3, 32, 32), 0.5), [Site(0, 0)], 8).tolist()  # 4x4 cells: 16/16 at R = 3
     [3.0]
     """
-    return _site_measure("radius90", ref, perturbed, sites, factor, DEFAULT_RADIUS)
+    return _site_measures(["radius90"], ref, perturbed, sites, factor)["radius90"]
 
 
 def far_colour_shift(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], factor: int, *,
@@ -431,22 +396,13 @@ def far_colour_shift(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence
 
     Parameters
     ----------
-    ref : torch.Tensor
-        The reference decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
-    perturbed : torch.Tensor
-        The perturbed decodes ``[N, 3, H, W]`` (a single ``[3, H, W]`` is N = 1), moved to ``ref``'s device.
-    sites : sequence of Site or (int, int)
-        ``sites[i]`` is the site perturbed for image ``i``.
-    factor : int
-        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
-    radius : int, keyword-only
-        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+    ref, perturbed, sites, factor, radius
+        As in :func:`measure`, which reports these as ``far_dr``, ``far_dg``, ``far_db`` and ``far_dy``.
 
     Returns
     -------
     torch.Tensor
-        ``[N, 4]`` float64 with columns R, G, B and luma (the ``far_dr``, ``far_dg``, ``far_db``, ``far_dy``
-        measures); nan for an empty far field.
+        ``[N, 4]`` float64 with columns R, G, B and luma; nan for an empty far field.
 
     Examples
     --------
@@ -455,12 +411,8 @@ def far_colour_shift(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence
     >>> [round(v, 4) for v in out[0].tolist()]
     [0.1, 0.0, -0.1, 0.0185]
     """
-    names = ("far_dr", "far_dg", "far_db", "far_dy")
-    _check_radius(radius)
-    ref, perturbed = _images(ref, perturbed)
-    sites = _sites(sites, perturbed.shape[0], tuple(ref.shape[-2:]), factor)
-    cols = _site_columns(perturbed - ref, sites, factor, radius, set(names))
-    return torch.stack([cols[k] for k in names], 1)
+    cols = _site_measures(_SHIFT_MEASURES, ref, perturbed, sites, factor, radius)
+    return torch.stack([cols[k] for k in _SHIFT_MEASURES], 1)
 
 
 def global_effect_ratio(far_l2_values: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -507,19 +459,20 @@ def measure(ref: torch.Tensor, perturbed: torch.Tensor, sites: Sequence[Site], f
     Parameters
     ----------
     ref : torch.Tensor
-        The unperturbed decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
+        The reference (unperturbed) decode ``[3, H, W]`` or ``[1, 3, H, W]``, roughly in [-1, 1].
     perturbed : torch.Tensor
-        The decodes ``[N, 3, H, W]`` of the perturbed latents (a single ``[3, H, W]`` is N = 1).
+        The decodes ``[N, 3, H, W]`` of the perturbed latents (a single ``[3, H, W]`` is N = 1), moved to
+        ``ref``'s device.
     sites : sequence of Site or (int, int)
         ``sites[i]`` is the site perturbed for image ``i``.
     factor : int
-        The VAE's downsampling: maps pixel ``(y, x)`` to latent cell ``(y // factor, x // factor)``.
+        The VAE's downsampling: pixel ``(y, x)`` belongs to latent cell ``(y // factor, x // factor)``.
     radius : int, keyword-only
-        Sets the far field: pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
+        The far field is the pixels whose cell is more than ``radius`` cells (Chebyshev) from every site cell.
     measures : str or sequence of str, keyword-only
         Names from :data:`ALL_MEASURES` (default :data:`DEFAULT_MEASURES`; duplicates are dropped).
     lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
-        The network for ``lpips`` (default: the shared one on the images' device).
+        The network for ``lpips``; default :func:`vaeprobe.probes.metrics.get_lpips` on the images' device.
 
     Returns
     -------

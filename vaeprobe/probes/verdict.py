@@ -47,6 +47,11 @@ donor's (slope near 1).
 The rules compare a cell with the same image's ordinary cells and the image's own variance, never with the
 other scanned cells, so a verdict does not depend on which positions were scanned. The thresholds and how they
 were calibrated are in docs/verdicts.md.
+
+Parameters named alike mean the same in every function and method here: ``vae`` is the model (a
+:class:`~vaeprobe.models.adapter.VAE`), ``z`` one latent ``[1, C, h, w]``, ``ref`` its clean decode
+``[1, 3, H, W]``, ``site`` the cell under test (a :class:`~vaeprobe.probes.perturb.Site`) and ``field`` the image's
+reference for ordinary cells, a :class:`ReceptiveField` (:func:`receptive_field`).
 """
 
 from __future__ import annotations
@@ -172,8 +177,8 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
 
     Parameters
     ----------
-    z : torch.Tensor
-        One latent ``[1, C, h, w]``.
+    z
+        As in the module docstring.
     n : int
         How many cells (fewer come back when fewer qualify).
     seed : int, keyword-only
@@ -217,10 +222,8 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]``.
+    vae, z
+        As in the module docstring.
     ref : torch.Tensor, optional
         The clean decode of ``z`` (decoded when not given).
     n : int, keyword-only
@@ -303,8 +306,8 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
         The perturbed site of each decode.
     factor : int
         The VAE's downsampling factor.
-    field : ReceptiveField
-        The image's reference (:func:`receptive_field`).
+    field
+        As in the module docstring.
     dz2 : sequence of float
         ``dz2[i]``: the squared norm of decode ``i``'s latent perturbation.
     norm_ratio : sequence of float
@@ -534,8 +537,8 @@ def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = (
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
+    vae
+        As in the module docstring.
     images : sequence of torch.Tensor
         ``[1, 3, H, W]`` each, in [-1, 1], all of one size.
     names : sequence of str, keyword-only
@@ -548,7 +551,7 @@ def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = (
     Raises
     ------
     ValueError
-        When no image could be encoded.
+        When no image could be encoded (each raised ``ValueError``).
 
     Examples
     --------
@@ -613,8 +616,8 @@ def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: flo
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
+    vae
+        As in the module docstring.
     v : torch.Tensor
         ``[C]``: the cell's vector.
     site : Site
@@ -666,14 +669,8 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        The recipient latent ``[1, C, h, w]``.
-    ref : torch.Tensor
-        Its clean decode.
-    site : Site
-        The cell.
+    vae, z, ref, site
+        As in the module docstring; ``z`` and ``ref`` are the recipient's.
     donors : Donors
         The donors, at ``z``'s latent size (other sizes give nan).
     field : ReceptiveField
@@ -724,14 +721,8 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]``.
-    ref : torch.Tensor
-        Its clean decode.
-    site : Site
-        The cell.
+    vae, z, ref, site
+        As in the module docstring.
     field : ReceptiveField
         The image's reference; its first ``k`` cells (other than the site) are the controls.
     k : int, keyword-only
@@ -785,14 +776,8 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> f
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        One latent ``[1, C, h, w]``.
-    site : Site
-        The cell.
-    field : ReceptiveField
-        The image's reference.
+    vae, z, site, field
+        As in the module docstring.
 
     Returns
     -------
@@ -823,8 +808,8 @@ class CellVerdict:
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
+    vae
+        As in the module docstring.
     rules : VerdictRules, keyword-only
         Thresholds (default: the calibrated ones).
     donors : Donors, keyword-only
@@ -866,8 +851,8 @@ class CellVerdict:
 
         Parameters
         ----------
-        z : torch.Tensor
-            One latent ``[1, C, h, w]``.
+        z
+            As in the module docstring.
         ref : torch.Tensor, optional
             Its clean decode (decoded when not given).
         exclude : sequence of (int, int), keyword-only
@@ -885,8 +870,8 @@ class CellVerdict:
 
         Parameters
         ----------
-        z : torch.Tensor
-            One latent ``[1, C, h, w]``.
+        z
+            As in the module docstring.
         cells : sequence of (int, int)
             The cells to classify.
         ref : torch.Tensor, keyword-only
@@ -947,12 +932,8 @@ class CellVerdict:
 
         Parameters
         ----------
-        z, ref : torch.Tensor
-            The latent ``[1, C, h, w]`` and its clean decode.
-        site : Site
-            The cell.
-        field : ReceptiveField
-            The image's reference.
+        z, ref, site, field
+            As in the module docstring.
         row : dict
             The cell's profile measures (:func:`profile_columns`).
 
@@ -989,16 +970,12 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
 
     Parameters
     ----------
-    vae : vaeprobe.models.adapter.VAE
-        The model.
-    z : torch.Tensor
-        The scanned latent ``[1, C, h, w]``.
-    ref : torch.Tensor
-        Its clean decode.
+    vae, z, ref
+        As in the module docstring; ``z`` is the scanned latent.
     df : pandas.DataFrame
         The scan table (columns ``row``, ``col``; the profile measures when the scan zeroed single cells).
-    field : ReceptiveField
-        The image's reference (:func:`receptive_field`).
+    field
+        As in the module docstring.
     rules : VerdictRules, keyword-only
         Thresholds (default: the calibrated ones).
     donors : Donors, keyword-only
