@@ -222,6 +222,7 @@ def test_a_failing_sample_is_reported_and_the_run_goes_on(tmp_path, monkeypatch)
     summary = run_pipeline("builtin:tiny-sd", ["a cat", "boom", "a dog"], "0", tmp_path / "r", steps=3, controls=2,
                            lpips=False, progress=False).summary
     assert summary["n_samples"] == 2
+    assert [(f["key"], f["image"]) for f in summary["failed"]] == [("p0001-s0", "p0001-s0")]
     assert [(f["prompt"], f["seed"], f["error"]) for f in summary["failed"]] == [
         ("boom", 0, "RuntimeError: CUDA out of memory (simulated)")]
     assert set(pd.read_parquet(tmp_path / "r" / "emergence.parquet").prompt) == {"a cat", "a dog"}

@@ -309,7 +309,7 @@ class RunDir:
         return pd.read_parquet(target) if rows < 2_000_000 else None
 
     def iterate(self, units: Iterable[tuple[str, str, Any]], desc: str, *, unit: str = "img",
-                progress: bool = True) -> Iterator[tuple[str, Any, bool]]:
+                progress: bool = True) -> Iterator[tuple[str, str, Any, bool]]:
         """Go through ``units`` with a progress bar (``self.bar`` while it runs).
 
         Parameters
@@ -325,16 +325,16 @@ class RunDir:
 
         Yields
         ------
-        (str, object, bool)
-            ``(key, item, done)``; ``done`` is true when a finished part of the same key and name exists, so the
-            caller skips it.
+        (str, str, object, bool)
+            ``(key, name, item, done)``; ``done`` is true when a finished part of the same key and name exists, so
+            the caller skips it.
         """
         from tqdm import tqdm
 
         self.bar = tqdm(desc=desc, unit=unit, file=sys.stderr, disable=not progress)
         try:
             for key, name, item in units:
-                yield key, item, self.is_done(key) and self.meta(key).get("image") == name
+                yield key, name, item, self.is_done(key) and self.meta(key).get("image") == name
                 self.bar.update(1)
         finally:
             self.bar.close()
@@ -609,10 +609,10 @@ def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, pro
     run = RunDir(out, job.config(), resume=resume, overwrite=overwrite)
     skipped: list = []
     keys: list[str] = []
-    for key, item, done in run.iterate(job.units(skipped), job.desc, unit=job.unit, progress=progress):
+    for key, name, item, done in run.iterate(job.units(skipped), job.desc, unit=job.unit, progress=progress):
         keys.append(key)
         if not done:
-            with run.guard(key, getattr(item, "name", str(item))):
+            with run.guard(key, name):
                 job.process(run, key, item)
         if run.is_done(key):
             job.collect(run, key, run.meta(key))
