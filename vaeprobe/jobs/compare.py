@@ -184,10 +184,10 @@ class CompareJob(Job):
 
     name = desc = "compare"
 
-    def __init__(self, vaes, images, *, size, fit, scan, mechanism, fid):
+    def __init__(self, vaes, images, *, size, fit, scan, mechanism, fid, fid_reason=""):
         self.vaes, self.images, self.size, self.fit = vaes, images, size, fit
         self.factor = int(np.lcm.reduce(sorted({v.factor for v in vaes})))
-        self.scan, self.mechanism, self.fid = scan, mechanism, fid
+        self.scan, self.mechanism, self.fid, self.fid_reason = scan, mechanism, fid, fid_reason
 
     def config(self) -> dict:
         return {"job": "compare", "vaes": [vae_config(v) for v in self.vaes], "images": str(self.images),
@@ -228,7 +228,7 @@ class CompareJob(Job):
 
     def process(self, run: RunDir, key: str, img) -> None:
         rows, facts, latents, features = [], [], [], {}
-        for vae in self.vaes:
+        for k, vae in enumerate(self.vaes):
             try:
                 rec_row, fact, z, rec = self._model_image(vae, img)
             except VaeprobeError:
@@ -239,7 +239,7 @@ class CompareJob(Job):
             facts.append(fact)
             latents.append(z)
             if self.fid is not None:
-                features[vae.spec] = self.fid(rec)[0].tolist()
+                features[str(k)] = self.fid(rec)[0].tolist()   # by index: two models may share a spec
         if self.fid is not None:
             features["real"] = self.fid(img.tensor())[0].tolist()
         compat = [_compat_image(self.vaes[0], cand, latents[0], z) for cand, z in zip(self.vaes[1:], latents[1:])]
@@ -249,10 +249,10 @@ class CompareJob(Job):
     def _model_row(self, k: int, vae, rec: pd.DataFrame, metas: list[dict]) -> dict:
         facts = [m["facts"][k] for m in metas]
         n = len(facts)
-        mean = sum(f["z_sum"] for f in facts) / sum(f["z_n"] for f in facts)
-        var = sum(f["z_sumsq"] for f in facts) / sum(f["z_n"] for f in facts) - mean ** 2
         total = sum(f["z_n"] for f in facts)
-        std = math.sqrt(max(var, 0.0) * total / max(total - 1, 1))
+        mean = sum(f["z_sum"] for f in facts) / total
+        var = sum(f["z_sumsq"] for f in facts) / total - mean ** 2
+        std = math.sqrt(max(var, 0.0) * total / max(total - 1, 1))   # unbiased, as torch.std of all latents
         tops = [f["top"] for f in facts if f["top"] is not None]
         dominant = [f["dominant"] for f in facts if f["dominant"] is not None]
         row = {"model": vae.spec, "role": "reference" if k == 0 else "candidate", "channels": vae.latent_channels,
@@ -272,7 +272,7 @@ class CompareJob(Job):
             from vaeprobe.probes.fid import frechet_distance as fid_distance
 
             row["rfid"] = fid_distance(np.array([m["features"]["real"] for m in metas]),
-                                       np.array([m["features"][vae.spec] for m in metas]))
+                                       np.array([m["features"][str(k)] for m in metas]))
         return row
 
     def summarise(self, run: RunDir, keys: list[str]) -> dict:
@@ -348,6 +348,5 @@ def compare_vaes(specs: Sequence, images, out, *, size: int | None = 128, fit: s
             reason = missing_fid_weights_reason(inception)
         else:
             fid = FIDFeatures(path, device=vaes[0].device)
-    job = CompareJob(vaes, images, size=size, fit=fit, scan=scan, mechanism=mechanism, fid=fid)
-    job.fid_reason = reason
+    job = CompareJob(vaes, images, size=size, fit=fit, scan=scan, mechanism=mechanism, fid=fid, fid_reason=reason)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
