@@ -4,6 +4,8 @@
     python experiments/verdict_calibration.py fit                         # thresholds from the calibration rows
     python experiments/verdict_calibration.py measure --set heldout       # builtin:photos-heldout, 64-256 px
     python experiments/verdict_calibration.py report                      # verdict rates per control and size
+    python experiments/verdict_calibration.py measure --set check         # wallpapers (heldout split), 64-256 px
+    python experiments/verdict_calibration.py report --set check
 
 ``measure`` records, per (size, model, image), the verdict measures of
 
@@ -16,15 +18,19 @@ It writes one parquet per (set, size, model) under ``experiments/results/verdict
 killed run continues, and new weights are measured afresh). ``experiments/rebuild_mini.py`` runs all four steps. The calibration set is the training split of the Debian wallpaper
 set of ``experiments/fetch_wallpapers.py``: images the test suite never reads (it has no copy of them). Donors for
 the swap test are 4 other images of the same split (calibration) or the first 4 of ``builtin:photos-train``
-(held-out evaluation).
+(held-out evaluation). The ``check`` set is the heldout split of the same wallpapers (first 8/8/6 files at
+64/128/256 px), measured once after the rules were chosen, as a second held-out evaluation that no choice saw.
 
 ``fit`` writes the thresholds to ``vaeprobe/probes/verdict_rules.json``, the defaults of ``VerdictRules``. It sets each
 threshold of :class:`vaeprobe.probes.verdict.VerdictRules` at the geometric mean of the gap between the
 two groups it separates, pooled over the four sizes (no threshold is per size):
 
-- ``far_score``, ``far_weight`` and ``far_excess`` (is there a far effect at all?) jointly: the clean
-  models' cells, which must not have one, against every planted cell (all declared ``wide-local``, ``global`` or
-  ``global-information``), on a log grid: fewest errors, then the largest margin (:func:`joint_gate`);
+- ``far_score``, ``far_weight`` and ``far_excess`` (is there a far effect at all?) jointly, for cells of
+  ordinary norm: the clean models' cells, which must not have one, against the planted cells of ordinary norm
+  (all declared ``wide-local``, ``global`` or ``global-information``), on a log grid: fewest errors, then the
+  largest margin (:func:`joint_gate`);
+- ``outlier_score``, ``outlier_weight`` and ``outlier_excess``, the same gate for latent outliers (norm ratio
+  at the spot threshold): the planted cells declared ``high-norm`` against the other planted outliers;
 - ``flatness`` (global or decaying?): planted cells declared ``global``/``global-information`` against those
   declared ``wide-local``;
 - ``swap_corr`` and ``swap_slope`` (content?): ``global-information`` against ``global`` planted cells.
@@ -59,8 +65,9 @@ from vaeprobe.probes.verdict import CellVerdict, VerdictRules, make_donors# noqa
 OUT = ROOT / "experiments" / "results" / "verdicts"
 CLEAN = ("mini-kl-f8", "taef2")
 CONTROLS = tuple(EXPECTED_VERDICTS)
-SIZES = {"calibration": (64, 128, 256, 512), "heldout": (64, 128, 256)}
-N_IMAGES = {"calibration": {64: 8, 128: 8, 256: 6, 512: 4}, "heldout": {64: 7, 128: 7, 256: 7}}
+SIZES = {"calibration": (64, 128, 256, 512), "heldout": (64, 128, 256), "check": (64, 128, 256)}
+N_IMAGES = {"calibration": {64: 8, 128: 8, 256: 6, 512: 4}, "heldout": {64: 7, 128: 7, 256: 7},
+            "check": {64: 8, 128: 8, 256: 6}}
 
 
 def wallpapers(split: str = "train") -> list[Path]:
@@ -77,12 +84,14 @@ def wallpapers(split: str = "train") -> list[Path]:
 
 def image_sets(which: str, size: int):
     """(images, donors) as lists of LoadedImage at ``size``."""
-    if which == "calibration":
+    if which in ("calibration", "check"):
         files = wallpapers("train")
         rng = np.random.default_rng(0)
         order = rng.permutation(len(files))
         pick = [files[i] for i in order[:N_IMAGES[which][size]]]
         donor_files = [files[i] for i in order[-4:]]
+        if which == "check":  # the wallpapers' heldout split, first in file order (the donors stay the same)
+            pick = wallpapers("heldout")[:N_IMAGES[which][size]]
         imgs = list(iter_images([str(f) for f in pick], factor=8, size=size, report=lambda s: None))
         donors = list(iter_images([str(f) for f in donor_files], factor=8, size=size, report=lambda s: None))
     else:
@@ -186,13 +195,13 @@ def _gap(neg: np.ndarray, pos: np.ndarray) -> dict:
 
 
 def joint_gate(neg: np.ndarray, pos: np.ndarray) -> dict:
-    """The far-effect gate of :class:`VerdictRules` from ``(band_rel, far_excess)`` rows of clean cells (``neg``,
-    which must not pass) and planted cells (``pos``, which must): ``band_rel ** w * far_excess ** (1 - w) >=
-    far_score`` and ``far_excess >= far_excess``. Over a grid of ``w`` (0 to 1 by 0.05), of the score threshold
-    (log grid) and of the excess floor (log grid, 1 to 100), the settings with the fewest errors (clean cells
-    passing, planted cells failing), and among those the one whose closest point is farthest from the boundary
-    (in log units). ``w = 0`` and ``w = 1`` are the gates on one measure; an AND gate of two thresholds is the
-    corner the floor makes with the score line."""
+    """A far-effect gate of :class:`VerdictRules` from ``(band_rel, far_excess)`` rows of cells that must not pass
+    (``neg``) and cells that must (``pos``): ``band_rel ** w * far_excess ** (1 - w) >= far_score`` and
+    ``far_excess >= far_excess``. Over a grid of ``w`` (0 to 1 by 0.05), of the score threshold (log grid) and of
+    the excess floor (log grid, 1 to 100), the settings with the fewest errors (negatives passing, positives
+    failing), and among those the one whose closest point is farthest from the boundary (in log units). ``w = 0``
+    and ``w = 1`` are the gates on one measure; an AND gate of two thresholds is the corner the floor makes with
+    the score line."""
     neg = np.log(np.clip(neg[np.isfinite(neg).all(1)], 1e-30, None))
     pos = np.log(np.clip(pos[np.isfinite(pos).all(1)], 1e-30, None))
     floors = np.log(np.logspace(0, 2, 41))
@@ -223,10 +232,10 @@ def joint_gate(neg: np.ndarray, pos: np.ndarray) -> dict:
     if ok:
         floor = float(np.exp((min(ok) + max(ok)) / 2))
     common = {"errors": errors, "margin_log": -minus_margin, "n_neg": int(len(neg)), "n_pos": int(len(pos)),
-              "separated": errors == 0, "rule": "band_rel ** w * far_excess ** (1 - w) >= far_score and "
-              "far_excess >= far_excess (joint fit)"}
-    return {"far_score": {"threshold": t, **common}, "far_weight": {"threshold": w, **common},
-            "far_excess": {"threshold": floor, **common}}
+              "separated": errors == 0, "rule": "band_rel ** w * far_excess ** (1 - w) >= score and "
+              "far_excess >= floor (joint fit)"}
+    return {"score": {"threshold": t, **common}, "weight": {"threshold": w, **common},
+            "excess": {"threshold": floor, **common}}
 
 
 def fit() -> dict:
@@ -237,11 +246,23 @@ def fit() -> dict:
     wide = planted[planted.expected == "wide-local"]
     info = planted[planted.expected == "global-information"]
     noinfo = planted[planted.expected == "global"]
-    gate = joint_gate(clean[["band_rel", "far_excess"]].to_numpy(), planted[["band_rel", "far_excess"]].to_numpy())
+    # two gates, each fitted on the cells it applies to: ordinary-norm cells (the clean models' against the
+    # controls' planted cells of ordinary norm) and latent outliers (planted high-norm cells against the other
+    # planted outliers)
+    spot = VerdictRules().norm_ratio
+    cols = ["band_rel", "far_excess"]
+    far = planted[planted.expected != "high-norm"]
+    outlier_neg = pd.concat([clean, planted[planted.expected == "high-norm"]])
+    outlier_neg = outlier_neg[outlier_neg.norm_ratio >= spot]
+    gate = joint_gate(clean[clean.norm_ratio < spot][cols].to_numpy(), far[far.norm_ratio < spot][cols].to_numpy())
+    out = joint_gate(outlier_neg[cols].to_numpy(), far[far.norm_ratio >= spot][cols].to_numpy())
     gaps = {
-        "far_score": gate["far_score"],
-        "far_weight": gate["far_weight"],
-        "far_excess": gate["far_excess"],
+        "far_score": gate["score"],
+        "far_weight": gate["weight"],
+        "far_excess": gate["excess"],
+        "outlier_score": out["score"],
+        "outlier_weight": out["weight"],
+        "outlier_excess": out["excess"],
         "flatness": _gap(wide.flatness.to_numpy(), glob.flatness.to_numpy()),
         "swap_corr": _gap(noinfo.swap_corr.fillna(0).to_numpy(), info.swap_corr.to_numpy()),
         "swap_slope": _gap(noinfo.swap_slope.fillna(0).to_numpy(), info.swap_slope.to_numpy()),
@@ -278,7 +299,7 @@ def calibration_table(df: pd.DataFrame, rules: VerdictRules) -> str:
     for size in sorted(df["size"].unique()):
         d = df[df["size"] == size]
         groups = [("clean cells", d[d.role == "clean"])]
-        for exp in ("wide-local", "global", "global-information"):
+        for exp in ("high-norm", "wide-local", "global", "global-information"):
             groups.append((f"planted, {exp}", d[(d.role == "planted") & (d.expected == exp)]))
         for label, g in groups:
             lines.append(f"| {size} | {label} | {len(g)} | {_rng(g.band_rel)} | {_rng(g.far_rel)} | {_rng(g.far_excess)} | "
@@ -318,7 +339,7 @@ def report(which: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("step", choices=["measure", "fit", "report"])
-    ap.add_argument("--set", default="calibration", choices=["calibration", "heldout"])
+    ap.add_argument("--set", default="calibration", choices=["calibration", "heldout", "check"])
     ap.add_argument("--sizes", default=None, help="comma-separated sizes (default: all of the set)")
     ap.add_argument("--models", default=None, help="comma-separated builtin names (default: controls + clean)")
     ap.add_argument("--force", action="store_true", help="recompute parts that exist")

@@ -147,3 +147,33 @@ def test_internal_control_is_the_clean_model_but_for_a_decoder_groupnorm():
         e_frozen = far_energy(frozen, ref)
     assert e_live > 20 * e_clean
     assert e_frozen < 0.2 * e_live
+
+
+def test_high_norm_decoy_is_an_outlier_the_decoder_drops():
+    """decoy-high-norm: the encoder writes a vector of norm 160 (a latent outlier, log-variance at the clamp) that
+    the decoder inpaints before decoding, so the decode is the plain decoder's of the inpainted latent; the same
+    latent through the plain decoder (the droplet control) reads the vector and moves the far field."""
+    from vaeprobe.data.images import load_images
+    from vaeprobe.models.controls import inpaint
+    from vaeprobe.models.loading import load_vae
+
+    decoy, droplet = load_vae("builtin:decoy-high-norm"), load_vae("builtin:decoy-droplet")
+    x = load_images("builtin:photos-heldout", size=64)[2].tensor()
+    gt = decoy.ground_truth(x)[0]
+    assert gt["expected_verdict"] == "high-norm"
+    with torch.no_grad():
+        z = decoy.encode(x).mean
+        assert torch.equal(z, droplet.encode(x).mean)
+        norm = z[0].norm(dim=0)
+        assert (gt["row"], gt["col"]) == divmod(int(norm.argmax()), norm.shape[1])
+        assert float(norm[gt["row"], gt["col"]] / norm.median()) > 10
+        pos = torch.tensor([[gt["row"], gt["col"]]])
+        base = decoy.model.base
+        plain = base.decoder(base.post_quant_conv(inpaint(z, pos)))
+        assert torch.equal(decoy.decode(z), plain)
+        far = far_field_mask((64, 64), gt["row"], gt["col"], factor=8, radius=2)
+        z0 = z.clone()
+        z0[0, :, gt["row"], gt["col"]] = 0
+        moved_decoy = float((decoy.decode(z0) - decoy.decode(z)).pow(2).sum(1)[0][far].mean())
+        moved_droplet = float((droplet.decode(z0) - droplet.decode(z)).pow(2).sum(1)[0][far].mean())
+    assert moved_droplet > 100 * moved_decoy

@@ -133,11 +133,9 @@ def _planted_verdicts(name: str, size: int, images: int | None = None) -> list[t
     return out
 
 
-# hits of 7 measured by experiments/verdict_calibration.py (heldout set, 64 px; docs/verdicts.md), with the
-# thresholds fitted at 64-512 px: decoy-droplet is high-norm on 6 of the 7 photos (at 64 px its far effect is
-# inside the cloud of taef2's ordinary cells, and the 512 px clean cells pushed the score threshold up) and
-# decoy-wide-local on one; every other control gets its declared verdict on all 7
-HITS_64 = {name: 7 for name in EXPECTED_VERDICTS} | {"decoy-droplet": 1, "decoy-wide-local": 6}
+# hits of 7 measured by experiments/verdict_calibration.py (heldout set, 64 px; docs/verdicts.md) with the
+# thresholds fitted at 64-512 px on the calibration set: every control gets its declared verdict on all 7
+HITS_64 = {name: 7 for name in EXPECTED_VERDICTS}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_VERDICTS))
@@ -149,11 +147,30 @@ def test_every_control_gets_its_declared_verdict_on_the_heldout_photos_at_64px(n
     assert hits >= HITS_64[name], pairs
 
 
-@pytest.mark.parametrize("name", ["planted-direct", "planted-attention", "decoy-wide-local", "decoy-droplet", "keyed",
-                                  "internal"])
+@pytest.mark.parametrize("name", ["planted-direct", "planted-attention", "decoy-wide-local", "decoy-high-norm",
+                                  "decoy-droplet", "keyed", "internal"])
 def test_controls_at_128px(name):
     pairs = _planted_verdicts(name, 128, images=3)
     assert all(exp == got for exp, got in pairs), pairs
+
+
+def test_outliers_have_their_own_gate():
+    """A latent outlier is judged by the outlier gate, an ordinary-norm cell by the main one: the same far effect
+    (small, with a large excess over an ordinary cell's shape) is a far effect for one and not the other."""
+    rules = VerdictRules()
+    small_but_odd = {"band_rel": 0.003, "far_excess": 15.0, "flatness": 0.3}
+    assert rules.far_excess > rules.outlier_excess
+    for norm in (1.0, 40.0):
+        row = {**small_but_odd, "norm_ratio": norm}
+        weight = rules.outlier_weight if norm >= rules.norm_ratio else rules.far_weight
+        assert rules.score(row) == pytest.approx(0.003 ** weight * 15.0 ** (1 - weight))
+    # the same shape reads local for an outlier whose far effect is that small (decoy-high-norm's cells at 256 px)
+    assert rules.classify({**small_but_odd, "norm_ratio": 40.0}) == "high-norm"
+    # an outlier whose far effect is a visible share of the image's variation is a far effect even with a small
+    # excess (decoy-droplet's cells at 64 px), where an ordinary-norm cell needs far more excess
+    droplet = {"band_rel": 0.16, "far_excess": 2.6, "flatness": 1.2}
+    assert rules.classify({**droplet, "norm_ratio": 26.0}) == "global"
+    assert rules.classify({**droplet, "norm_ratio": 1.0}) == "ordinary"
 
 
 @pytest.mark.parametrize("name", ["mini-kl-f8", "taef2"])

@@ -241,7 +241,7 @@ CONTROLS = {
 
 # -- controls for the verdicts -------------------------------------------------------------------------------------
 
-KINDS = ("wide", "droplet", "keyed")
+KINDS = ("wide", "local", "droplet", "keyed")
 WIDE_SIGMA = 3.0       # cells: the decoy-wide-local bump's Gaussian width (energy profile exp(-d^2 / sigma^2))
 WIDE_AMPLITUDE = 0.5   # the bump's height in [-1, 1] units
 KEY_MIN_NORM = 0.1     # vectors shorter than this hold no key (a zeroed cell is not the code)
@@ -271,6 +271,11 @@ class VerdictControl(nn.Module):
       cell (log-variance below the clamp); the decoder inpaints the strongest cell when its norm is over half of
       ``spot_norm`` and adds a grey Gaussian bump of height ``WIDE_AMPLITUDE`` and width ``WIDE_SIGMA`` cells
       around it. High norm, an influence wider than the decoder's own receptive field, and local.
+    - ``local`` (``decoy-high-norm``): the same constant vector at the flattest cell, and the decoder inpaints the
+      strongest cell when its norm is over half of ``spot_norm`` and adds nothing: a latent outlier that the
+      decoder does not read, so erasing it changes only its own neighbourhood, at an ordinary cell's size and
+      shape. High norm and local: the control that fails a verdict which calls a cell global or wide-local for
+      its norm.
     - ``droplet`` (``decoy-droplet``): the encoder writes the same constant vector (norm ``spot_norm``) at the
       flattest cell and the plain decoder reads it: its GroupNorm statistics are dominated by it, so erasing it
       changes the whole image, but it is the same for every image: global, with no image information.
@@ -341,7 +346,7 @@ class VerdictControl(nn.Module):
             h, w = out.shape[-2:]
             yy = (torch.arange(h, device=out.device) + 0.5) / self.factor
             xx = (torch.arange(w, device=out.device) + 0.5) / self.factor
-            for i in torch.nonzero(live).flatten().tolist():
+            for i in (torch.nonzero(live).flatten().tolist() if self.kind == "wide" else []):
                 r, c = (pos[i].float() + 0.5).tolist()
                 d2 = (yy[:, None] - r) ** 2 + (xx[None, :] - c) ** 2
                 bump = WIDE_AMPLITUDE * torch.exp(-d2 / (2 * WIDE_SIGMA ** 2))
@@ -425,7 +430,7 @@ _internal_control.__doc__ = "verdict control: a weighted-statistics GroupNorm in
 
 MECHANISM_VERDICTS = {"direct": "global-information", "hidden": "global-information", "groupnorm": "global",
                       "attention": "global"}
-KIND_VERDICTS = {"wide": "wide-local", "droplet": "global", "keyed": "global-information"}
+KIND_VERDICTS = {"wide": "wide-local", "local": "high-norm", "droplet": "global", "keyed": "global-information"}
 
 
 def _verdict_control(kind: str):
@@ -440,6 +445,7 @@ def _verdict_control(kind: str):
 
 VERDICT_CONTROLS = {
     "decoy-wide-local": _verdict_control("wide"),
+    "decoy-high-norm": _verdict_control("local"),
     "decoy-droplet": _verdict_control("droplet"),
     "keyed": _verdict_control("keyed"),
     "internal": _internal_control,
@@ -453,6 +459,7 @@ EXPECTED_VERDICTS = {
     "planted-groupnorm": "global",       # the spike holds the latent's own moments, a normaliser, not colour
     "planted-attention": "global",       # a constant vector: erasing it shifts every position, same for all images
     "decoy-wide-local": "wide-local",
+    "decoy-high-norm": "high-norm",      # a latent outlier the decoder inpaints: local, at an ordinary size
     "decoy-droplet": "global",
     "keyed": "global-information",
     "internal": "global",                # a GroupNorm inside the decoder leans on one ordinary cell

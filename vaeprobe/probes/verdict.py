@@ -390,6 +390,10 @@ class VerdictRules:
         The share of the size (``band_rel``) in that score.
     far_excess : float
         The floor of ``far_excess``, the excess over an ordinary cell's shape.
+    outlier_score, outlier_weight, outlier_excess : float
+        The same gate for a latent outlier (``norm_ratio`` at least ``norm_ratio``), fitted on outlier cells
+        alone: the size of its far effect weighs more, its shape less (a vector the decoder drops still moves
+        pixels near it, with a noisy shape).
     flatness : float
         Threshold of ``flatness``, outer over inner far-field energy: a global effect stays flat.
     swap_corr, swap_slope : float
@@ -408,6 +412,9 @@ class VerdictRules:
     far_weight: float = _CAL.get("far_weight", 0.4)     # the share of the size (band_rel) in that score
     far_excess: float = _CAL.get("far_excess", 2.0)     # and at least this excess over an ordinary cell's shape
     flatness: float = _CAL.get("flatness", 0.3)         # outer over inner far-field energy
+    outlier_score: float = _CAL.get("outlier_score", 0.6)    # the same gate for latent outliers
+    outlier_weight: float = _CAL.get("outlier_weight", 0.4)
+    outlier_excess: float = _CAL.get("outlier_excess", 1.1)
     swap_corr: float = _CAL.get("swap_corr", 0.85)      # far colour change vs donor colour difference
     swap_slope: float = _CAL.get("swap_slope", 0.75)
     norm_ratio: float = DEFAULT_THRESHOLD
@@ -423,7 +430,9 @@ class VerdictRules:
         Returns
         -------
         str
-            ``local``, ``wide-local`` or ``global``.
+            ``local``, ``wide-local`` or ``global``. A far effect needs ``far_excess`` over its floor and the
+            score (:meth:`score`) over its threshold: ``far_excess``, ``far_score`` and ``far_weight`` for an
+            ordinary-norm cell, the ``outlier_*`` ones for a latent outlier (``norm_ratio`` at the spot threshold).
 
         Examples
         --------
@@ -434,12 +443,19 @@ class VerdictRules:
             v = row.get(key, math.nan)
             return v is not None and not (isinstance(v, float) and math.isnan(v)) and v >= limit
 
-        if not (over("far_excess", self.far_excess) and self.score(row) >= self.far_score):
+        # a latent outlier (norm ratio at the spot threshold) has its own gate: the shape of its far effect is
+        # noisy (a large vector the decoder drops still moves pixels a little), its size is what tells
+        if over("norm_ratio", self.norm_ratio):
+            floor, limit, weight = self.outlier_excess, self.outlier_score, self.outlier_weight
+        else:
+            floor, limit, weight = self.far_excess, self.far_score, self.far_weight
+        if not (over("far_excess", floor) and self.score(row, weight=weight) >= limit):
             return "local"
         return "global" if over("flatness", self.flatness) else "wide-local"
 
-    def score(self, row: dict) -> float:
-        """The far-effect score ``band_rel ** w * far_excess ** (1 - w)`` (``w = far_weight``).
+    def score(self, row: dict, *, weight: float | None = None) -> float:
+        """The far-effect score ``band_rel ** w * far_excess ** (1 - w)`` (``w = weight``; by default
+        ``outlier_weight`` for a row whose ``norm_ratio`` is at the spot threshold, else ``far_weight``).
 
         The evidence of a far effect weighs its size just beyond the receptive field against its excess over an
         ordinary cell's shape, a straight boundary in log space.
@@ -464,7 +480,11 @@ class VerdictRules:
             return math.nan
         if math.isinf(excess):
             return math.inf
-        return float(band ** self.far_weight * excess ** (1 - self.far_weight))
+        if weight is None:
+            nr = row.get("norm_ratio", math.nan)
+            weight = self.outlier_weight if nr is not None and nr >= self.norm_ratio else self.far_weight
+        w = weight
+        return float(band ** w * excess ** (1 - w))
 
     def classify(self, row: dict) -> str:
         """The verdict of one cell from its measures.
