@@ -171,7 +171,7 @@ def cmd_pipeline(args) -> int:
                        guidance=args.guidance, size=args.size, op=args.op, controls=args.controls,
                        ablate_from=args.ablate_from or (), step_controls=args.step_controls, radius=args.radius,
                        lpips=not args.no_lpips, device=args.device, dtype=args.dtype, vae_dtype=args.vae_dtype,
-                       resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+                       resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, batch=args.batch)
     summary = run.summary
     step = summary["median_emergence_step"]
     print(f"{summary['n_samples']} samples ({summary['n_prompts']} prompts x {len(summary['seeds'])} seeds, "
@@ -347,6 +347,8 @@ def _add_pipeline(sub) -> None:
                    help=f"far-field radius in latent cells (default {DEFAULT_RADIUS})")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS in the intervention measures")
     p.add_argument("--vae-dtype", default="fp32", help="dtype of the decodes that are measured (default fp32)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="samples generated per pipeline call, each with its own seeded generator (default 1)")
     _add_run_args(p, quiet="no progress bar", dtype="pipeline dtype: fp16 or bf16 on a GPU, fp32 (default)")
     p.set_defaults(func=cmd_pipeline)
 
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        return int(args.func(args) or 0)
+        return _run_command(args)
     except VaeprobeError as exc:
         print(f"vaeprobe: error: {exc}", file=sys.stderr)
         return 2
@@ -399,6 +401,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vaeprobe: interrupted", file=sys.stderr)
         return 130
+
+
+def _run_command(args) -> int:
+    """Run the command; under a launcher only rank 0 prints the results (every rank prints errors)."""
+    import contextlib
+    import io
+
+    from vaeprobe.jobs import distributed
+
+    rank = distributed.env_world()[0]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():
+            return int(args.func(args) or 0)
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

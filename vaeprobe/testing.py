@@ -129,17 +129,30 @@ class ContentUNet(_unet_class()):
         bank = self._bank[(h, w)]
         return bank[self._key(encoder_hidden_states) // 7 % len(bank)]
 
+    @staticmethod
+    def _conditional_rows(sample: torch.Tensor) -> list[int]:
+        """Per row of the UNet's batch, the row whose prompt embedding decides its content: under classifier-free
+        guidance the pipeline doubles the latents (unconditional half first), so both halves take the
+        conditional half's embedding of their sample; otherwise each row its own."""
+        n = sample.shape[0]
+        if n % 2 == 0 and torch.equal(sample[: n // 2], sample[n // 2:]):
+            return [n // 2 + i % (n // 2) for i in range(n)]
+        return list(range(n))
+
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         out = super().forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         base = out.sample if return_dict else out[0]
         t = int(torch.as_tensor(timestep).flatten()[0])
         a = float(self._alphas[t])
         h, w = sample.shape[-2:]
-        x, x0 = sample.double(), self.content(encoder_hidden_states, h, w).to(sample.device)[None].expand_as(sample)
-        if self._spot is not None and t <= self._emerge_t:
-            r, c = self.spot_cell(encoder_hidden_states, h, w)
-            x0 = x0.clone()
-            x0[:, :, r, c] = self._spot.to(x0.device)
+        rows = self._conditional_rows(sample)
+        x = sample.double()
+        x0 = torch.stack([self.content(encoder_hidden_states[k:k + 1], h, w) for k in rows]).to(sample.device)
+        cells = [self.spot_cell(encoder_hidden_states[k:k + 1], h, w) for k in rows]
+        planted = self._spot is not None and t <= self._emerge_t
+        if planted:
+            for i, (r, c) in enumerate(cells):
+                x0[i, :, r, c] = self._spot.to(x0.device)
         if self._prediction == "epsilon":
             target = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
         elif self._prediction == "v_prediction":
@@ -147,8 +160,9 @@ class ContentUNet(_unet_class()):
         else:
             target = x0
         pred = target + self._gain * base.double()
-        if self._spot is not None and t <= self._emerge_t:
-            pred[:, :, r, c] = target[:, :, r, c]  # exact at the spot
+        if planted:
+            for i, (r, c) in enumerate(cells):
+                pred[i, :, r, c] = target[i, :, r, c]  # exact at the spot
         pred = pred.to(base.dtype)
         if return_dict:
             out.sample = pred

@@ -186,6 +186,7 @@ class CompareJob(Job):
 
     def __init__(self, vaes, images, *, size, fit, scan, mechanism, fid, fid_reason=""):
         self.vaes, self.images, self.size, self.fit = vaes, images, size, fit
+        self.device = vaes[0].device
         self.factor = int(np.lcm.reduce(sorted({v.factor for v in vaes})))
         self.scan, self.mechanism, self.fid, self.fid_reason = scan, mechanism, fid, fid_reason
 

@@ -49,7 +49,7 @@ from vaeprobe.errors import VaeprobeError
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job
 
 __all__ = ["PipelineError", "load_pipeline", "read_prompts", "parse_seeds",
-           "generate", "Generation", "emergence_table", "run_pipeline", "PIPELINE_BUILTINS"]
+           "generate", "generate_batch", "Generation", "emergence_table", "run_pipeline", "PIPELINE_BUILTINS"]
 
 PIPELINE_BUILTINS = ("tiny-sd", "tiny-sd-planted")
 
@@ -361,9 +361,46 @@ def generate(pipe, prompt: str, seed: int, *, steps: int = 30, guidance: float =
     >>> tuple(g.latents.shape), len(g.x0), g.timesteps[0] > g.timesteps[-1]
     ((1, 4, 8, 8), 4, True)
     """
+    return generate_batch(pipe, [prompt], [seed], steps=steps, guidance=guidance, size=size, edit=edit)[0]
+
+
+def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30, guidance: float = 7.5,
+                   size: int | None = None, edit=None) -> list[Generation]:
+    """Run ``pipe`` once for several (prompt, seed) samples at a time: one batched call, one CPU generator per sample.
+
+    Each sample's initial noise comes from its own generator, seeded with its seed, so a sample starts from the
+    same noise in any batch; its result equals the one-sample run's up to the float rounding of batched kernels.
+
+    Parameters
+    ----------
+    pipe : diffusers.DiffusionPipeline
+        A latent diffusion pipeline (see :func:`load_pipeline`).
+    prompts : sequence of str
+        One prompt per sample.
+    seeds : sequence of int
+        One seed per sample (as many as ``prompts``).
+    steps, guidance, size, edit :
+        As for :func:`generate` (``edit`` sees the batch's latents).
+
+    Returns
+    -------
+    list of Generation
+        One per sample, in order.
+
+    Examples
+    --------
+    >>> from vaeprobe.testing import tiny_sd_pipeline
+    >>> pipe = tiny_sd_pipeline(planted=True)
+    >>> two = generate_batch(pipe, ["a lighthouse", "a cat"], [0, 1], steps=4)
+    >>> one = generate(pipe, "a cat", seed=1, steps=4)
+    >>> len(two), bool((two[1].latents - one.latents).abs().max() < 1e-4)
+    (2, True)
+    """
+    if len(prompts) != len(seeds) or not prompts:
+        raise PipelineError(f"generate_batch needs as many prompts as seeds (got {len(prompts)} and {len(seeds)})")
     store: list = []
-    kwargs: dict = {"prompt": prompt, "num_inference_steps": int(steps), "guidance_scale": float(guidance),
-                    "generator": torch.Generator("cpu").manual_seed(int(seed)), "output_type": "latent"}
+    kwargs: dict = {"prompt": list(prompts), "num_inference_steps": int(steps), "guidance_scale": float(guidance),
+                    "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds], "output_type": "latent"}
     if size is not None:
         kwargs.update(height=int(size), width=int(size))
     if edit is not None:
@@ -373,8 +410,10 @@ def generate(pipe, prompt: str, seed: int, *, steps: int = 30, guidance: float =
         kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
     with _capture_x0(pipe.scheduler, store), torch.no_grad():
         out = pipe(**kwargs)
-    latents = out.images if hasattr(out, "images") else out[0]
-    return Generation(prompt, int(seed), latents.detach().float().cpu(), [t for t, _ in store], [x for _, x in store])
+    latents = (out.images if hasattr(out, "images") else out[0]).detach().float().cpu()
+    timesteps = [t for t, _ in store]
+    return [Generation(p, int(s), latents[i:i + 1], timesteps, [x[i:i + 1] for _, x in store])
+            for i, (p, s) in enumerate(zip(prompts, seeds))]
 
 
 # -- emergence -----------------------------------------------------------------------------------------------------
@@ -391,6 +430,11 @@ def emergence_table(gen: Generation, to_raw, *, threshold: float | None = None) 
         <vaeprobe.models.adapter.VAE.from_diffusion>`).
     threshold : float, optional
         Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
+    batch : int, optional
+        Samples generated in one pipeline call (:func:`generate_batch`; each keeps its own seeded generator, so
+        a sample's noise does not depend on the batch, and its latents match the one-sample run's up to float
+        rounding). Not part of the run's config: a run resumed with another batch size goes on. The
+        measurements after generation run one sample at a time.
 
     Returns
     -------
@@ -488,7 +532,7 @@ class PipelineJob(Job):
     compat_rows : list of dict
         Per VAE in ``tested``, its latent compatibility with the pipeline's (``encoder_identical``,
         ``compatibility``, ...).
-    prompts, seeds, steps, guidance, size, controls, ablate_from, step_controls, radius, lpips, vae_dtype, threshold
+    prompts, seeds, steps, guidance, size, controls, ablate_from, step_controls, radius, lpips, vae_dtype, threshold, batch
         As in :func:`run_pipeline` (already parsed).
     operator : Operator
         The intervention operator.
@@ -498,14 +542,16 @@ class PipelineJob(Job):
     unit = "sample"
 
     def __init__(self, pipe, model_spec, tested, compat_rows, *, prompts, seeds, steps, guidance, size, operator,
-                 controls, ablate_from, step_controls, radius, lpips, vae_dtype, threshold):
+                 controls, ablate_from, step_controls, radius, lpips, vae_dtype, threshold, batch=1):
         self.pipe, self.model_spec, self.tested, self.compat_rows = pipe, model_spec, tested, compat_rows
         self.own = tested[0]
+        self.device = pipe.unet.device
         self.compatible = [bool(r["encoder_identical"]) for r in compat_rows]
         self.prompts, self.seeds, self.steps, self.guidance, self.size = prompts, seeds, steps, guidance, size
         self.operator, self.controls, self.ablate_from = operator, int(controls), ablate_from
         self.step_controls, self.radius, self.lpips = int(step_controls), radius, bool(lpips)
         self.vae_dtype, self.threshold = vae_dtype, threshold
+        self.batch, self._generated = max(1, int(batch)), {}
         self.measures = ("l2", "far_l2", "far_fraction", "radius90", "far_dy") + (("lpips",) if lpips else ())
         self.started = time.perf_counter()
 
@@ -524,7 +570,7 @@ class PipelineJob(Job):
                 "steps": self.steps, "guidance": float(self.guidance), "size": self.size, "op": self.operator.name,
                 "controls": self.controls, "ablate_from": self.ablate_from, "step_controls": self.step_controls,
                 "radius": self.radius, "lpips": self.lpips, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-                "vae_dtype": str(self.vae_dtype), "device": str(pipe.unet.device), "threshold": self.threshold}
+                "vae_dtype": str(self.vae_dtype), "device": pipe.unet.device.type, "threshold": self.threshold}
 
     def units(self, skipped: list):
         """The work items: one per (prompt, seed).
@@ -543,6 +589,21 @@ class PipelineJob(Job):
             for seed in self.seeds:
                 key = f"p{pi:04d}-s{seed}"
                 yield key, key, (key, pi, seed)
+
+    def _next_generation(self, run: RunDir, key: str, pi: int, seed: int) -> Generation:
+        """This sample's generation; with ``batch > 1`` the next ``batch`` pending samples of this rank are generated
+        in one call and kept until their turn."""
+        if key not in self._generated:
+            if self.batch == 1:
+                return self._generate(self.prompts[pi], seed)
+            owns = getattr(getattr(self, "shard", None), "owns", lambda i: True)
+            pending = [u for i, u in enumerate(self.units([])) if owns(i) and not run.is_done(u[0])]
+            at = next((j for j, u in enumerate(pending) if u[0] == key), 0)
+            group = [u[2] for u in pending[at:at + self.batch]] or [(key, pi, seed)]
+            gens = generate_batch(self.pipe, [self.prompts[g[1]] for g in group], [g[2] for g in group],
+                                  steps=self.steps, guidance=self.guidance, size=self.size)
+            self._generated = {g[0]: gen for g, gen in zip(group, gens)}
+        return self._generated.pop(key)
 
     def _generate(self, prompt: str, seed: int, edit=None):
         return generate(self.pipe, prompt, seed, steps=self.steps, guidance=self.guidance, size=self.size, edit=edit)
@@ -650,7 +711,7 @@ class PipelineJob(Job):
         """
         key, pi, seed = item
         prompt = self.prompts[pi]
-        gen = self._generate(prompt, seed)
+        gen = self._next_generation(run, key, pi, seed)
         if not bool(torch.isfinite(gen.latents).all()):
             raise PipelineError("the generated latents are not finite (fp16 overflow? try --dtype bf16 or fp32)")
         em = emergence_table(gen, self.own.from_diffusion, threshold=self.threshold)
@@ -710,7 +771,7 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
                  size: int | None = None, op: str = "zero", controls: int = 8, ablate_from: Sequence[int] = (),
                  step_controls: int = 2, radius: int | None = None, lpips: bool = True, device=None, dtype=None,
                  vae_dtype: str = "fp32", resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 threshold: float | None = None) -> RunDir:
+                 threshold: float | None = None, batch: int = 1) -> RunDir:
     """Emergence, interventions and VAE swap for every (prompt, seed); writes the run directory ``out``.
 
     Files: see docs/outputs.md, section pipeline. One part per (prompt, seed) is written atomically, so
@@ -762,6 +823,11 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
         Show a progress bar.
     threshold : float, optional
         Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
+    batch : int, optional
+        Samples generated in one pipeline call (:func:`generate_batch`; each keeps its own seeded generator, so
+        a sample's noise does not depend on the batch, and its latents match the one-sample run's up to float
+        rounding). Not part of the run's config: a run resumed with another batch size goes on. The
+        measurements after generation run one sample at a time.
 
     Returns
     -------
@@ -797,7 +863,9 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
             raise PipelineError(f"ablate-from step {k} is outside 0..{steps - 1}")
     operator = parse_operator(op)  # fails early on a bad spec
     model_spec = model if isinstance(model, str) else type(model).__name__
-    pipe = load_pipeline(model, device=device, dtype=dtype)
+    from vaeprobe.jobs.distributed import rank_device
+
+    pipe = load_pipeline(model, device=rank_device(device), dtype=dtype)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     if size is not None and (int(size) % factor or int(size) < 3 * factor):
         raise PipelineError(f"size {size} must be a multiple of the VAE factor {factor} and at least {3 * factor}")
@@ -811,7 +879,7 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
     job = PipelineJob(pipe, model_spec, tested, compat_rows, prompts=prompts, seeds=seeds, steps=steps,
                       guidance=guidance, size=size, operator=operator, controls=controls, ablate_from=ablate_from,
                       step_controls=step_controls, radius=radius, lpips=lpips, vae_dtype=vae_dtype,
-                      threshold=threshold)
+                      threshold=threshold, batch=batch)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -382,7 +382,8 @@ def coerce_vae(vae, *, device=None, dtype=None):
         An adapter (returned as it is when neither ``device`` nor ``dtype`` is given) or anything
         :func:`~vaeprobe.models.loading.load_vae` loads.
     device, dtype : keyword-only
-        Where and in what precision it runs (default: as loaded).
+        Where and in what precision it runs (default: as loaded). Under a launcher a bare ``cuda`` is
+        ``cuda:LOCAL_RANK`` (:func:`~vaeprobe.jobs.distributed.rank_device`).
 
     Returns
     -------
@@ -394,11 +395,12 @@ def coerce_vae(vae, *, device=None, dtype=None):
     >>> coerce_vae(vae) is vae, vae.factor
     (True, 8)
     """
+    from vaeprobe.jobs.distributed import rank_device
     from vaeprobe.models.loading import load_vae
 
     if hasattr(vae, "encode") and hasattr(vae, "factor") and device is None and dtype is None:
         return vae
-    return load_vae(vae, device=device, dtype=dtype)
+    return load_vae(vae, device=rank_device(device), dtype=dtype)
 
 
 def vae_config(vae) -> dict:
@@ -568,6 +570,11 @@ def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, pro
     recorded while the run goes on, then the job's summary (plus the skipped inputs and failed items) goes to
     ``summary.json``, and ``run.json`` is written.
 
+    Under ``torchrun`` (or any launcher that sets ``RANK`` and ``WORLD_SIZE``; :mod:`vaeprobe.jobs.distributed`),
+    item ``i`` is done by rank ``i % WORLD_SIZE`` into the shared run directory; after a barrier rank 0 merges the
+    parts, writes the summary, ``run.json`` and the job's report, and every rank returns the same summary. A
+    resumed run may use another world size: finished items are skipped whoever finished them.
+
     Parameters
     ----------
     job : Job
@@ -605,23 +612,79 @@ def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, pro
     """
     import time
 
+    from vaeprobe.jobs import distributed
+
     started = time.perf_counter()
-    run = RunDir(out, job.config(), resume=resume, overwrite=overwrite)
+    ctx = distributed.setup(getattr(job, "device", None) or getattr(getattr(job, "vae", None), "device", None))
+    run = _open_run(ctx, out, job.config(), resume=resume, overwrite=overwrite)
+    job.shard = ctx  # which units are this rank's (a job that works ahead, like the pipeline's --batch, needs it)
     skipped: list = []
     keys: list[str] = []
-    for key, name, item, done in run.iterate(job.units(skipped), job.desc, unit=job.unit, progress=progress):
-        keys.append(key)
-        if not done:
+
+    def owned() -> Iterator[tuple[str, str, Any]]:
+        for index, unit in enumerate(job.units(skipped)):
+            keys.append(unit[0])
+            if ctx.owns(index):
+                yield unit
+
+    desc = job.desc if ctx.world == 1 else f"{job.desc} [rank {ctx.rank}/{ctx.world}]"
+    work = {"rank": ctx.rank, "units": 0, "done_before": 0, "seconds": 0.0}
+    for key, name, item, done in run.iterate(owned(), desc, unit=job.unit, progress=progress and ctx.is_main):
+        if done:
+            work["done_before"] += 1
+        else:
+            t0 = time.perf_counter()
             with run.guard(key, name):
                 job.process(run, key, item)
-        if run.is_done(key):
+            work["units"] += 1
+            work["seconds"] = round(work["seconds"] + time.perf_counter() - t0, 3)
+        if ctx.world == 1 and run.is_done(key):
             job.collect(run, key, run.meta(key))
-    keys = run.finished(keys)
-    summary = job.summarise(run, keys)
-    summary.setdefault("skipped", [str(s) for s in skipped])
-    summary.setdefault("failed", run.failed)
-    run.write_json("summary.json", summary)
-    run.finish(time.perf_counter() - started)
-    run.summary = summary
-    job.after(run, summary)
+    if ctx.world > 1:  # every rank's parts are written before rank 0 reads them
+        ctx.barrier()
+        gathered = ctx.gather((run.failed, work))
+        run.failed = [f for failed, _ in gathered for f in failed]
+        ranks = [w for _, w in gathered]
+        if ctx.is_main:
+            for key in keys:
+                if run.is_done(key):
+                    job.collect(run, key, run.meta(key))
+    outcome = None
+    if ctx.is_main:
+        try:
+            summary = job.summarise(run, run.finished(keys))
+            summary.setdefault("skipped", [str(s) for s in skipped])
+            summary.setdefault("failed", run.failed)
+            if ctx.world > 1:  # the load balance: units each rank computed (and found done), busy seconds
+                summary.setdefault("world_size", ctx.world)
+                summary.setdefault("ranks", ranks)
+            run.write_json("summary.json", summary)
+            run.finish(time.perf_counter() - started)
+            outcome = {"summary": summary}
+        except VaeprobeError as exc:
+            outcome = {"error": exc}
+            if ctx.world == 1:
+                raise
+    outcome = ctx.share(outcome)
+    if "error" in outcome:
+        raise outcome["error"]
+    run.summary = outcome["summary"]
+    if ctx.is_main:
+        job.after(run, run.summary)
     return run
+
+
+def _open_run(ctx, out, config: dict, *, resume: bool, overwrite: bool) -> RunDir:
+    """The run directory: rank 0 checks and prepares it (resume, overwrite), then the other ranks open it."""
+    if ctx.world == 1:
+        return RunDir(out, config, resume=resume, overwrite=overwrite)
+    run, error = None, None
+    if ctx.is_main:
+        try:
+            run = RunDir(out, config, resume=resume, overwrite=overwrite)
+        except VaeprobeError as exc:
+            error = exc
+    error = ctx.share(error)
+    if error is not None:
+        raise error
+    return run if run is not None else RunDir(out, config, resume=True)
