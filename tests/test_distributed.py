@@ -20,8 +20,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # torchrun gives each of several workers one thread; the one-process reference runs with the same, so that CPU
 # float reductions happen in the same order and the tables can be compared bitwise
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SCAN = ["scan", "--vae", "builtin:mini-kl-f8", "--images", "builtin:photos-heldout", "--size", "64", "--quiet",
-        "--keep-images", "1", "--donors", "2", "--evidence", "1"]
+# planted-direct: each image has a latent outlier with a global effect, so the swap test, the evidence of the
+# unusual cells and the kept decodes all have something to do
+SCAN = ["scan", "--vae", "builtin:planted-direct", "--images", "builtin:photos-heldout", "--size", "64", "--quiet",
+        "--keep-images", "2", "--donors", "2", "--evidence", "2"]
 LATENTS = ["latents", "--vae", "builtin:mini-kl-f8", "--images", "builtin:photos-heldout", "--size", "64", "--quiet"]
 
 
@@ -66,6 +68,37 @@ def test_two_ranks_equal_one_process(reference, tmp_path):
         assert summary["world_size"] == 2 and summary["n_images"] == 7 and summary["failed"] == []
     # the kept decodes of every image were written, by whichever rank owned it
     assert sorted(p.name for p in (tmp_path / "scan" / "images").iterdir()) == [f"{i:06d}" for i in range(7)]
+
+
+def test_position_blocks_across_ranks_equal_an_unsplit_scan(reference, tmp_path):
+    """--position-blocks 3 on 2 ranks: 21 units (7 images x 3 blocks), merged per image into the unsplit scan's
+    table, bitwise; the evidence kept for the same cells, the same kept decodes; more decodes (each block redoes
+    the image's clean decode and receptive field)."""
+    out = tmp_path / "blocks"
+    res = _vaeprobe([*SCAN, "--out", str(out), "--position-blocks", "3"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    ref_scan = pd.read_parquet(reference / "scan" / "scan.parquet")
+    pd.testing.assert_frame_equal(ref_scan, pd.read_parquet(out / "scan.parquet"), check_exact=True)
+    assert ref_scan.matched_ratio.notna().sum() >= 7 and ref_scan.is_global.sum() >= 7
+    a, b = pd.read_parquet(reference / "scan" / "images.parquet"), pd.read_parquet(out / "images.parquet")
+    same = [c for c in a.columns if c not in ("decodes", "seconds")]
+    pd.testing.assert_frame_equal(a[same], b[same], check_exact=True)
+    assert (b.blocks == 3).all() and (b.decodes > a.decodes).all()
+    for key in (f"{i:06d}" for i in range(7)):
+        files = sorted(p.name for p in (out / "images" / key).iterdir())
+        assert files == sorted(p.name for p in (reference / "scan" / "images" / key).iterdir()) and len(files) == 6
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 7 and sum(r["units"] for r in summary["ranks"]) == 21
+    # the report reads the merged parts, not the blocks
+    rep = _vaeprobe(["report", str(out), "--out", str(tmp_path / "report")])
+    assert rep.returncode == 0, rep.stderr
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert all(name in html for name in a.image) and "-b01" not in html
+    bad = _vaeprobe([*SCAN, "--out", str(tmp_path / "lin"), "--mode", "linear", "--position-blocks", "2"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "vaeprobe: error: --position-blocks 2: use a positive number, and more than 1 only with --mode exact")
 
 
 def _workers(parent: int) -> dict[int, int]:

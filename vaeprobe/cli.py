@@ -108,7 +108,8 @@ def cmd_scan(args) -> int:
                    threshold=args.threshold, swap_with=args.swap_with, keep_images=args.keep_images,
                    resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet, verdicts=not args.no_verdicts, evidence=args.evidence,
-                   n_donors=args.donors, device=args.device, dtype=args.dtype)
+                   n_donors=args.donors, device=args.device, dtype=args.dtype,
+                   position_blocks=args.position_blocks)
     summary = run.summary
     counts = summary.get("verdicts") or {}
     if counts:
@@ -244,6 +245,9 @@ def _add_scan(sub) -> None:
     p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
                    help=f"comma-separated, from {', '.join(ALL_MEASURES)} (default: all but ssim and lpips)")
     p.add_argument("--batch", type=int, default=8, help="perturbed latents per decoder call")
+    p.add_argument("--position-blocks", type=int, default=1, metavar="B",
+                   help="exact mode: split each image's positions into B work units, so that a sharded run "
+                        "(torchrun) spreads a few large images over its ranks (default 1)")
     p.add_argument("--probes", type=int, default=32, help="random probes of the linear map (linear mode)")
     p.add_argument("--patch", type=int, default=1, help="perturb a k x k patch around each position")
     p.add_argument("--channel", type=int, default=None, help="perturb one channel only")

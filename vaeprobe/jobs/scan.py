@@ -50,14 +50,18 @@ class ScanJob(Job):
     name = "scan"
 
     def __init__(self, vae, images, *, op, positions, mode, size, fit, radius, measures, batch, n_probes, seed,
-                 patch, channel, threshold, swap_with, keep_images, verdicts, evidence, n_donors, progress):
+                 patch, channel, threshold, swap_with, keep_images, verdicts, evidence, n_donors, progress,
+                 position_blocks=1):
         self.vae, self.images, self.size, self.fit, self.factor = vae, images, size, fit, vae.factor
         self.op, self.positions, self.mode, self.radius, self.measures = op, positions, mode, radius, list(measures)
         self.batch, self.n_probes, self.seed, self.patch, self.channel = batch, n_probes, seed, patch, channel
         self.threshold, self.swap_with, self.n_donors = threshold, swap_with, n_donors
         self.keep_images = keep_images if mode != "linear" else 0
         self.verdicts, self.evidence, self.progress = bool(verdicts), evidence, progress
+        self.position_blocks = max(1, int(position_blocks))
         self.desc = f"scan ({mode})"
+        if self.position_blocks > 1:
+            self.unit = "block"
         self.lpips_model = None
         if "lpips" in self.measures:
             from vaeprobe.probes.metrics import get_lpips
@@ -72,7 +76,24 @@ class ScanJob(Job):
                 "evidence": self.evidence, "n_donors": self.n_donors, "size": self.size, "fit": self.fit,
                 "radius": self.radius, "measures": self.measures, "n_probes": self.n_probes, "seed": self.seed,
                 "patch": self.patch, "channel": self.channel, "threshold": self.threshold,
-                "keep_images": self.keep_images}
+                "keep_images": self.keep_images, "position_blocks": self.position_blocks}
+
+    def units(self, skipped: list):
+        """Images, or with ``position_blocks`` B > 1 each image's B blocks of positions (keys ``KEY-bNN``)."""
+        units = super().units(skipped)
+        if self.position_blocks == 1:
+            yield from units
+            return
+        for key, name, img in units:
+            for b in range(self.position_blocks):
+                yield f"{key}-b{b:02d}", name, (key, img, b)
+
+    def block_sites(self, sites: list, block: int) -> list:
+        """Block ``block`` of ``sites``: contiguous, each a whole number of ``batch``-sized decoder calls, so every
+        decoder call holds the same latents as in an unsplit scan (blocks past the end are empty)."""
+        per = -(-len(sites) // self.position_blocks)
+        per = -(-per // self.batch) * self.batch
+        return sites[block * per:(block + 1) * per]
 
     def _swap_images(self, n: int, shape: tuple[int, int]) -> list:
         """The first ``n`` images of ``swap_with`` resized to ``shape``, as ``[1, 3, H, W]`` tensors in [-1, 1]."""
@@ -105,12 +126,16 @@ class ScanJob(Job):
             self._partner[shape] = self.vae.encode(got[0][1]).mean
         return self._partner[shape]
 
-    def _scan(self, run: RunDir, z, ref, norm, operator, field) -> ScanResult:
+    def _scan(self, run: RunDir, z, ref, norm, operator, field, block: int | None = None) -> ScanResult:
         vae, mode = self.vae, self.mode
         common = {"radius": self.radius, "measures": self.measures, "batch": self.batch, "ref": ref,
                   "lpips_model": self.lpips_model, "keep": self.keep_images, "field": field}
         if mode == "exact":
             sites = select_sites(self.positions, z.shape[-2:], norm=norm, size=self.patch, channel=self.channel)
+            if block is not None:
+                sites = self.block_sites(sites, block)
+                if not sites:
+                    return ScanResult(table=pd.DataFrame())
             return exact_scan(vae, z, sites, operator, progress=self.progress, **common)
         if mode == "linear":
             return linear_scan(vae, z, n_probes=self.n_probes, radius=self.radius, seed=self.seed)
@@ -121,7 +146,8 @@ class ScanJob(Job):
                     f"random control sample instead", once=True)
         return res
 
-    def process(self, run: RunDir, key: str, img) -> None:
+    def process(self, run: RunDir, key: str, item) -> None:
+        image_key, img, block = item if self.position_blocks > 1 else (key, item, None)
         vae = self.vae
         t0 = time.perf_counter()
         z = vae.encode(img.tensor()).mean
@@ -136,10 +162,17 @@ class ScanJob(Job):
 
             field = receptive_field(vae, z, ref, seed=self.seed, exclude=stats["excluded"])
             decodes += len(field.cells)
-        res = self._scan(run, z, ref, norm, operator, field)
+        res = self._scan(run, z, ref, norm, operator, field, block)
         decodes += res.decodes
-        kept = _save_kept(run.path / "images" / key, img.array, ref, res.kept) if self.keep_images else []
+        kept = _save_kept(run.path / "images" / image_key, img.array, ref, res.kept) if self.keep_images else []
         df = res.table
+        if df.empty:  # a block past the last position
+            run.write_part(key, None, {"image": img.name, "source": img.source, "h": int(z.shape[-2]),
+                                       "w": int(z.shape[-1]), "block": block, "image_key": image_key,
+                                       "positions": 0, "decodes": decodes, "backward": 0, "kept": [],
+                                       "erf": float(field.erf) if field is not None else math.nan,
+                                       "profiles": None, "seconds": round(time.perf_counter() - t0, 3)})
+            return
         df.insert(0, "image", img.name)
         profiles = None
         if field is not None:
@@ -158,6 +191,8 @@ class ScanJob(Job):
                 "erf": float(field.erf) if field is not None else math.nan, "profiles": profiles,
                 "decodes": decodes, "backward": res.backward, "kept": kept,
                 "linear_fallback": df.attrs.get("linear_fallback"), "seconds": round(time.perf_counter() - t0, 3)}
+        if block is not None:
+            meta.update(block=block, image_key=image_key)
         run.write_part(key, df, meta)
 
     def _top(self, df: pd.DataFrame) -> dict:
@@ -167,7 +202,66 @@ class ScanJob(Job):
                 "top_ratio": float(top[score]) if top is not None else math.nan,
                 "n_ratio_over": int((df[score] >= self.threshold).sum()) if score in df else 0}
 
+    def merge_blocks(self, run: RunDir, keys: list[str]) -> list[str]:
+        """Merge each image whose position blocks all finished into one part under the image's key, as an unsplit
+        scan would have written it: ``global_ratio`` over all its positions, the matched controls and the
+        frozen share for its ``evidence`` most unusual cells only (each block measured its own), the kept decodes
+        of its ``keep_images`` largest far fields (the others' files are removed). Returns the image keys."""
+        from vaeprobe.probes.response import global_effect_ratio
+        from vaeprobe.probes.verdict import PROFILE_COLUMNS, VerdictRules
+
+        groups: dict[str, list[str]] = {}
+        for k in keys:
+            groups.setdefault(k.rsplit("-b", 1)[0], []).append(k)
+        merged = []
+        for image_key, block_keys in groups.items():
+            if len(block_keys) < self.position_blocks:
+                continue  # a block failed: it is listed under failed, and --resume retries it
+            metas = [run.meta(k) for k in block_keys]
+            tables = [pd.read_parquet(run.parts_dir / f"{k}.parquet") for k, m in zip(block_keys, metas)
+                      if m.get("positions")]
+            df = pd.concat(tables, ignore_index=True)
+            if "far_l2" in df:
+                df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
+            profiles = next((m["profiles"] for m in metas if m.get("profiles")), None)
+            if self.verdicts and self.mode != "linear":
+                rules = VerdictRules()
+                records = df[list(PROFILE_COLUMNS)].to_dict("records")
+                unusual = [i for i, r in enumerate(records)
+                           if rules.shape(r) != "local" or r["norm_ratio"] >= rules.norm_ratio]
+                unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
+                drop = np.ones(len(df), bool)
+                drop[unusual[:max(0, self.evidence)]] = False
+                df.loc[drop, ["matched_ratio", "transplant_ratio", "frozen_removed"]] = math.nan
+                keep_cells = {f"{df.row.iloc[i]},{df.col.iloc[i]}" for i in unusual[:max(0, self.evidence)]}
+                cells = {c: p for m in metas for c, p in ((m.get("profiles") or {}).get("cells") or {}).items()}
+                profiles = {"reference": profiles["reference"] if profiles else None,
+                            "cells": {c: p for c, p in cells.items() if c in keep_cells}}
+            kept = self._merge_kept(run, image_key, df, [k for m in metas for k in m.get("kept") or []])
+            first = metas[0]
+            meta = {"image": first["image"], "source": first["source"], "h": first["h"], "w": first["w"],
+                    **self._top(df), "n_global": int(df["is_global"].sum()), "positions": len(df),
+                    "verdicts": {str(k): int(v) for k, v in df["verdict"].value_counts().items()},
+                    "erf": first["erf"], "profiles": profiles, "decodes": int(sum(m["decodes"] for m in metas)),
+                    "backward": int(sum(m.get("backward") or 0 for m in metas)), "kept": kept,
+                    "linear_fallback": None, "seconds": round(sum(m["seconds"] for m in metas), 3),
+                    "blocks": len(block_keys)}
+            run.write_part(image_key, df, meta)
+            merged.append(image_key)
+        return merged
+
+    def _merge_kept(self, run: RunDir, image_key: str, df: pd.DataFrame, kept: list[dict]) -> list[dict]:
+        """The ``keep_images`` kept decodes with the largest far field over all blocks; the others' files go."""
+        far = {(int(r), int(c)): v for r, c, v in zip(df.row, df.col, df.get("far_l2", df.get("l2")))}
+        kept = sorted(kept, key=lambda k: -far.get((k["row"], k["col"]), -math.inf))
+        for k in kept[self.keep_images:]:
+            for suffix in ("", "_diff"):
+                (run.path / "images" / image_key / f"r{k['row']}_c{k['col']}{suffix}.png").unlink(missing_ok=True)
+        return kept[:self.keep_images]
+
     def summarise(self, run: RunDir, keys: list[str]) -> dict:
+        if self.position_blocks > 1:
+            keys = self.merge_blocks(run, keys)
         run.concat("scan.parquet", keys)
         rows = [run.meta(k) for k in keys]
         # nested per-image records stay in parts/*.json; the table keeps flat columns (verdict counts as JSON text)
@@ -190,7 +284,7 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
              swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
              overwrite: bool = False, progress: bool = True, verdicts: bool = True, evidence: int = 4,
-             n_donors: int = 4, device=None, dtype=None) -> RunDir:
+             n_donors: int = 4, device=None, dtype=None, position_blocks: int = 1) -> RunDir:
     """Scan every image of ``images`` and write a run directory ``out``.
 
     One part per image is written atomically, so ``resume=True`` skips the images a killed run finished. Files: see
@@ -262,6 +356,12 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
         Donor images of the swap test.
     device, dtype : keyword-only
         Where and in what precision the VAE runs.
+    position_blocks : int, keyword-only
+        Exact mode: cut each image's positions into this many blocks, each a work unit of its own, so that a
+        sharded run (README, "Many GPUs") spreads a few large images over many ranks. Every block repeats the
+        image's encode, clean decode and receptive field (13 decodes with verdicts) and its own evidence; the
+        blocks are merged into the image's part when all are done. Blocks are whole decoder batches, so the
+        merged table equals an unsplit scan's (tested bitwise on CPU); ``decodes`` counts the repeated work.
 
     Returns
     -------
@@ -284,6 +384,9 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
     if mode not in MODES:
         raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     check_positions(positions, ScanError)
+    if int(position_blocks) < 1 or (int(position_blocks) > 1 and mode != "exact"):
+        raise ScanError(f"--position-blocks {position_blocks}: use a positive number, and more than 1 only with "
+                        f"--mode exact (a linear map or a two-stage scan is one unit per image)")
     vae = coerce_vae(vae, device=device, dtype=dtype)
     check_operator(op, vae, seed=seed)
     if mode == "linear":
@@ -297,5 +400,5 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
     job = ScanJob(vae, images, op=op, positions=positions, mode=mode, size=size, fit=fit, radius=radius,
                   measures=measures, batch=batch, n_probes=n_probes, seed=seed, patch=patch, channel=channel,
                   threshold=threshold, swap_with=swap_with, keep_images=keep_images, verdicts=verdicts,
-                  evidence=evidence, n_donors=n_donors, progress=progress)
+                  evidence=evidence, n_donors=n_donors, progress=progress, position_blocks=position_blocks)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -152,6 +152,8 @@ def load_run(path: str | Path) -> Run:
               json.loads(info_path.read_text()) if info_path.exists() else {})
     for meta_file in sorted((path / "parts").glob("*.json")):
         meta = json.loads(meta_file.read_text())
+        if "block" in meta:  # a block of positions (scan --position-blocks); its image has a merged part
+            continue
         run.metas.setdefault(str(meta.get("image")), (meta_file.stem, meta))
     return run
 
