@@ -162,6 +162,8 @@ def test_batched_generation_keeps_each_sample(tmp_path, planted):
     assert not torch.allclose(gens[0].latents, gens[2].latents)       # another seed, other noise
     kwargs = dict(prompts=PROMPTS[:2], seeds="0-2", steps=4, controls=2, lpips=False, progress=False)
     run_pipeline("builtin:tiny-sd-planted", out=tmp_path / "one", **kwargs)
+    with pytest.raises(PipelineError, match="--batch 0: give the number of samples"):
+        run_pipeline("builtin:tiny-sd-planted", out=tmp_path / "zero", batch=0, **kwargs)
     run = run_pipeline("builtin:tiny-sd-planted", out=tmp_path / "four", batch=4, **kwargs)
     assert run.summary["n_samples"] == 6
     for name in ("emergence.parquet", "interventions.parquet"):

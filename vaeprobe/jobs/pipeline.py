@@ -865,6 +865,8 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
     model_spec = model if isinstance(model, str) else type(model).__name__
     from vaeprobe.jobs.distributed import rank_device
 
+    if int(batch) < 1:
+        raise PipelineError(f"--batch {batch}: give the number of samples per pipeline call, 1 or more")
     pipe = load_pipeline(model, device=rank_device(device), dtype=dtype)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     if size is not None and (int(size) % factor or int(size) < 3 * factor):

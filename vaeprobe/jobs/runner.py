@@ -530,6 +530,8 @@ class Job:
         The progress bar's unit.
     images, factor, fit, size :
         What the default :meth:`units` reads (:func:`image_units`).
+    shard : vaeprobe.jobs.distributed.Context
+        Set by :func:`run_job`: this process's rank and which units it owns (``shard.owns(i)``).
     """
 
     name = "job"
