@@ -239,3 +239,20 @@ def test_demo_runs_the_main_job_and_reports(tmp_path):
     assert dom["builtin:planted-groupnorm"] == "groupnorm 7"
     page = report.read_text()
     assert page.count('class="card"') == 21 and "rocket" in page and "builtin:taef2" in page
+
+
+def test_writing_figures_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend survives a run that writes figures (vaeprobe used to switch it to Agg, after
+    which the notebook's own plt.show() showed nothing)."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        from vaeprobe.jobs.latents import run_latents
+
+        run = run_latents("builtin:planted-direct", "builtin:photos-heldout", tmp_path / "lat", size=64, progress=False)
+        assert any((run.path / "maps").rglob("*.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

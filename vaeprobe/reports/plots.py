@@ -11,14 +11,32 @@ from vaeprobe._io import atomic_path
 from vaeprobe.data.images import to_unit
 
 
+class Figures:
+    """The few pyplot calls used here, on :class:`matplotlib.figure.Figure` objects: no backend is chosen and no
+    pyplot state is touched, so a notebook's inline figures keep working after vaeprobe writes its own."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, squeeze: bool = True):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to release: the figure is not registered with pyplot."""
+
+    @staticmethod
+    def Circle(*args, **kwargs):  # noqa: N802 (pyplot's name)
+        from matplotlib.patches import Circle
+
+        return Circle(*args, **kwargs)
+
+
 def figure(ncols: int, width: float = 3.2):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, width + 0.4), squeeze=False)
-    return plt, fig, axes[0]
+    """``(Figures, fig, axes)``: a row of ``ncols`` axes."""
+    fig, axes = Figures.subplots(1, ncols, figsize=(width * ncols, width + 0.4), squeeze=False)
+    return Figures, fig, axes[0]
 
 
 def save_latent_maps(path: str | Path, image: np.ndarray, maps, spots: Sequence[tuple[int, int]] = ()) -> Path:

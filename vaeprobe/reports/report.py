@@ -345,12 +345,9 @@ def _version() -> str:
 
 
 def _plt():
-    import matplotlib
+    from vaeprobe.reports.plots import Figures
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figures
 
 
 def _hist_uri(values: np.ndarray, title: str, xlabel: str, log: bool = True) -> str | None:
