@@ -430,11 +430,6 @@ def emergence_table(gen: Generation, to_raw, *, threshold: float | None = None) 
         <vaeprobe.models.adapter.VAE.from_diffusion>`).
     threshold : float, optional
         Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
-    batch : int, optional
-        Samples generated in one pipeline call (:func:`generate_batch`; each keeps its own seeded generator, so
-        a sample's noise does not depend on the batch, and its latents match the one-sample run's up to float
-        rounding). Not part of the run's config: a run resumed with another batch size goes on. The
-        measurements after generation run one sample at a time.
 
     Returns
     -------
