@@ -1,0 +1,210 @@
+"""The published claims about SD's VAE spot, as one experiment runnable on any VAE spec.
+
+    python experiments/claims.py experiments/configs/claims/builtin.json     # the builtin models (CPU, minutes)
+    python experiments/claims.py experiments/configs/claims/sd_vaes.json     # SD 1.5 / ft-MSE / SDXL (weights, GPU)
+
+For every model of the config and every image, at the latent cell with the largest norm (the spot when there is
+one; the "candidate") and at ``ordinary`` seeded cells of ordinary norm (:func:`vaeprobe.probes.verdict.ordinary_cells`):
+
+(a) the seed investigation, as reported: the raw log-variance (before diffusers' clamp, mean over channels) at the
+    candidate against the ordinary cells (the "black hole"); the smudge ablation (the candidate replaced by the
+    mean of the ring around it) and the far field's mean colour and luma shift, against the same ablation of the
+    ordinary cells;
+(b) the rebuttal, as reported: the raw log-variance of ordinary cells (reported around -17 to -23) and of the
+    spot (the -30 clamp); a perturbation of the candidate by its own posterior sigma (a draw of the posterior at
+    that cell) against zeroing it, in far-field energy; the candidate's change ``||dz||`` over an ordinary
+    cell's, and the verdict module's magnitude-matched controls (``matched_ratio``: the same ``||dz||`` applied at
+    ordinary cells; ``transplant_ratio``: the candidate's vector written there);
+(c) the toolkit's verdict of the candidate (and of the ordinary cells), with its measures.
+
+The config names the models, the images, the size, the device and, per claim, the published expectation (quoted
+into the results). Writes ``experiments/results/claims/NAME.json`` (per model: medians and counts, plus the
+expectations) and ``NAME.parquet`` (one row per model, image and cell) and ``NAME.md`` (the summary as a table), atomically, one model at a time (a rerun
+skips the models already written for the same config, so a killed run goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vaeprobe._io import atomic_path, write_text_atomic  # noqa: E402
+from vaeprobe.data.images import load_images  # noqa: E402
+from vaeprobe.models.loading import load_vae  # noqa: E402
+from vaeprobe.probes.latents import DEFAULT_THRESHOLD  # noqa: E402
+from vaeprobe.probes.perturb import Site, apply_batch, parse_operator  # noqa: E402
+from vaeprobe.probes.response import measure  # noqa: E402
+from vaeprobe.probes.verdict import CellVerdict, make_donors, ordinary_cells  # noqa: E402
+
+MEASURES = ("far_l2", "far_dr", "far_dg", "far_db", "far_dy")
+
+
+def _cell_logvar(raw: torch.Tensor | None, r: int, c: int) -> float:
+    return math.nan if raw is None else float(raw[0, :, r, c].mean())
+
+
+def image_rows(vae, x: torch.Tensor, *, n_ordinary: int, radius: int, seed: int, cv: CellVerdict) -> list[dict]:
+    """The rows of one image: the candidate cell and ``n_ordinary`` ordinary cells."""
+    post = vae.encode(x)
+    z, raw = post.mean, post.raw_logvar
+    norm = z[0].norm(dim=0)
+    h, w = norm.shape
+    flat = int(norm.argmax())
+    cand = divmod(flat, w)
+    cells = [cand] + [c for c in ordinary_cells(z, n_ordinary, seed=seed, exclude=[cand])]
+    ref = vae.decode(z)
+    sites = [Site(r, c) for r, c in cells]
+    smudge = parse_operator("smudge")
+    zero = parse_operator("zero")
+    smudged = measure(ref, vae.decode(apply_batch(z, sites, smudge)), sites, vae.factor, radius=radius,
+                      measures=MEASURES)
+    zeroed = measure(ref, vae.decode(apply_batch(z, sites, zero)), sites, vae.factor, radius=radius,
+                     measures=("far_l2",))
+    # a posterior draw at each cell: z + sigma * eps there only (sigma from the clamped log-variance, as sampled)
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(len(cells), z.shape[1], generator=g)
+    zs = z.repeat(len(cells), 1, 1, 1)
+    for i, (r, c) in enumerate(cells):
+        zs[i, :, r, c] = z[0, :, r, c] + post.std[0, :, r, c] * eps[i].to(z)
+    sigma = measure(ref, vae.decode(zs), sites, vae.factor, radius=radius, measures=("far_l2",))
+    verdicts = cv.classify(z, cells, ref=ref)
+    median_norm = float(norm.median())
+    rows = []
+    for i, (r, c) in enumerate(cells):
+        v = verdicts.iloc[i]
+        rows.append({
+            "cell": "candidate" if i == 0 else "ordinary", "row": r, "col": c,
+            "norm_ratio": float(norm[r, c] / median_norm), "is_spot": bool(norm[r, c] / median_norm >= DEFAULT_THRESHOLD),
+            "raw_logvar": _cell_logvar(raw, r, c),
+            "raw_logvar_min": math.nan if raw is None else float(raw[0, :, r, c].min()),
+            "dz_norm_over_median": float(norm[r, c] / median_norm),
+            "smudge_far_l2": smudged[i]["far_l2"],
+            "smudge_far_colour_shift": float(np.linalg.norm([smudged[i][k] for k in ("far_dr", "far_dg", "far_db")])),
+            "smudge_far_dy": smudged[i]["far_dy"],
+            "zero_far_l2": zeroed[i]["far_l2"], "sigma_far_l2": sigma[i]["far_l2"],
+            "sigma_over_zero": (sigma[i]["far_l2"] / zeroed[i]["far_l2"]
+                                if zeroed[i]["far_l2"] > 0 and not post.deterministic else math.nan),
+            "posterior_sigma": float(post.std[0, :, r, c].mean()),
+            "verdict": v["verdict"], **{k: float(v.get(k, math.nan)) for k in (
+                "band_rel", "far_excess", "flatness", "swap_corr", "matched_ratio", "transplant_ratio")},
+        })
+    return rows
+
+
+def summarise(df: pd.DataFrame) -> dict:
+    cand, ordi = df[df.cell == "candidate"], df[df.cell == "ordinary"]
+    med = lambda s: float(s.median()) if s.notna().any() else None  # noqa: E731
+
+    def q(s, p):
+        return float(s.quantile(p)) if s.notna().any() else None
+
+    return {
+        "images": int(len(cand)), "spot_rate": float(cand.is_spot.mean()),
+        "candidate_norm_ratio_median": med(cand.norm_ratio),
+        "a_raw_logvar_candidate_median": med(cand.raw_logvar),
+        "a_raw_logvar_candidate_min_median": med(cand.raw_logvar_min),
+        "a_candidate_at_clamp": int((cand.raw_logvar_min <= -30 + 1e-3).sum()),
+        "a_smudge_colour_shift_candidate_median": med(cand.smudge_far_colour_shift),
+        "a_smudge_colour_shift_ordinary_median": med(ordi.smudge_far_colour_shift),
+        "a_smudge_dy_candidate_median": med(cand.smudge_far_dy.abs()),
+        "a_smudge_dy_ordinary_median": med(ordi.smudge_far_dy.abs()),
+        "b_raw_logvar_ordinary_p5_p50_p95": [q(ordi.raw_logvar, 0.05), q(ordi.raw_logvar, 0.5), q(ordi.raw_logvar, 0.95)],
+        "b_sigma_over_zero_candidate_median": med(cand.sigma_over_zero),
+        "b_sigma_over_zero_ordinary_median": med(ordi.sigma_over_zero),
+        "b_matched_ratio_candidate_median": med(cand.matched_ratio),
+        "b_transplant_ratio_candidate_median": med(cand.transplant_ratio),
+        "c_candidate_verdicts": {str(k): int(v) for k, v in cand.verdict.value_counts().items()},
+        "c_ordinary_verdicts": {str(k): int(v) for k, v in ordi.verdict.value_counts().items()},
+    }
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {n}" for k, n in sorted(v.items(), key=lambda kv: -kv[1])) or "–"
+    if isinstance(v, list):
+        return " / ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+ROWS = [("spot rate (largest norm ≥ 10× median)", "spot_rate"),
+        ("largest norm / median (median over images)", "candidate_norm_ratio_median"),
+        ("(a) raw log-variance at that cell, mean over channels", "a_raw_logvar_candidate_median"),
+        ("(a) images where it is at or below the -30 clamp", "a_candidate_at_clamp"),
+        ("(a) smudge: far-field colour shift, that cell", "a_smudge_colour_shift_candidate_median"),
+        ("(a) smudge: far-field colour shift, ordinary cells", "a_smudge_colour_shift_ordinary_median"),
+        ("(a) smudge: far-field luma shift, that cell", "a_smudge_dy_candidate_median"),
+        ("(a) smudge: far-field luma shift, ordinary cells", "a_smudge_dy_ordinary_median"),
+        ("(b) raw log-variance of ordinary cells, p5 / p50 / p95", "b_raw_logvar_ordinary_p5_p50_p95"),
+        ("(b) posterior-sigma draw / zeroing, far energy, that cell", "b_sigma_over_zero_candidate_median"),
+        ("(b) the same, ordinary cells", "b_sigma_over_zero_ordinary_median"),
+        ("(b) far energy / same ‖Δz‖ at ordinary cells (`matched_ratio`)", "b_matched_ratio_candidate_median"),
+        ("(b) far energy / its vector written at ordinary cells (`transplant_ratio`)", "b_transplant_ratio_candidate_median"),
+        ("(c) verdict of that cell (images)", "c_candidate_verdicts"),
+        ("(c) verdicts of the ordinary cells", "c_ordinary_verdicts")]
+
+
+def markdown_table(done: dict) -> str:
+    """The results as a Markdown table, one column per model (colour and luma shifts in [-1, 1] units)."""
+    models = list(done["models"])
+    lines = ["| | " + " | ".join(m.replace("builtin:", "") for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for label, key in ROWS:
+        lines.append(f"| {label} | " + " | ".join(_fmt(done["models"][m].get(key)) for m in models) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", help="a JSON config (experiments/configs/claims/)")
+    ap.add_argument("--out", default=None, help="results base path (default experiments/results/claims/NAME)")
+    a = ap.parse_args(argv)
+    cfg = json.loads(Path(a.config).read_text())
+    base = Path(a.out) if a.out else ROOT / "experiments" / "results" / "claims" / cfg["name"]
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path_json, path_table = base.with_suffix(".json"), base.with_suffix(".parquet")
+    done = json.loads(path_json.read_text()) if path_json.exists() else {}
+    if done.get("config") != cfg:
+        done = {"config": cfg, "models": {}}
+    table = pd.read_parquet(path_table) if path_table.exists() and done["models"] else pd.DataFrame()
+    images = load_images(cfg["images"], size=cfg["size"])[: cfg.get("n_images")]
+    for spec in cfg["models"]:
+        if spec in done["models"]:
+            continue
+        t0 = time.time()
+        vae = load_vae(spec, device=cfg.get("device"))
+        donors = make_donors(vae, [d.tensor() for d in load_images(cfg["donors"], size=cfg["size"])[:4]])
+        cv = CellVerdict(vae, donors=donors, evidence=True)
+        rows = []
+        with torch.no_grad():
+            for img in images:
+                for row in image_rows(vae, img.tensor().to(vae.device), n_ordinary=cfg["n_ordinary"],
+                                      radius=cfg["radius"], seed=cfg["seed"], cv=cv):
+                    rows.append({"model": spec, "image": img.name, **row})
+        df = pd.DataFrame(rows)
+        done["models"][spec] = {**summarise(df), "seconds": round(time.time() - t0, 1)}
+        table = pd.concat([table, df], ignore_index=True)
+        with atomic_path(path_table) as tmp:
+            table.to_parquet(tmp, index=False)
+        write_text_atomic(path_json, json.dumps(done, indent=1) + "\n")
+        print(f"{spec}: {json.dumps(done['models'][spec])}", flush=True)
+    write_text_atomic(base.with_suffix(".md"), markdown_table(done))
+    return done
+
+
+if __name__ == "__main__":
+    main()
