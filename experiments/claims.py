@@ -19,7 +19,8 @@ one; the "candidate") and at ``ordinary`` seeded cells of ordinary norm (:func:`
 
 The config names the models, the images, the size, the device and, per claim, the published expectation (quoted
 into the results). Writes ``experiments/results/claims/NAME.json`` (per model: medians and counts, plus the
-expectations) and ``NAME.parquet`` (one row per model, image and cell) and ``NAME.md`` (the summary as a table), atomically, one model at a time (a rerun
+expectations) and ``NAME.parquet`` (one row per model, image and cell, with distance profiles), ``NAME.md`` (the summary as a
+table) and two figures (:func:`figures`), atomically, one model at a time (a rerun
 skips the models already written for the same config, so a killed run goes on).
 """
 
@@ -79,6 +80,7 @@ def image_rows(vae, x: torch.Tensor, *, n_ordinary: int, radius: int, seed: int,
         zs[i, :, r, c] = z[0, :, r, c] + post.std[0, :, r, c] * eps[i].to(z)
     sigma = measure(ref, vae.decode(zs), sites, vae.factor, radius=radius, measures=("far_l2",))
     verdicts = cv.classify(z, cells, ref=ref)
+    field = verdicts.attrs["field"]
     median_norm = float(norm.median())
     rows = []
     for i, (r, c) in enumerate(cells):
@@ -96,6 +98,9 @@ def image_rows(vae, x: torch.Tensor, *, n_ordinary: int, radius: int, seed: int,
             "sigma_over_zero": (sigma[i]["far_l2"] / zeroed[i]["far_l2"]
                                 if zeroed[i]["far_l2"] > 0 and not post.deterministic else math.nan),
             "posterior_sigma": float(post.std[0, :, r, c].mean()),
+            "profile": json.dumps([float(e) for e in v["profile"]]),
+            "reference_profile": json.dumps([float(e) for e in field["profile"]]), "erf": float(field["erf"]),
+            "logvar_map": json.dumps(raw[0].mean(0).tolist()) if raw is not None and i == 0 else None,
             "verdict": v["verdict"], **{k: float(v.get(k, math.nan)) for k in (
                 "band_rel", "far_excess", "flatness", "swap_corr", "matched_ratio", "transplant_ratio")},
         })
@@ -188,7 +193,7 @@ def main(argv=None) -> dict:
         t0 = time.time()
         vae = load_vae(spec, device=cfg.get("device"))
         donors = make_donors(vae, [d.tensor() for d in load_images(cfg["donors"], size=cfg["size"])[:4]])
-        cv = CellVerdict(vae, donors=donors, evidence=True)
+        cv = CellVerdict(vae, donors=donors, evidence=True, keep_profiles=True)
         rows = []
         with torch.no_grad():
             for img in images:
@@ -203,7 +208,51 @@ def main(argv=None) -> dict:
         write_text_atomic(path_json, json.dumps(done, indent=1) + "\n")
         print(f"{spec}: {json.dumps(done['models'][spec])}", flush=True)
     write_text_atomic(base.with_suffix(".md"), markdown_table(done))
+    figures(table, base)
     return done
+
+
+def figures(df: pd.DataFrame, base: Path) -> None:
+    """``NAME-logvar.png``: each model's raw log-variance map of the first image (mean over channels; the spot
+    shows as a black hole); ``NAME-profiles.png``: per model, the energy of zeroing the largest cell against
+    distance (over its value at the cell, median over images) beside the image's ordinary cells' profile."""
+    import matplotlib
+
+    from vaeprobe.reports.plots import Figures
+
+    matplotlib.rcParams.update({"font.size": 7})
+    models = list(dict.fromkeys(df.model))
+    maps = [(m, df[(df.model == m) & df.logvar_map.notna()]) for m in models]
+    maps = [(m, g) for m, g in maps if len(g)]
+    fig, axes = Figures.subplots(1, max(1, len(maps)), figsize=(1.9 * max(1, len(maps)), 2.1), squeeze=False)
+    for ax, (m, g) in zip(axes[0], maps):
+        im = ax.imshow(np.array(json.loads(g.logvar_map.iloc[0])), cmap="viridis", vmin=-35, vmax=-5)
+        ax.set_title(f"{m.replace('builtin:', '')}\n{g.image.iloc[0]}")
+        ax.axis("off")
+    if maps:
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7, label="raw log-variance")
+    with atomic_path(base.parent / f"{base.name}-logvar.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    fig, axes = Figures.subplots(1, len(models), figsize=(1.9 * len(models), 2.0), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        g = df[df.model == m]
+
+        def curve(rows, col):
+            prof = [np.array(json.loads(p)) for p in rows[col]]
+            n = min(len(p) for p in prof)
+            return np.median([p[:n] / p[0] for p in prof if p[0] > 0], axis=0)
+
+        cand = g[g.cell == "candidate"]
+        ax.semilogy(curve(cand, "reference_profile"), color="grey", label="ordinary cells")
+        ax.semilogy(curve(cand, "profile"), color="C3", label="largest cell")
+        ax.axvline(float(cand.erf.median()), color="grey", ls=":", lw=0.8)
+        ax.set_title(f"{m.replace('builtin:', '')}\n{cand.verdict.mode().iloc[0]}")
+        ax.set_xlabel("distance (cells)")
+    axes[0][0].set_ylabel("energy / energy at the cell")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(base.parent / f"{base.name}-profiles.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def test_claims_experiment_on_a_planted_control(tmp_path):
     assert spot["a_smudge_colour_shift_candidate_median"] > 100 * decoy["a_smudge_colour_shift_candidate_median"]
     assert spot["c_candidate_verdicts"] == {"global": 2} and decoy["c_candidate_verdicts"] == {"high-norm": 2}
     assert spot["b_matched_ratio_candidate_median"] > 1 > decoy["b_matched_ratio_candidate_median"]
+    assert (tmp_path / "out" / "tiny-logvar.png").stat().st_size > 0
+    assert (tmp_path / "out" / "tiny-profiles.png").stat().st_size > 0
     table = (tmp_path / "out" / "tiny.md").read_text()
     assert "planted-groupnorm" in table and "high-norm 2" in table
     # a rerun with the same config skips the models already written
