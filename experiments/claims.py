@@ -56,14 +56,19 @@ def _cell_logvar(raw: torch.Tensor | None, r: int, c: int) -> float:
 
 
 def image_rows(vae, x: torch.Tensor, *, n_ordinary: int, radius: int, seed: int, cv: CellVerdict) -> list[dict]:
-    """The rows of one image: the candidate cell and ``n_ordinary`` ordinary cells."""
+    """The rows of one image: the candidate cell, a control's planted cell when it is another one (``keyed``,
+    ``internal``, ``planted-hidden`` plant at ordinary norms), and ``n_ordinary`` ordinary cells."""
     post = vae.encode(x)
     z, raw = post.mean, post.raw_logvar
     norm = z[0].norm(dim=0)
     h, w = norm.shape
     flat = int(norm.argmax())
     cand = divmod(flat, w)
-    cells = [cand] + [c for c in ordinary_cells(z, n_ordinary, seed=seed, exclude=[cand])]
+    truth = vae.ground_truth(x) if vae.ground_truth is not None else []
+    planted = (truth[0]["row"], truth[0]["col"]) if truth else None
+    extra = [planted] if planted is not None and planted != cand else []
+    cells = [cand] + extra + [c for c in ordinary_cells(z, n_ordinary, seed=seed, exclude=[cand] + extra)]
+    kinds = ["candidate"] + ["planted"] * len(extra) + ["ordinary"] * (len(cells) - 1 - len(extra))
     ref = vae.decode(z)
     sites = [Site(r, c) for r, c in cells]
     smudge = parse_operator("smudge")
@@ -86,7 +91,7 @@ def image_rows(vae, x: torch.Tensor, *, n_ordinary: int, radius: int, seed: int,
     for i, (r, c) in enumerate(cells):
         v = verdicts.iloc[i]
         rows.append({
-            "cell": "candidate" if i == 0 else "ordinary", "row": r, "col": c,
+            "cell": kinds[i], "is_planted": (r, c) == planted, "row": r, "col": c,
             "norm_ratio": float(norm[r, c] / median_norm), "is_spot": bool(norm[r, c] / median_norm >= DEFAULT_THRESHOLD),
             "raw_logvar": _cell_logvar(raw, r, c),
             "raw_logvar_min": math.nan if raw is None else float(raw[0, :, r, c].min()),
@@ -131,6 +136,7 @@ def summarise(df: pd.DataFrame) -> dict:
         "b_transplant_ratio_candidate_median": med(cand.transplant_ratio),
         "c_candidate_verdicts": {str(k): int(v) for k, v in cand.verdict.value_counts().items()},
         "c_ordinary_verdicts": {str(k): int(v) for k, v in ordi.verdict.value_counts().items()},
+        "c_planted_verdicts": {str(k): int(v) for k, v in df[df.is_planted].verdict.value_counts().items()},
     }
 
 
@@ -160,7 +166,8 @@ ROWS = [("spot rate (largest norm ≥ 10× median)", "spot_rate"),
         ("(b) far energy / same ‖Δz‖ at ordinary cells (`matched_ratio`)", "b_matched_ratio_candidate_median"),
         ("(b) far energy / its vector written at ordinary cells (`transplant_ratio`)", "b_transplant_ratio_candidate_median"),
         ("(c) verdict of that cell (images)", "c_candidate_verdicts"),
-        ("(c) verdicts of the ordinary cells", "c_ordinary_verdicts")]
+        ("(c) verdicts of the ordinary cells", "c_ordinary_verdicts"),
+        ("(c) verdict of the planted cell (controls)", "c_planted_verdicts")]
 
 
 def markdown_table(done: dict) -> str:
@@ -245,6 +252,9 @@ def figures(df: pd.DataFrame, base: Path) -> None:
         cand = g[g.cell == "candidate"]
         ax.semilogy(curve(cand, "reference_profile"), color="grey", label="ordinary cells")
         ax.semilogy(curve(cand, "profile"), color="C3", label="largest cell")
+        if (g.cell == "planted").any():
+            ax.semilogy(curve(g[g.cell == "planted"], "profile"), color="C0", label="planted cell")
+            ax.legend(fontsize=5)
         ax.axvline(float(cand.erf.median()), color="grey", ls=":", lw=0.8)
         ax.set_title(f"{m.replace('builtin:', '')}\n{cand.verdict.mode().iloc[0]}")
         ax.set_xlabel("distance (cells)")
