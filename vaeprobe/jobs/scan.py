@@ -208,7 +208,7 @@ class ScanJob(Job):
         frozen share for its ``evidence`` most unusual cells only (each block measured its own), the kept decodes
         of its ``keep_images`` largest far fields (the others' files are removed). Returns the image keys."""
         from vaeprobe.probes.response import global_effect_ratio
-        from vaeprobe.probes.verdict import PROFILE_COLUMNS, VerdictRules
+        from vaeprobe.probes.verdict import PROFILE_COLUMNS, VerdictRules, evidence_rows
 
         groups: dict[str, list[str]] = {}
         for k in keys:
@@ -225,15 +225,12 @@ class ScanJob(Job):
                 df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
             profiles = next((m["profiles"] for m in metas if m.get("profiles")), None)
             if self.verdicts and self.mode != "linear":
-                rules = VerdictRules()
                 records = df[list(PROFILE_COLUMNS)].to_dict("records")
-                unusual = [i for i, r in enumerate(records)
-                           if rules.shape(r) != "local" or r["norm_ratio"] >= rules.norm_ratio]
-                unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
+                chosen = evidence_rows(records, VerdictRules(), self.evidence)
                 drop = np.ones(len(df), bool)
-                drop[unusual[:max(0, self.evidence)]] = False
+                drop[chosen] = False
                 df.loc[drop, ["matched_ratio", "transplant_ratio", "frozen_removed"]] = math.nan
-                keep_cells = {f"{df.row.iloc[i]},{df.col.iloc[i]}" for i in unusual[:max(0, self.evidence)]}
+                keep_cells = {f"{df.row.iloc[i]},{df.col.iloc[i]}" for i in chosen}
                 cells = {c: p for m in metas for c, p in ((m.get("profiles") or {}).get("cells") or {}).items()}
                 profiles = {"reference": profiles["reference"] if profiles else None,
                             "cells": {c: p for c, p in cells.items() if c in keep_cells}}

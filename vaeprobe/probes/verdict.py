@@ -977,6 +977,36 @@ class CellVerdict:
         return got
 
 
+def evidence_rows(records: Sequence[dict], rules: VerdictRules, n: int) -> list[int]:
+    """The rows that get the matched controls and the frozen share: the ``n`` unusual ones (profile not local, or
+    a latent-norm outlier) with the largest ``far_rel``, in that order.
+
+    Parameters
+    ----------
+    records : sequence of dict
+        The rows' :data:`PROFILE_COLUMNS`.
+    rules : VerdictRules
+        The thresholds.
+    n : int
+        How many.
+
+    Returns
+    -------
+    list of int
+        Row indices.
+
+    Examples
+    --------
+    >>> rows = [{"norm_ratio": 1.0, "far_rel": 0.1, "band_rel": 1e-6, "far_excess": 1.0},
+    ...         {"norm_ratio": 40.0, "far_rel": 0.01, "band_rel": 1e-6, "far_excess": 1.0}]
+    >>> evidence_rows(rows, VerdictRules(), 2)
+    [1]
+    """
+    unusual = [i for i, r in enumerate(records) if rules.shape(r) != "local" or r["norm_ratio"] >= rules.norm_ratio]
+    unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
+    return unusual[:max(0, n)]
+
+
 def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, field: ReceptiveField, *,
                     rules: VerdictRules | None = None, donors: Donors | None = None,
                     evidence: int = 4) -> pd.DataFrame:
@@ -1043,11 +1073,8 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
                 got = swap_information(vae, z, ref, Site(int(df.row.iloc[i]), int(df.col.iloc[i])), donors, field)
                 for k, v in got.items():
                     df.iloc[i, df.columns.get_loc(k)] = v
-    unusual = [i for i, (shp, r) in enumerate(zip(shapes, records))
-               if shp != "local" or r["norm_ratio"] >= rules.norm_ratio]
-    unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
     profiles = {"reference": field.profile, "cells": {}}
-    for i in unusual[:max(0, evidence)]:
+    for i in evidence_rows(records, rules, evidence):
         site = Site(int(df.row.iloc[i]), int(df.col.iloc[i]))
         got = matched_controls(vae, z, ref, site, field)
         profiles["cells"][f"{site.row},{site.col}"] = got.pop("profile")
