@@ -19,6 +19,8 @@ The steps, in order:
   ``scan_defaults.py``), ``mechanism`` (pathway attribution on the controls, ``mechanism_controls.py``);
 - ``verdict-calibration`` / ``verdict-heldout``: the verdict thresholds and the verdicts on the held-out photos
   (``verdict_calibration.py``; ``fit`` writes ``vaeprobe/probes/verdict_rules.json``, the defaults of ``VerdictRules``);
+- ``verdict-forms`` / ``internal-alpha``: other forms of the far-effect gate, and the weight of the ``internal``
+  control, tried on the calibration rows (``verdict_forms.py``, ``internal_alpha.py``; docs/verdicts.md);
 - ``compare-taef2``: ``vaeprobe compare builtin:mini-kl-f8 builtin:taef2`` on the 15 builtin photos at 256 px
   (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px (after the
   verdict fit: their global-cell rates use its thresholds);
@@ -83,6 +85,11 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
         # the verdict thresholds (wallpapers, 64-512 px) and the verdicts on the held-out photos (64-256 px)
         "verdict-calibration": [[py, "experiments/verdict_calibration.py", "measure", "--set", "calibration"],
                                 [py, "experiments/verdict_calibration.py", "fit"]],
+        # is there a wider-margin form of the gate, and how strong must the internal control be (both read the
+        # calibration rows only; neither changes what ships)
+        "verdict-forms": [[py, "experiments/verdict_forms.py"]],
+        "internal-alpha": [[py, "experiments/internal_alpha.py", "measure"],
+                           [py, "experiments/internal_alpha.py", "choose"]],
         "verdict-heldout": [[py, "experiments/verdict_calibration.py", "measure", "--set", "heldout"],
                             [py, "experiments/verdict_calibration.py", "report", "--set", "heldout"],
                             [py, "experiments/verdict_calibration.py", "report", "--set", "calibration"]],

@@ -124,18 +124,22 @@ def weights_tag() -> str:
 MEASURES = "-m2"  # the version of the recorded measures (m2: band_rel, profiles, counterpart swap, internal)
 
 
-def measure(which: str, sizes, models, force: bool) -> None:
-    parts = OUT / "parts"
+def measure(which: str, sizes, models, force: bool, *, parts: Path | None = None, build=None,
+            label: str = "") -> None:
+    """Measure and write the rows (module docstring). ``build(name)``, when given, makes the model instead of
+    ``builtin:NAME`` (a variant of a control, ``internal_alpha.py``), ``label`` goes into the file names and
+    ``parts`` is the folder they go to."""
+    parts = parts or OUT / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     tag = weights_tag()
     for size in sizes:
         imgs, donor_imgs = image_sets(which, size)
         for name in models:
-            path = parts / f"{which}-{size}-{name}-{tag}.parquet"
+            path = parts / f"{which}-{size}-{name}{label}-{tag}.parquet"
             if path.exists() and not force:
                 continue
             t0 = time.time()
-            vae = load_vae(f"builtin:{name}")
+            vae = load_vae(build(name) if build else f"builtin:{name}")
             donors = make_donors(vae, [d.tensor() for d in donor_imgs], names=[d.name for d in donor_imgs])
             planted = name not in CLEAN
             cv = CellVerdict(vae, donors=donors, evidence=False, swap="always" if planted else "auto",
