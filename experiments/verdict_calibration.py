@@ -181,7 +181,13 @@ def load(which: str) -> pd.DataFrame:
     files = sorted((OUT / "parts").glob(f"{which}-*-{weights_tag()}.parquet"))
     if not files:
         raise SystemExit(f"no {which} rows for the current mini weights: run the measure step first")
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    # rows measured before far_abs was a column: far_rel times the image's variance (what profile_columns
+    # computes, up to rounding)
+    variance = np.array([json.loads(f)["variance"] for f in df.field], dtype=float)
+    derived = df.far_rel.to_numpy() * variance
+    df["far_abs"] = derived if "far_abs" not in df else df["far_abs"].fillna(pd.Series(derived, index=df.index))
+    return df
 
 
 def _gap(neg: np.ndarray, pos: np.ndarray) -> dict:
@@ -199,8 +205,8 @@ def _gap(neg: np.ndarray, pos: np.ndarray) -> dict:
 
 
 def joint_gate(neg: np.ndarray, pos: np.ndarray) -> dict:
-    """A far-effect gate of :class:`VerdictRules` from ``(band_rel, far_excess)`` rows of cells that must not pass
-    (``neg``) and cells that must (``pos``): ``band_rel ** w * far_excess ** (1 - w) >= far_score`` and
+    """A far-effect gate of :class:`VerdictRules` from ``(size, far_excess)`` rows of cells that must not pass
+    (``neg``) and cells that must (``pos``): ``size ** w * far_excess ** (1 - w) >= far_score`` and
     ``far_excess >= far_excess``. Over a grid of ``w`` (0 to 1 by 0.05), of the score threshold (log grid) and of
     the excess floor (log grid, 1 to 100), the settings with the fewest errors (negatives passing, positives
     failing), and among those the one whose closest point is farthest from the boundary (in log units). ``w = 0``
@@ -236,7 +242,7 @@ def joint_gate(neg: np.ndarray, pos: np.ndarray) -> dict:
     if ok:
         floor = float(np.exp((min(ok) + max(ok)) / 2))
     common = {"errors": errors, "margin_log": -minus_margin, "n_neg": int(len(neg)), "n_pos": int(len(pos)),
-              "separated": errors == 0, "rule": "band_rel ** w * far_excess ** (1 - w) >= score and "
+              "separated": errors == 0, "rule": "size ** w * far_excess ** (1 - w) >= score and "
               "far_excess >= floor (joint fit)"}
     return {"score": {"threshold": t, **common}, "weight": {"threshold": w, **common},
             "excess": {"threshold": floor, **common}}
@@ -254,12 +260,14 @@ def fit() -> dict:
     # controls' planted cells of ordinary norm) and latent outliers (planted high-norm cells against the other
     # planted outliers)
     spot = VerdictRules().norm_ratio
-    cols = ["band_rel", "far_excess"]
+    # sizes: far_abs for the ordinary-norm gate (experiments/verdict_forms.py: the widest margin of the forms
+    # tried), band_rel for the outlier gate
+    cols, out_cols = ["far_abs", "far_excess"], ["band_rel", "far_excess"]
     far = planted[planted.expected != "high-norm"]
     outlier_neg = pd.concat([clean, planted[planted.expected == "high-norm"]])
     outlier_neg = outlier_neg[outlier_neg.norm_ratio >= spot]
     gate = joint_gate(clean[clean.norm_ratio < spot][cols].to_numpy(), far[far.norm_ratio < spot][cols].to_numpy())
-    out = joint_gate(outlier_neg[cols].to_numpy(), far[far.norm_ratio >= spot][cols].to_numpy())
+    out = joint_gate(outlier_neg[out_cols].to_numpy(), far[far.norm_ratio >= spot][out_cols].to_numpy())
     gaps = {
         "far_score": gate["score"],
         "far_weight": gate["weight"],
@@ -298,15 +306,15 @@ def _rng(values: pd.Series) -> str:
 
 
 def calibration_table(df: pd.DataFrame, rules: VerdictRules) -> str:
-    lines = ["| size | group | cells | band_rel | far_rel | far_excess | flatness | swap_corr | swap_slope |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | group | cells | far_abs | band_rel | far_rel | far_excess | flatness | swap_corr | swap_slope |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for size in sorted(df["size"].unique()):
         d = df[df["size"] == size]
         groups = [("clean cells", d[d.role == "clean"])]
         for exp in ("high-norm", "wide-local", "global", "global-information"):
             groups.append((f"planted, {exp}", d[(d.role == "planted") & (d.expected == exp)]))
         for label, g in groups:
-            lines.append(f"| {size} | {label} | {len(g)} | {_rng(g.band_rel)} | {_rng(g.far_rel)} | {_rng(g.far_excess)} | "
+            lines.append(f"| {size} | {label} | {len(g)} | {_rng(g.far_abs)} | {_rng(g.band_rel)} | {_rng(g.far_rel)} | {_rng(g.far_excess)} | "
                          f"{_rng(g.flatness)} | {_rng(g.swap_corr)} | {_rng(g.swap_slope)} |")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Other forms of the far-effect gate, tried offline on the stored calibration rows.
 
-    python experiments/verdict_forms.py      # writes experiments/results/verdicts/forms.md
+    python experiments/verdict_forms.py               # writes experiments/results/verdicts/forms.md
+    python experiments/verdict_forms.py --alpha 0.25  # with the internal control's rows at alpha 0.25
 
 The shipped gate (``vaeprobe.probes.verdict.VerdictRules``) for cells of ordinary norm is
 ``band_rel ** w * far_excess ** (1 - w) >= far_score`` and ``far_excess >= floor``. This script refits the same
@@ -16,7 +17,10 @@ Sizes (each over the clean decode's variance):
 - ``band_rel``, ``far_rel``: the shipped columns;
 - ``band/near0``, ``far/near0``: the same over the reference cells' energy at their own cell (an ordinary
   cell's local effect) instead of the image's variance;
-- ``band/refband``: ``band_rel`` over the median ``band_rel`` of the image's reference cells.
+- ``band/refband``: ``band_rel`` over the median ``band_rel`` of the image's reference cells;
+- ``band_abs``, ``far_abs``: the mean change energy per pixel in the band or beyond ``erf`` in the decoder's
+  output units (``[-1, 1]``, summed over RGB), not divided by the image's variance (``far_abs`` is the column
+  that ships since this comparison; for rows measured before it, ``far_rel`` times the image's variance).
 
 Shapes:
 
@@ -71,6 +75,10 @@ def measures(df: pd.DataFrame) -> pd.DataFrame:
     out["band/near0"] = df.band_rel / near0
     out["far/near0"] = df.far_rel / near0
     out["band/refband"] = df.band_rel / refband
+    variance = np.array([f["variance"] for f in fields], dtype=float)
+    out["band_abs"] = df.band_rel * variance
+    if "far_abs" not in out or out["far_abs"].isna().all():
+        out["far_abs"] = df.far_rel * variance
     rows = df.to_dict("records")
     for where, name in (("erf", "ring excess (d > erf)"), ("2erf", "ring excess (d > 2 erf)"),
                         ("outer", "ring excess (outer half)")):
@@ -78,25 +86,45 @@ def measures(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="use the internal control's rows of this alpha (internal_alpha.py measure) instead of "
+                         "the shipped one's; writes forms-aALPHA.md")
+    a = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    df = measures(vc.load("calibration"))
+    df = vc.load("calibration")
+    name = "forms.md"
+    if a.alpha is not None:
+        import internal_alpha
+
+        df = pd.concat([df[df.model != "internal"], internal_alpha.rows(a.alpha)], ignore_index=True)
+        name = f"forms-a{a.alpha:g}.md"
+    df = measures(df)
     spot = vc.VerdictRules().norm_ratio
     clean = df[(df.role == "clean") & (df.norm_ratio < spot)]
     planted = df[(df.role == "planted") & (df.expected != "high-norm") & (df.norm_ratio < spot)]
-    sizes = ["band_rel", "far_rel", "band/near0", "far/near0", "band/refband"]
+    sizes = ["band_rel", "far_rel", "band/near0", "far/near0", "band/refband", "band_abs", "far_abs"]
     shapes = ["far_excess", "ring excess (d > erf)", "ring excess (d > 2 erf)", "ring excess (outer half)"]
     lines = [f"Far-effect gates on the calibration set: {len(clean)} clean cells against {len(planted)} planted "
              "cells of ordinary norm (`python experiments/verdict_forms.py`).", "",
              "| size | shape | errors | margin (log) | w | score | floor |", "|---|---|---|---|---|---|---|"]
+    best = None
     for size in sizes:
         for shape in shapes:
             g = vc.joint_gate(clean[[size, shape]].to_numpy(), planted[[size, shape]].to_numpy())
+            key = (g["score"]["errors"], -g["score"]["margin_log"])
+            if best is None or key < best[0]:
+                best = (key, size, shape)
             lines.append(f"| {size} | {shape} | {g['score']['errors']} | {g['score']['margin_log']:.3f} | "
                          f"{g['weight']['threshold']:g} | {g['score']['threshold']:.4g} | "
                          f"{g['excess']['threshold']:.4g} |")
+    lines += ["", f"Fewest errors, then the largest margin: size `{best[1]}`, shape `{best[2]}` ({best[0][0]} errors, "
+              f"margin {-best[0][1]:.3f})."]
     text = "\n".join(lines)
-    write_text_atomic(vc.OUT / "forms.md", text + "\n")
+    write_text_atomic(vc.OUT / name, text + "\n")
     print(text)
 
 

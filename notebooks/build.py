@@ -89,7 +89,7 @@ print("verdicts over all cells:", dict(sorted(scan.summary["verdicts"].items()))
 at_spot = pd.DataFrame([table[(table.image == i) & (table.row == t["row"]) & (table.col == t["col"])].iloc[0]
                         for i, t in truth.items()])
 print("declared verdict of the planted cell:", set(t["expected_verdict"] for t in truth.values()))
-at_spot[["image", "row", "col", "norm_ratio", "band_rel", "far_excess", "flatness", "swap_corr", "verdict"]]"""),
+at_spot[["image", "row", "col", "norm_ratio", "far_abs", "far_excess", "flatness", "swap_corr", "verdict"]]"""),
     ("code", """\
 one = table[table.image == images[0].name]
 grid = np.full((8, 8), np.nan)

@@ -65,6 +65,10 @@ def test_band_measure_of_a_local_effect_does_not_depend_on_the_image_size():
     assert out[64][0]["far_rel"] < out[16][0]["far_rel"] / 5
     for cells in (16, 64):
         assert out[cells][1]["band_rel"] == pytest.approx(out[cells][1]["far_rel"], rel=1e-6)
+        # far_abs: the flat change of 0.05 per channel is 3 * 0.05 ** 2 per pixel beyond the receptive field, in
+        # the decoder's units, at any size; far_rel is that over the image's variance (0.03 here)
+        assert out[cells][1]["far_abs"] == pytest.approx(3 * 0.05 ** 2, rel=1e-5)
+        assert out[cells][1]["far_rel"] == pytest.approx(3 * 0.05 ** 2 / 0.03, rel=1e-5)
 
 
 def test_border_cell_of_a_local_effect_stays_local():
@@ -81,19 +85,23 @@ def test_border_cell_of_a_local_effect_stays_local():
 
 def test_rules_need_both_far_measures_and_the_swap_for_information():
     rules = VerdictRules()
-    strong = {"norm_ratio": 1.0, "band_rel": 1.0, "far_excess": 1e4, "flatness": 1.0, "swap_corr": 0.99,
-              "swap_slope": 1.0}
+    strong = {"norm_ratio": 1.0, "far_abs": 1.0, "band_rel": 1.0, "far_excess": 1e4, "flatness": 1.0,
+              "swap_corr": 0.99, "swap_slope": 1.0}
     assert rules.score(strong) > 10 * rules.far_score
     assert rules.classify(strong) == "global-information"
     assert rules.classify({**strong, "swap_slope": 0.0}) == "global"
     assert rules.classify({**strong, "swap_corr": math.nan}) == "global"
-    # too small just beyond the receptive field: the score falls under its threshold
+    # too small beyond the receptive field: the score falls under its threshold (an ordinary-norm cell's size is
+    # far_abs; band_rel does not enter)
     if rules.far_weight > 0:
         small = (rules.far_score / 10 / strong["far_excess"] ** (1 - rules.far_weight)) ** (1 / rules.far_weight)
-        assert rules.classify({**strong, "band_rel": small}) == "ordinary"
+        assert rules.classify({**strong, "far_abs": small}) == "ordinary"
+        assert rules.classify({**strong, "band_rel": small}) == "global-information"
     # a huge effect of ordinary shape (excess 1) is a magnitude effect, however large
-    assert rules.classify({**strong, "band_rel": 1e6, "far_excess": 1.0, "norm_ratio": 50.0}) == "high-norm"
-    assert rules.classify({**strong, "band_rel": math.nan}) == "ordinary"
+    assert rules.classify({**strong, "band_rel": 1e6, "far_abs": 1e6, "far_excess": 1.0, "norm_ratio": 50.0}) \
+        == "high-norm"
+    assert rules.classify({**strong, "far_abs": 1e6, "far_excess": 1.0}) == "ordinary"
+    assert rules.classify({**strong, "far_abs": math.nan}) == "ordinary"
     assert rules.classify({**strong, "flatness": 0.01}) == "wide-local"
 
 
@@ -155,20 +163,22 @@ def test_controls_at_128px(name):
 
 
 def test_outliers_have_their_own_gate():
-    """A latent outlier is judged by the outlier gate, an ordinary-norm cell by the main one: the same far effect
-    (small, with a large excess over an ordinary cell's shape) is a far effect for one and not the other."""
+    """A latent outlier is judged by the outlier gate (size ``band_rel``), an ordinary-norm cell by the main one
+    (size ``far_abs``): the same far effect is a far effect for one and not the other."""
     rules = VerdictRules()
-    small_but_odd = {"band_rel": 0.003, "far_excess": 15.0, "flatness": 0.3}
+    small_but_odd = {"band_rel": 0.003, "far_abs": 0.2, "far_excess": 15.0, "flatness": 0.3}
     assert rules.far_excess > rules.outlier_excess
-    for norm in (1.0, 40.0):
+    for norm, size, weight in ((1.0, 0.2, rules.far_weight), (40.0, 0.003, rules.outlier_weight)):
         row = {**small_but_odd, "norm_ratio": norm}
-        weight = rules.outlier_weight if norm >= rules.norm_ratio else rules.far_weight
-        assert rules.score(row) == pytest.approx(0.003 ** weight * 15.0 ** (1 - weight))
-    # the same shape reads local for an outlier whose far effect is that small (decoy-high-norm's cells at 256 px)
+        assert rules.score(row) == pytest.approx(size ** weight * 15.0 ** (1 - weight))
+    # the same shape reads local for an outlier whose far effect is that small just beyond the receptive field
+    # (decoy-high-norm's cells at 256 px), whatever its far_abs
     assert rules.classify({**small_but_odd, "norm_ratio": 40.0}) == "high-norm"
+    assert rules.classify({**small_but_odd, "norm_ratio": 1.0}) == "wide-local"
     # an outlier whose far effect is a visible share of the image's variation is a far effect even with a small
-    # excess (decoy-droplet's cells at 64 px), where an ordinary-norm cell needs far more excess
-    droplet = {"band_rel": 0.16, "far_excess": 2.6, "flatness": 1.2}
+    # excess (decoy-droplet's cells at 64 px), where an ordinary-norm cell needs more excess
+    droplet = {"band_rel": 0.16, "far_abs": 0.05, "far_excess": 2.6, "flatness": 1.2}
+    assert rules.far_excess > droplet["far_excess"] > rules.outlier_excess
     assert rules.classify({**droplet, "norm_ratio": 26.0}) == "global"
     assert rules.classify({**droplet, "norm_ratio": 1.0}) == "ordinary"
 

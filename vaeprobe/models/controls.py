@@ -383,7 +383,7 @@ class WeightedStatsGroupNorm(nn.Module):
         return y[:, :, :hh * ww].reshape(b, c, hh, ww)
 
 
-INTERNAL_ALPHA = 0.25  # the internal control's weight on its cell: an effect near the thresholds (docs/verdicts.md)
+INTERNAL_ALPHA = 0.3  # the internal control's weight on its cell: experiments/internal_alpha.py (docs/verdicts.md)
 
 
 class InternalControl(nn.Module):

@@ -13,6 +13,8 @@ cells), and ``tail0`` is the share they leave beyond it. Then, per perturbed cel
 ``norm_ratio``   the cell's latent norm over the image's median norm (question a: is it unusual in the latent?)
 ``dz2``          ``||dz||^2``, the size of the perturbation
 ``far_rel``      mean change energy per pixel beyond ``erf`` over the clean decode's own variance (question b)
+``far_abs``      the same energy not divided by that variance: in the decoder's output units (``[-1, 1]``,
+                 summed over RGB), so that a faint change on a low-contrast image stays faint
 ``band_rel``     the same in the band just beyond ``erf`` (``erf < d <= erf + max(erf, BAND_MIN)``): a local
                  effect of a given width in cells gives the same value at any image size, where ``far_rel``
                  dilutes it over a far field that grows with the image
@@ -37,8 +39,8 @@ donor's (slope near 1).
 :class:`VerdictRules` turns the measures into one of :data:`VERDICTS`:
 
 - ``global`` when the far effect is significant and flat (``flatness`` over its threshold). Significant: the
-  score ``band_rel ** w * far_excess ** (1 - w)`` (size against shape, :meth:`VerdictRules.score`) over its
-  threshold, and ``far_excess`` over a floor, so that an effect of an ordinary cell's shape never counts however
+  score ``far_abs ** w * far_excess ** (1 - w)`` (size against shape, :meth:`VerdictRules.score`; for a latent
+  outlier ``band_rel`` is the size) over its threshold, and ``far_excess`` over a floor, so that an effect of an ordinary cell's shape never counts however
   large it is; ``global-information`` when, in addition, ``swap_corr`` and ``swap_slope``
   are over theirs;
 - ``wide-local`` when the far effect is significant but decays;
@@ -72,8 +74,8 @@ VERDICTS = ("ordinary", "high-norm", "wide-local", "global", "global-information
 GLOBAL_VERDICTS = ("global", "global-information")
 ERF_SHARE = 0.95  # the effective receptive field holds this share of an ordinary cell's change energy
 BAND_MIN = 2.0     # the near band beyond the receptive field is at least this many cells wide
-PROFILE_COLUMNS = ("norm_ratio", "dz2", "far_rel", "band_rel", "far_per_unit", "tail_share", "far_excess",
-                   "flatness")
+PROFILE_COLUMNS = ("norm_ratio", "dz2", "far_rel", "far_abs", "band_rel", "far_per_unit", "tail_share",
+                   "far_excess", "flatness")
 EVIDENCE_COLUMNS = ("swap_corr", "swap_slope", "matched_ratio", "transplant_ratio", "frozen_removed")
 
 
@@ -343,7 +345,8 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
             near = float(e[dist <= 1].mean())
             expected = float((near * field.expected(dist[far])).sum())
             row["far_excess"] = float(far_e.sum()) / expected if expected > 0 else math.inf
-            row["far_rel"] = float(far_e.mean()) / field.variance if field.variance > 0 else math.nan
+            row["far_abs"] = float(far_e.mean())
+            row["far_rel"] = row["far_abs"] / field.variance if field.variance > 0 else math.nan
             band = far & (dist <= field.erf + max(field.erf, BAND_MIN))
             row["band_rel"] = float(e[band].mean()) / field.variance if field.variance > 0 else math.nan
             row["far_per_unit"] = row["far_rel"] / row["dz2"] if row["dz2"] > 0 else math.nan
@@ -355,7 +358,7 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
                 ei = float(e[inner].mean())
                 row["flatness"] = float(e[outer].mean()) / ei if ei > 0 else math.nan
         elif total == 0:
-            row.update(far_rel=0.0, band_rel=0.0, far_per_unit=0.0, tail_share=0.0, far_excess=0.0)
+            row.update(far_rel=0.0, far_abs=0.0, band_rel=0.0, far_per_unit=0.0, tail_share=0.0, far_excess=0.0)
         out.append(row)
     return out
 
@@ -385,15 +388,16 @@ class VerdictRules:
     Attributes
     ----------
     far_score : float
-        Threshold of the score ``band_rel ** far_weight * far_excess ** (1 - far_weight)`` (:meth:`score`).
+        Threshold of the score ``far_abs ** far_weight * far_excess ** (1 - far_weight)`` (:meth:`score`) of a
+        cell of ordinary norm.
     far_weight : float
-        The share of the size (``band_rel``) in that score.
+        The share of the size (``far_abs``) in that score.
     far_excess : float
         The floor of ``far_excess``, the excess over an ordinary cell's shape.
     outlier_score, outlier_weight, outlier_excess : float
         The same gate for a latent outlier (``norm_ratio`` at least ``norm_ratio``), fitted on outlier cells
-        alone: the size of its far effect weighs more, its shape less (a vector the decoder drops still moves
-        pixels near it, with a noisy shape).
+        alone, with ``band_rel`` as the size: a vector the decoder drops still moves pixels near it, with a
+        noisy shape, and what tells is the size of its effect just beyond the receptive field.
     flatness : float
         Threshold of ``flatness``, outer over inner far-field energy: a global effect stays flat.
     swap_corr, swap_slope : float
@@ -408,8 +412,8 @@ class VerdictRules:
     (0.5, True)
     """
 
-    far_score: float = _CAL.get("far_score", 0.4)       # band_rel ** far_weight * far_excess ** (1 - far_weight)
-    far_weight: float = _CAL.get("far_weight", 0.4)     # the share of the size (band_rel) in that score
+    far_score: float = _CAL.get("far_score", 0.07)      # far_abs ** far_weight * far_excess ** (1 - far_weight)
+    far_weight: float = _CAL.get("far_weight", 0.65)    # the share of the size (far_abs) in that score
     far_excess: float = _CAL.get("far_excess", 2.0)     # and at least this excess over an ordinary cell's shape
     flatness: float = _CAL.get("flatness", 0.3)         # outer over inner far-field energy
     outlier_score: float = _CAL.get("outlier_score", 0.6)    # the same gate for latent outliers
@@ -436,7 +440,7 @@ class VerdictRules:
 
         Examples
         --------
-        >>> VerdictRules().shape({"band_rel": 0.5, "far_excess": 500.0, "flatness": 0.05})
+        >>> VerdictRules().shape({"far_abs": 0.5, "far_excess": 500.0, "flatness": 0.05})
         'wide-local'
         """
         def over(key: str, limit: float) -> bool:
@@ -445,46 +449,53 @@ class VerdictRules:
 
         # a latent outlier (norm ratio at the spot threshold) has its own gate: the shape of its far effect is
         # noisy (a large vector the decoder drops still moves pixels a little), its size is what tells
-        if over("norm_ratio", self.norm_ratio):
-            floor, limit, weight = self.outlier_excess, self.outlier_score, self.outlier_weight
+        if self.is_outlier(row):
+            floor, limit = self.outlier_excess, self.outlier_score
         else:
-            floor, limit, weight = self.far_excess, self.far_score, self.far_weight
-        if not (over("far_excess", floor) and self.score(row, weight=weight) >= limit):
+            floor, limit = self.far_excess, self.far_score
+        if not (over("far_excess", floor) and self.score(row) >= limit):
             return "local"
         return "global" if over("flatness", self.flatness) else "wide-local"
 
-    def score(self, row: dict, *, weight: float | None = None) -> float:
-        """The far-effect score ``band_rel ** w * far_excess ** (1 - w)`` (``w = weight``; by default
-        ``outlier_weight`` for a row whose ``norm_ratio`` is at the spot threshold, else ``far_weight``).
+    def is_outlier(self, row: dict) -> bool:
+        """Whether a row is a latent outlier (``norm_ratio`` at the spot threshold), judged by the outlier gate."""
+        nr = row.get("norm_ratio", math.nan)
+        return nr is not None and not (isinstance(nr, float) and math.isnan(nr)) and nr >= self.norm_ratio
 
-        The evidence of a far effect weighs its size just beyond the receptive field against its excess over an
-        ordinary cell's shape, a straight boundary in log space.
+    def score(self, row: dict) -> float:
+        """The far-effect score ``size ** w * far_excess ** (1 - w)``: for a cell of ordinary norm ``far_abs`` and
+        ``w = far_weight``; for a latent outlier (:meth:`is_outlier`) ``band_rel`` and ``w = outlier_weight``.
+
+        The evidence of a far effect weighs its size against its excess over an ordinary cell's shape, a
+        straight boundary in log space.
 
         Parameters
         ----------
         row : dict
-            At least ``band_rel`` and ``far_excess``.
+            ``far_excess``, ``norm_ratio`` and the size (``far_abs``, or ``band_rel`` for an outlier).
 
         Returns
         -------
         float
-            The score; nan (never over) when either is missing or not positive, inf for an infinite excess.
+            The score; nan (never over) when the size or the excess is missing or not positive, inf for an
+            infinite excess.
 
         Examples
         --------
-        >>> VerdictRules(far_weight=0.5).score({"band_rel": 0.04, "far_excess": 25.0})
+        >>> VerdictRules(far_weight=0.5).score({"norm_ratio": 1.0, "far_abs": 0.04, "far_excess": 25.0})
+        1.0
+        >>> VerdictRules(outlier_weight=0.5).score({"norm_ratio": 50.0, "band_rel": 0.01, "far_excess": 100.0})
         1.0
         """
-        band, excess = row.get("band_rel", math.nan), row.get("far_excess", math.nan)
-        if band is None or excess is None or not (band > 0 and excess > 0):
+        outlier = self.is_outlier(row)
+        size = row.get("band_rel" if outlier else "far_abs", math.nan)
+        excess = row.get("far_excess", math.nan)
+        if size is None or excess is None or not (size > 0 and excess > 0):
             return math.nan
         if math.isinf(excess):
             return math.inf
-        if weight is None:
-            nr = row.get("norm_ratio", math.nan)
-            weight = self.outlier_weight if nr is not None and nr >= self.norm_ratio else self.far_weight
-        w = weight
-        return float(band ** w * excess ** (1 - w))
+        w = self.outlier_weight if outlier else self.far_weight
+        return float(size ** w * excess ** (1 - w))
 
     def classify(self, row: dict) -> str:
         """The verdict of one cell from its measures.
@@ -505,7 +516,7 @@ class VerdictRules:
         >>> rules = VerdictRules()
         >>> rules.classify({"norm_ratio": 40.0, "band_rel": 1e-6, "far_excess": 1.0})
         'high-norm'
-        >>> rules.classify({"norm_ratio": 1.0, "band_rel": 0.5, "far_excess": 500.0, "flatness": 0.9,
+        >>> rules.classify({"norm_ratio": 1.0, "far_abs": 0.5, "far_excess": 500.0, "flatness": 0.9,
         ...                 "swap_corr": 0.95, "swap_slope": 0.8})
         'global-information'
         """

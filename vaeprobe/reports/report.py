@@ -523,10 +523,10 @@ def _pipeline_section(run: Run, head) -> tuple[list, list]:
     return table, figures
 
 
-SCAN_MEASURES = ("verdict", "norm_ratio", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope",
+SCAN_MEASURES = ("verdict", "norm_ratio", "far_abs", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope",
                  "matched_ratio", "transplant_ratio", "frozen_removed", "global_ratio", "far_ratio", "far_l2",
                  "far_fraction", "radius90", "far_dy", "l2", "psnr", "far_sensitivity", "stage")
-VERDICT_EVIDENCE = ("norm_ratio", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope", "matched_ratio",
+VERDICT_EVIDENCE = ("norm_ratio", "far_abs", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope", "matched_ratio",
                     "transplant_ratio", "frozen_removed")
 
 
