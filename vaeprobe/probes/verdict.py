@@ -40,8 +40,8 @@ donor's (slope near 1).
 
 - ``global`` when the far effect is significant and flat (``flatness`` over its threshold). Significant: the
   score ``far_abs ** w * far_excess ** (1 - w)`` (size against shape, :meth:`VerdictRules.score`; for a latent
-  outlier ``band_rel`` is the size) over its threshold, and ``far_excess`` over a floor, so that an effect of an ordinary cell's shape never counts however
-  large it is; ``global-information`` when, in addition, ``swap_corr`` and ``swap_slope``
+  outlier ``band_rel`` is the size) over its threshold, and ``far_excess`` over a floor, so that an effect of
+  an ordinary cell's shape never counts however large it is; ``global-information`` when, in addition, ``swap_corr`` and ``swap_slope``
   are over theirs;
 - ``wide-local`` when the far effect is significant but decays;
 - otherwise ``high-norm`` when ``norm_ratio`` is at least the spot threshold, else ``ordinary``.
