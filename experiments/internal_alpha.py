@@ -60,10 +60,7 @@ def rows(alpha: float) -> pd.DataFrame:
     if len(files) != len(vc.SIZES["calibration"]):
         raise SystemExit(f"alpha {alpha}: {len(files)} of {len(vc.SIZES['calibration'])} sizes measured; "
                          "run the measure step first")
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    if "far_abs" not in df:  # rows measured before far_abs was a column (as verdict_calibration.load does)
-        df["far_abs"] = df.far_rel * np.array([json.loads(f)["variance"] for f in df.field], dtype=float)
-    return df
+    return vc.with_far_abs(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
 
 
 def choose() -> dict:

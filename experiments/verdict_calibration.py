@@ -181,12 +181,15 @@ def load(which: str) -> pd.DataFrame:
     files = sorted((OUT / "parts").glob(f"{which}-*-{weights_tag()}.parquet"))
     if not files:
         raise SystemExit(f"no {which} rows for the current mini weights: run the measure step first")
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    # rows measured before far_abs was a column: far_rel times the image's variance (what profile_columns
-    # computes, up to rounding)
+    return with_far_abs(pd.concat([pd.read_parquet(f) for f in files], ignore_index=True))
+
+
+def with_far_abs(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``far_abs`` filled where missing: rows measured before it was a column get ``far_rel`` times
+    the image's variance (what ``profile_columns`` computes, up to rounding)."""
     variance = np.array([json.loads(f)["variance"] for f in df.field], dtype=float)
-    derived = df.far_rel.to_numpy() * variance
-    df["far_abs"] = derived if "far_abs" not in df else df["far_abs"].fillna(pd.Series(derived, index=df.index))
+    derived = pd.Series(df.far_rel.to_numpy() * variance, index=df.index)
+    df["far_abs"] = derived if "far_abs" not in df else df["far_abs"].fillna(derived)
     return df
 
 

@@ -75,10 +75,8 @@ def measures(df: pd.DataFrame) -> pd.DataFrame:
     out["band/near0"] = df.band_rel / near0
     out["far/near0"] = df.far_rel / near0
     out["band/refband"] = df.band_rel / refband
-    variance = np.array([f["variance"] for f in fields], dtype=float)
-    out["band_abs"] = df.band_rel * variance
-    if "far_abs" not in out or out["far_abs"].isna().all():
-        out["far_abs"] = df.far_rel * variance
+    out["band_abs"] = df.band_rel * np.array([f["variance"] for f in fields], dtype=float)
+    out = vc.with_far_abs(out)
     rows = df.to_dict("records")
     for where, name in (("erf", "ring excess (d > erf)"), ("2erf", "ring excess (d > 2 erf)"),
                         ("outer", "ring excess (outer half)")):
