@@ -66,7 +66,6 @@ def rows(alpha: float) -> pd.DataFrame:
 def choose() -> dict:
     base = vc.load("calibration")
     base = base[base.model != "internal"]
-    spot = vc.VerdictRules().norm_ratio
     cols = ["far_abs", "far_excess"]  # the shipped gate's size and shape (verdict_calibration.fit)
     lines = ["| alpha | gate errors | margin (log) | w | far_score | floor | internal: min score / far_score "
              "(64, 128, 256, 512 px) | internal: min far_excess / floor | passes |",
@@ -75,8 +74,7 @@ def choose() -> dict:
     for alpha in GRID:
         internal = rows(alpha)
         df = pd.concat([base, internal], ignore_index=True)
-        clean = df[(df.role == "clean") & (df.norm_ratio < spot)]
-        far = df[(df.role == "planted") & (df.expected != "high-norm") & (df.norm_ratio < spot)]
+        clean, far = vc.ordinary_norm_groups(df)
         gate = vc.joint_gate(clean[cols].to_numpy(), far[cols].to_numpy())
         w, t, f = gate["weight"]["threshold"], gate["score"]["threshold"], gate["excess"]["threshold"]
         score = internal.far_abs ** w * internal.far_excess ** (1 - w) / t

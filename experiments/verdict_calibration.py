@@ -193,6 +193,16 @@ def with_far_abs(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def ordinary_norm_groups(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The two groups the ordinary-norm far-effect gate separates: the clean models' cells and the planted cells
+    with a far effect (declared ``wide-local``, ``global`` or ``global-information``), both under the spot
+    threshold of the norm ratio."""
+    ordinary = df[df.norm_ratio < VerdictRules().norm_ratio]
+    clean = ordinary[ordinary.role == "clean"]
+    planted = ordinary[(ordinary.role == "planted") & (ordinary.expected != "high-norm")]
+    return clean, planted
+
+
 def _gap(neg: np.ndarray, pos: np.ndarray) -> dict:
     """Threshold at the geometric mean of max(neg) and min(pos) (positives above)."""
     neg, pos = neg[np.isfinite(neg)], pos[np.isfinite(pos)]
@@ -269,7 +279,7 @@ def fit() -> dict:
     far = planted[planted.expected != "high-norm"]
     outlier_neg = pd.concat([clean, planted[planted.expected == "high-norm"]])
     outlier_neg = outlier_neg[outlier_neg.norm_ratio >= spot]
-    gate = joint_gate(clean[clean.norm_ratio < spot][cols].to_numpy(), far[far.norm_ratio < spot][cols].to_numpy())
+    gate = joint_gate(*(g[cols].to_numpy() for g in ordinary_norm_groups(df)))
     out = joint_gate(outlier_neg[out_cols].to_numpy(), far[far.norm_ratio >= spot][out_cols].to_numpy())
     gaps = {
         "far_score": gate["score"],

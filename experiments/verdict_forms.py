@@ -101,9 +101,7 @@ def main(argv=None) -> None:
         df = pd.concat([df[df.model != "internal"], internal_alpha.rows(a.alpha)], ignore_index=True)
         name = f"forms-a{a.alpha:g}.md"
     df = measures(df)
-    spot = vc.VerdictRules().norm_ratio
-    clean = df[(df.role == "clean") & (df.norm_ratio < spot)]
-    planted = df[(df.role == "planted") & (df.expected != "high-norm") & (df.norm_ratio < spot)]
+    clean, planted = vc.ordinary_norm_groups(df)
     sizes = ["band_rel", "far_rel", "band/near0", "far/near0", "band/refband", "band_abs", "far_abs"]
     shapes = ["far_excess", "ring excess (d > erf)", "ring excess (d > 2 erf)", "ring excess (outer half)"]
     lines = [f"Far-effect gates on the calibration set: {len(clean)} clean cells against {len(planted)} planted "
