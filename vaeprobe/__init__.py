@@ -23,12 +23,12 @@ __all__ = [
     "latent_maps", "find_spots", "LatentStats", "score_localisation", "Site", "apply_batch", "parse_operator",
     "measure", "select_sites", "exact_scan", "linear_scan", "two_stage_scan", "attribute_pathways",
     "record_pathways", "decode_frozen", "attention_mass", "groupnorm_droplets", "compare_vaes", "load_pipeline",
-    "run_pipeline", "build_report", "run_latents", "run_scan", "run_mechanism",
+    "run_pipeline", "build_report", "run_latents", "run_scan", "run_mechanism", "evaluate_vaes",
 ]
 
 _LAZY = {"compare_vaes": "jobs.compare", "load_pipeline": "jobs.pipeline", "run_pipeline": "jobs.pipeline",
          "build_report": "reports.report", "run_latents": "jobs.latents", "run_scan": "jobs.scan",
-         "run_mechanism": "jobs.mechanism"}
+         "run_mechanism": "jobs.mechanism", "evaluate_vaes": "jobs.evaluate"}
 
 
 def __getattr__(name: str):

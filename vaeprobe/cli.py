@@ -165,6 +165,24 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from vaeprobe.jobs.evaluate import evaluate_vaes
+
+    run = evaluate_vaes(args.vaes, args.images, args.out, size=args.size, fit=args.fit, seed=args.seed,
+                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+                        dtype=args.dtype)
+    summary = run.summary
+    for v in summary["vaes"]:
+        m = {k: x["mean"] for k, x in v["metrics"].items()}
+        print(f"{v['vae']}: PSNR {m['psnr']:.2f} dB, eq_rot90 {m['eq_rot90_psnr']:.2f} dB, eq_scale0.5 "
+              f"{m['eq_scale0.5_psnr']:.2f} dB, latent_hf_share {m['latent_hf_share']:.3f} (image "
+              f"{m['image_hf_share']:.3f}), noise0.1_rms {m['noise0.1_rms']:.4f}, spot rate {m['spot_rate']:.2f}")
+    print(f"{summary['n_images']} images; report: {Path(args.out) / 'evaluate.html'} (and evaluate.md, "
+          f"metrics.parquet, summary.parquet)")
+    _print_failed(summary)
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from vaeprobe.jobs.pipeline import run_pipeline
 
@@ -324,6 +342,20 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="latent-space measures for diffusion (equivariance, spectrum, noise "
+                                        "robustness, latent statistics) beside reconstruction, for several VAEs")
+    p.add_argument("vaes", nargs="+", metavar="SPEC", help="VAE specs (hub id, folder, file, builtin:NAME, "
+                                                          "module:factory)")
+    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--size", type=int, default=256, help="square crop size in pixels, at least 32 (default 256)")
+    p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent noise (default 0)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
 def _add_pipeline(sub) -> None:
     from vaeprobe.probes.perturb import OPERATORS
     from vaeprobe.probes.response import DEFAULT_RADIUS
@@ -375,7 +407,7 @@ def _add_demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_setup, _add_info, _add_metrics, _add_latents, _add_scan, _add_mechanism, _add_report, _add_compare, _add_pipeline, _add_demo):
+    for add in (_add_setup, _add_info, _add_metrics, _add_latents, _add_scan, _add_mechanism, _add_report, _add_compare, _add_evaluate, _add_pipeline, _add_demo):
         add(sub)
     return parser
 

@@ -178,6 +178,13 @@ def latent_compatibility(ref, cand, images="builtin:photos-heldout", *, size: in
 
 # -- the job -------------------------------------------------------------------------------------------------------
 
+def _latent_names() -> list[str]:
+    """The latent measures of ``vaeprobe evaluate`` that compare adds (its own spot columns stay)."""
+    from vaeprobe.probes.evaluation import LATENT_METRICS
+
+    return [m for m in LATENT_METRICS if m not in ("spot_rate", "norm_ratio_max")]
+
+
 class CompareJob(Job):
     """Per image: every VAE's reconstruction, spot facts, scan verdicts, pathway and latent moments, and each
     candidate's latent compatibility with the reference (see :func:`compare_vaes`)."""
@@ -225,6 +232,9 @@ class CompareJob(Job):
 
             r, c = divmod(int(z[0].norm(dim=0).argmax()), z.shape[-1])
             facts["dominant"] = str(attribute_pathways(vae, z, [Site(r, c)]).table.dominant[0])
+        from vaeprobe.probes.evaluation import latent_measures   # the latent measures of vaeprobe evaluate
+
+        facts["latent"] = latent_measures(vae, img.tensor(), post, rec=rec)
         return rec_row, facts, z, rec
 
     def process(self, run: RunDir, key: str, img) -> None:
@@ -269,6 +279,9 @@ class CompareJob(Job):
                "latent_mean": mean, "latent_std": std, "suggested_shift_factor": mean,
                "suggested_scaling_factor": 1 / std if std > 0 else math.nan,
                "configured_scaling_factor": vae.scaling_factor}
+        for m in _latent_names():   # evaluate's names; latent_std (raw units, all latents) is taken: eval_latent_std
+            vals = [f["latent"][m] for f in facts if not np.isnan(f["latent"].get(m, math.nan))]
+            row["eval_latent_std" if m == "latent_std" else m] = float(np.mean(vals)) if vals else math.nan
         if self.fid is not None:
             from vaeprobe.probes.fid import frechet_distance as fid_distance
 
@@ -290,7 +303,8 @@ class CompareJob(Job):
         run.write_table("compatibility.parquet", compat_table)
         return {"reference": self.vaes[0].spec, "images": str(self.images), "n_images": len(metas),
                 "size": self.size, "rfid": self._fid_note(len(metas)), "models": model_table.to_dict("records"),
-                "candidates": compat_table.to_dict("records")}
+                "candidates": compat_table.to_dict("records"),
+                "latent_measures": ["eval_latent_std" if m == "latent_std" else m for m in _latent_names()]}
 
     def _fid_note(self, n: int) -> str:
         if self.fid is None:

@@ -858,6 +858,7 @@ def build_comparison_report(out: str | Path, summary: dict, *, title: str = "vae
               "decoder_change": (f"{_fmt(c['decoder_psnr_on_shared_latents'], 2)} dB / "
                                  f"{_fmt(c['decoder_lpips_on_shared_latents'])}" if c["encoder_identical"]
                                  else "— (encoders differ)")} for c in summary["candidates"]]
+    latent = [(name, [_fmt(m.get(name)) for m in summary["models"]]) for name in summary.get("latent_measures", [])]
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     page = _environment().get_template("compare.html.j2").render(
         title=title, generated=generated, version=_version(), n_images=summary["n_images"],
@@ -881,5 +882,9 @@ def build_comparison_report(out: str | Path, summary: dict, *, title: str = "vae
                         for c in cands],
                        ("candidate", "latent shape", "encoder identical", "max dz", "decoder change PSNR / LPIPS"),
                        code=("candidate",))]
+    if latent:
+        lines += ["", "## Latent measures (as vaeprobe evaluate, docs/evaluate.md; mean over images)", "",
+                  md_table([(name, *vals) for name, vals in latent], ("measure", *[m["model"] for m in models]),
+                           code=("measure",))]
     write_text_atomic(out / "comparison.md", "\n".join(lines) + "\n")
     return {"html": out / "comparison.html", "markdown": out / "comparison.md"}
