@@ -62,7 +62,7 @@ class EvaluateJob(Job):
         for source in ("latent", "image"):
             freq, share = spectra[source]
             spec_rows += [{"vae": vae.spec, "image": img.name, "source": source, "freq": float(f),
-                           "share": float(s), "vae_index": k} for f, s in zip(freq, share)]
+                           "density": float(s), "vae_index": k} for f, s in zip(freq, share)]
         if key == "000000":
             maps, shares = spectra["pca"]
             figures[str(k)] = {"shares": [float(s) for s in shares],
@@ -122,8 +122,8 @@ class EvaluateJob(Job):
             sp = spectra[spectra.vae_index == k] if len(spectra) else spectra
             curves = {}
             for source in ("latent", "image"):
-                mean = sp[sp.source == source].groupby("freq").share.mean() if len(sp) else pd.Series(dtype=float)
-                curves[source] = {"freq": [float(f) for f in mean.index], "share": [float(s) for s in mean.values]}
+                mean = sp[sp.source == source].groupby("freq").density.mean() if len(sp) else pd.Series(dtype=float)
+                curves[source] = {"freq": [float(f) for f in mean.index], "density": [float(s) for s in mean.values]}
             vaes.append({"vae": vae.spec, "index": k, "channels": vae.latent_channels, "factor": vae.factor,
                          "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
                          "metrics": {r.metric: {"mean": r.mean, "std": r.std, "n": int(r.n)}

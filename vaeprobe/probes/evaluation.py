@@ -303,7 +303,8 @@ SPECTRUM_BINS = 8
 corners beyond it)."""
 
 
-def radial_spectrum(x: torch.Tensor, *, bins: int = SPECTRUM_BINS) -> tuple[np.ndarray, np.ndarray]:
+def radial_spectrum(x: torch.Tensor, *, bins: int = SPECTRUM_BINS,
+                    density: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The radially binned spatial power spectrum, as shares of the total power (channels pooled, means removed).
 
     Parameters
@@ -313,12 +314,15 @@ def radial_spectrum(x: torch.Tensor, *, bins: int = SPECTRUM_BINS) -> tuple[np.n
     bins : int, keyword-only
         Equal bins ``(lo, hi]`` of radial frequency between 0 and 0.5 cycles per sample; the last bin also takes
         the corner frequencies above 0.5.
+    density : bool, keyword-only
+        Divide each bin's share of the power by its share of the grid's frequencies (DCT coefficients): the
+        relative power density, 1 in every bin for white noise, which does not grow with a bin's size.
 
     Returns
     -------
     (numpy.ndarray, numpy.ndarray)
-        Bin centres in cycles per sample and the share of power in each bin (summing to 1; ``nan`` for a bin
-        that holds no frequency of the grid, and all ``nan`` for a constant input).
+        Bin centres in cycles per sample and the share of power in each bin (summing to 1), or the relative
+        density; ``nan`` for a bin that holds no frequency of the grid, and all ``nan`` for a constant input.
 
     Examples
     --------
@@ -327,6 +331,9 @@ def radial_spectrum(x: torch.Tensor, *, bins: int = SPECTRUM_BINS) -> tuple[np.n
     ([0.0625, 0.1875, 0.3125, 0.4375], 1.0)
     >>> np.isnan(radial_spectrum(torch.randn(4, 4, 4), bins=8)[1]).tolist()[:3]   # steps of 1/8: none in bin 0
     [True, False, False]
+    >>> d = radial_spectrum(torch.randn(64, 32, 32), bins=4, density=True)[1]   # white noise: flat, about 1
+    >>> bool(np.all(np.abs(d - 1) < 0.1))
+    True
     """
     p = dct_power(x)
     freq = dct_frequency(p.shape[-2], p.shape[-1]).flatten().numpy()
@@ -339,6 +346,8 @@ def radial_spectrum(x: torch.Tensor, *, bins: int = SPECTRUM_BINS) -> tuple[np.n
     total = shares.sum()
     centres = (np.arange(bins) + 0.5) * 0.5 / bins
     shares = shares / total if total > 0 else np.full(bins, math.nan)
+    if density:
+        shares = shares / np.maximum(count, 1) * count.sum()
     return centres, np.where(count > 0, shares, math.nan)
 
 
@@ -613,8 +622,8 @@ def latent_measures(vae, x: torch.Tensor, post=None, *, rec: torch.Tensor | None
     lpips : bool, keyword-only
         Compute the LPIPS measures (``nan`` otherwise).
     spectra : dict, keyword-only
-        When given, filled with ``latent`` and ``image``: the :func:`radial_spectrum` of the latent and of the
-        image at the latent's size, and ``pca``: :func:`latent_pca` of the latent in diffusion units.
+        When given, filled with ``latent`` and ``image``: the :func:`radial_spectrum` (``density=True``) of the
+        latent and of the image at the latent's size, and ``pca``: :func:`latent_pca` of the latent in diffusion units.
 
     Returns
     -------
@@ -649,6 +658,7 @@ def latent_measures(vae, x: torch.Tensor, post=None, *, rec: torch.Tensor | None
     out["spot_rate"] = float(bool(find_spots(maps).is_spot.any()))
     out["norm_ratio_max"] = float(maps.norm_ratio.max())
     if spectra is not None:
-        spectra["latent"], spectra["image"] = radial_spectrum(zd), radial_spectrum(small)
+        spectra["latent"] = radial_spectrum(zd, density=True)
+        spectra["image"] = radial_spectrum(small, density=True)
         spectra["pca"] = latent_pca(zd)
     return {m: out[m] for m in LATENT_METRICS if m in out}

@@ -87,14 +87,14 @@ def _spectra_figure(summary: dict, path: Path) -> str:
         colour = f"C{k % 10}"
         for source, style in (("latent", "-"), ("image", "--")):
             c = v["spectrum"][source]
-            share = np.asarray(c["share"], float)
-            if share.size:
-                ax.plot(c["freq"], np.where(share > 0, share, np.nan), style, color=colour, marker=".",
+            dens = np.asarray(c["density"], float)
+            if dens.size:
+                ax.plot(c["freq"], np.where(dens > 0, dens, np.nan), style, color=colour, marker=".",
                         label=f"{v['vae']}: {'latent' if source == 'latent' else 'image at latent size'}")
     ax.axvline(0.25, color="grey", lw=0.8, ls=":", label="half the Nyquist frequency")
     ax.set_yscale("log")
     ax.set_xlabel("radial frequency (cycles per latent cell)", fontsize=8)
-    ax.set_ylabel("share of the spatial power", fontsize=8)
+    ax.set_ylabel("relative power density (white noise: 1)", fontsize=8)
     ax.set_title("radial spectra (mean over images)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6)
@@ -133,6 +133,8 @@ def _noise_figure(summary: dict, path: Path) -> str:
                     color=f"C{k % 10}", label=v["vae"])
     for ax, what in zip(axes, ("RMS change of the decode ([-1, 1] units)", "LPIPS against the clean decode")):
         ax.set_xscale("log")
+        ax.set_xticks(stds, [f"{s:g}" for s in stds])
+        ax.minorticks_off()
         ax.set_xlabel("latent noise std S (diffusion units)", fontsize=8)
         ax.set_ylabel(what, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -166,8 +168,8 @@ def build_evaluation_report(out: str | Path, summary: dict, *, title: str = "vae
     >>> import tempfile
     >>> vae = {"vae": "a|b", "channels": 4, "factor": 8, "scaling_factor": 1.0, "shift_factor": 0.0, "pca": None,
     ...        "metrics": {"psnr": {"mean": 30.0, "std": 1.0, "n": 2}},
-    ...        "spectrum": {"latent": {"freq": [0.1, 0.3], "share": [0.9, 0.1]},
-    ...                     "image": {"freq": [0.1, 0.3], "share": [0.99, 0.01]}}}
+    ...        "spectrum": {"latent": {"freq": [0.1, 0.3], "density": [1.6, 0.4]},
+    ...                     "image": {"freq": [0.1, 0.3], "density": [1.9, 0.1]}}}
     >>> s = {"images": "imgs", "n_images": 2, "size": 64, "transforms": ["rot90"], "noise_stds": [0.1],
     ...      "pca_image": "x", "vaes": [vae]}
     >>> rep = build_evaluation_report(tempfile.mkdtemp(), s)
@@ -180,7 +182,8 @@ def build_evaluation_report(out: str | Path, summary: dict, *, title: str = "vae
     vaes = summary["vaes"]
     figures = [(out / "figures" / "spectra.png", _spectra_figure,
                 "Radial power spectra of each VAE's latent (solid) and of the image downsampled to the latent's "
-                "size (dashed), as shares of the total power; mean over images."),
+                "size (dashed): each bin's share of the power over its share of the frequencies (white noise: 1); "
+                "mean over images."),
                (out / "figures" / "equivariance.png", _equivariance_figure,
                 "Equivariance PSNR per transform beside the reconstruction PSNR."),
                (out / "figures" / "noise.png", _noise_figure,
