@@ -107,7 +107,7 @@ def image_rows(vae, x: torch.Tensor, *, n_ordinary: int, radius: int, seed: int,
             "reference_profile": json.dumps([float(e) for e in field["profile"]]), "erf": float(field["erf"]),
             "logvar_map": json.dumps(raw[0].mean(0).tolist()) if raw is not None and i == 0 else None,
             "verdict": v["verdict"], **{k: float(v.get(k, math.nan)) for k in (
-                "band_rel", "far_excess", "flatness", "swap_corr", "matched_ratio", "transplant_ratio")},
+                "far_plateau", "far_plateau_lo", "decay_exponent", "far_excess", "swap_corr", "matched_ratio", "transplant_ratio")},
         })
     return rows
 

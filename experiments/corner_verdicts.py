@@ -4,7 +4,7 @@
     python experiments/corner_verdicts.py [--size 256] [--out experiments/results/corner_verdicts_mini.json]
 
 Per photo: ``CellVerdict`` (no donors, no evidence) on the bottom-left cell ``(h - 1, 0)`` and, for comparison,
-the other three corners; the measures (``band_rel``, ``far_rel``, ``far_excess``, ``far_score``, ``flatness``)
+the other three corners; the measures (``far_plateau`` and its bounds, ``decay_exponent``, ``far_excess``)
 and the verdict with the shipped thresholds.
 """
 
@@ -25,7 +25,8 @@ from vaeprobe.data.images import load_images# noqa: E402
 from vaeprobe.models.loading import load_vae# noqa: E402
 from vaeprobe.probes.verdict import CellVerdict, VerdictRules# noqa: E402
 
-COLUMNS = ("row", "col", "verdict", "norm_ratio", "band_rel", "far_rel", "far_excess", "far_score", "flatness", "erf")
+COLUMNS = ("row", "col", "verdict", "norm_ratio", "far_plateau", "far_plateau_lo", "far_plateau_hi", "decay_exponent",
+           "decay_exponent_lo", "below_visibility", "far_excess", "erf")
 
 
 def main() -> None:

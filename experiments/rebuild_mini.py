@@ -17,13 +17,10 @@ The steps, in order:
 - the calibrations behind the detector defaults: ``latent-norms`` (spot threshold, ``latent_norm_ratios.py``),
   ``scan-defaults-64`` / ``scan-defaults-128`` (far-field radius and global-effect threshold,
   ``scan_defaults.py``), ``mechanism`` (pathway attribution on the controls, ``mechanism_controls.py``);
-- ``verdict-calibration`` / ``verdict-heldout``: the verdict thresholds and the verdicts on the held-out photos
-  (``verdict_calibration.py``; ``fit`` writes ``vaeprobe/probes/verdict_rules.json``, the defaults of ``VerdictRules``);
-- ``verdict-forms`` / ``internal-alpha``: other forms of the far-effect gate, and the weight of the ``internal``
-  control, tried on the calibration rows (``verdict_forms.py``, ``internal_alpha.py``; docs/verdicts.md);
+- ``known-effects``: the far-field plateau against planted effects of known size on the mini and taef2 at 64-512
+  px, and the verdict measures of the clean models' chosen cells (``known_effects.py``; docs/verdicts.md);
 - ``compare-taef2``: ``vaeprobe compare builtin:mini-kl-f8 builtin:taef2`` on the 15 builtin photos at 256 px
-  (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px (after the
-  verdict fit: their global-cell rates use its thresholds);
+  (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px;
 - ``corner-verdicts``: the verdict measures of the mini's corner-droplet cell on the held-out photos
   (``corner_verdicts.py``).
 
@@ -82,17 +79,9 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
         "scan-defaults-128": [[py, "experiments/scan_defaults.py", "--size", "128",
                                "--out", f"{RESULTS}/scan_defaults.json"]],
         "mechanism": [[py, "experiments/mechanism_controls.py", "--out", f"{RESULTS}/mechanism_controls.json"]],
-        # the verdict thresholds (wallpapers, 64-512 px) and the verdicts on the held-out photos (64-256 px)
-        "verdict-calibration": [[py, "experiments/verdict_calibration.py", "measure", "--set", "calibration"],
-                                [py, "experiments/verdict_calibration.py", "fit"]],
-        # is there a wider-margin form of the gate, and how strong must the internal control be (both read the
-        # calibration rows only; neither changes what ships)
-        "verdict-forms": [[py, "experiments/verdict_forms.py"]],
-        "internal-alpha": [[py, "experiments/internal_alpha.py", "measure"],
-                           [py, "experiments/internal_alpha.py", "choose"]],
-        "verdict-heldout": [[py, "experiments/verdict_calibration.py", "measure", "--set", "heldout"],
-                            [py, "experiments/verdict_calibration.py", "report", "--set", "heldout"],
-                            [py, "experiments/verdict_calibration.py", "report", "--set", "calibration"]],
+        # the plateau against effects of known size (docs/verdicts.md); nothing here is fitted
+        "known-effects": [[py, "experiments/known_effects.py", "--sizes", "64,128,256,512",
+                           "--out", f"{RESULTS}/known_effects.json"]],
         # docs/taef2.md quotes this one (15 builtin photos at 256 px)
         "compare-taef2": [[py, "-m", "vaeprobe", "compare", "builtin:mini-kl-f8", "builtin:taef2",
                            "--images", "builtin:photos", "--size", "256", "--quiet",
@@ -105,7 +94,7 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
                                       "--quiet", "--out", f"{tmp}/compare-taef2-wallpapers-256"],
                                      _copy(py, f"{tmp}/compare-taef2-wallpapers-256/summary.json",
                                            f"{RESULTS}/compare_mini_taef2_wallpapers_256.json")],
-        # the corner droplet's cell under the verdict thresholds just fitted (docs/mini-corner-blob.md)
+        # the corner droplet's cell under the verdict rule (docs/mini-corner-blob.md)
         "corner-verdicts": [[py, "experiments/corner_verdicts.py", "--out", f"{RESULTS}/corner_verdicts_mini.json"]],
         "doc-tables": [[py, "experiments/doc_tables.py", "--out", f"{RESULTS}/doc_tables.md"]],
     }

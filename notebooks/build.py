@@ -89,13 +89,13 @@ print("verdicts over all cells:", dict(sorted(scan.summary["verdicts"].items()))
 at_spot = pd.DataFrame([table[(table.image == i) & (table.row == t["row"]) & (table.col == t["col"])].iloc[0]
                         for i, t in truth.items()])
 print("declared verdict of the planted cell:", set(t["expected_verdict"] for t in truth.values()))
-at_spot[["image", "row", "col", "norm_ratio", "far_abs", "far_excess", "flatness", "swap_corr", "verdict"]]"""),
+at_spot[["image", "row", "col", "norm_ratio", "far_plateau", "far_plateau_lo", "decay_exponent", "swap_corr", "verdict"]]"""),
     ("code", """\
 one = table[table.image == images[0].name]
 grid = np.full((8, 8), np.nan)
 grid[one.row, one.col] = np.log10(one.far_l2)
 plt.figure(figsize=(3.5, 3)); plt.imshow(grid, cmap="inferno"); plt.colorbar(label="log10 far-field energy")
-plt.title("zeroing each cell"); plt.axis("off"); plt.show()"""),
+plt.title("removing each cell (smudge)"); plt.axis("off"); plt.show()"""),
     ("md", """\
 ## 3. Which pathway carries it?
 

@@ -109,7 +109,8 @@ def cmd_scan(args) -> int:
                    resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet, verdicts=not args.no_verdicts, evidence=args.evidence,
                    n_donors=args.donors, device=args.device, dtype=args.dtype,
-                   position_blocks=args.position_blocks)
+                   position_blocks=args.position_blocks, removal=args.removal,
+                   visible_levels=args.visible_levels)
     summary = run.summary
     counts = summary.get("verdicts") or {}
     if counts:
@@ -253,8 +254,9 @@ def _add_scan(sub) -> None:
 
     p = sub.add_parser("scan", help="perturb latent positions, decode and measure how far the change spreads")
     _add_io_args(p)
-    p.add_argument("--op", default="zero", help=f"perturbation: {', '.join(OPERATORS)}; join with + "
-                                                f"(e.g. scale:0.5+noise:0.1); default zero")
+    p.add_argument("--op", default="smudge", help=f"perturbation: {', '.join(OPERATORS)}; join with + "
+                                                  f"(e.g. scale:0.5+noise:0.1); default smudge (the cell takes "
+                                                  f"its neighbours' mean, the verdicts' removal)")
     p.add_argument("--positions", default="all", help="all, grid:S, top:K or list:R,C;R,C (exact mode)")
     p.add_argument("--mode", choices=MODES, default="exact")
     _add_image_args(p)
@@ -277,6 +279,12 @@ def _add_scan(sub) -> None:
                    help="skip the per-cell verdicts (saves the receptive-field and swap decodes)")
     p.add_argument("--evidence", type=int, default=4,
                    help="cells per image that get the matched controls and frozen-pathway share (default 4)")
+    p.add_argument("--removal", default="smudge",
+                   help="how the verdicts remove a cell: smudge (default; the same in any latent coordinates) or "
+                        "another operator, e.g. zero")
+    p.add_argument("--visible-levels", type=float, default=1.0,
+                   help="the verdicts' visibility threshold: a far plateau at least this many 8-bit levels "
+                        "(lower bound) is global (default 1, the smallest step an 8-bit image shows)")
     p.add_argument("--donors", type=int, default=4,
                    help="images of --swap-with used as donors by the verdicts' swap test (default 4)")
     p.add_argument("--swap-with", default="builtin:photos-train",

@@ -223,8 +223,8 @@ class CompareJob(Job):
             from vaeprobe.probes.verdict import attach_verdicts, receptive_field
 
             field = receptive_field(vae, z, rec, exclude=robust_channel_stats(z)["excluded"])
-            cells = attach_verdicts(vae, z, rec, two_stage_scan(vae, z, "zero", ref=rec, field=field).table, field,
-                                    evidence=0)
+            cells = attach_verdicts(vae, z, rec, two_stage_scan(vae, z, field.removal, ref=rec, field=field).table,
+                                    field, evidence=0)
             facts["top"], facts["global"] = float(cells.global_ratio.max()), bool(cells.is_global.any())
         if self.mechanism:
             from vaeprobe.probes.mechanism import attribute_pathways

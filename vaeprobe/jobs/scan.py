@@ -51,7 +51,7 @@ class ScanJob(Job):
 
     def __init__(self, vae, images, *, op, positions, mode, size, fit, radius, measures, batch, n_probes, seed,
                  patch, channel, threshold, swap_with, keep_images, verdicts, evidence, n_donors, progress,
-                 position_blocks=1):
+                 position_blocks=1, removal="smudge", visible_levels=1.0):
         self.vae, self.images, self.size, self.fit, self.factor = vae, images, size, fit, vae.factor
         self.op, self.positions, self.mode, self.radius, self.measures = op, positions, mode, radius, list(measures)
         self.batch, self.n_probes, self.seed, self.patch, self.channel = batch, n_probes, seed, patch, channel
@@ -59,6 +59,7 @@ class ScanJob(Job):
         self.keep_images = keep_images if mode != "linear" else 0
         self.verdicts, self.evidence, self.progress = bool(verdicts), evidence, progress
         self.position_blocks = max(1, int(position_blocks))
+        self.removal, self.visible_levels = removal, float(visible_levels)
         self.desc = f"scan ({mode})"
         if self.position_blocks > 1:
             self.unit = "block"
@@ -76,7 +77,13 @@ class ScanJob(Job):
                 "evidence": self.evidence, "n_donors": self.n_donors, "size": self.size, "fit": self.fit,
                 "radius": self.radius, "measures": self.measures, "n_probes": self.n_probes, "seed": self.seed,
                 "patch": self.patch, "channel": self.channel, "threshold": self.threshold,
-                "keep_images": self.keep_images, "position_blocks": self.position_blocks}
+                "keep_images": self.keep_images, "position_blocks": self.position_blocks, "removal": self.removal,
+                "visible_levels": self.visible_levels}
+
+    def rules(self):
+        from vaeprobe.probes.verdict import VerdictRules
+
+        return VerdictRules(visible_levels=self.visible_levels)
 
     def units(self, skipped: list):
         """Images, or with ``position_blocks`` B > 1 each image's B blocks of positions (keys ``KEY-bNN``)."""
@@ -150,18 +157,31 @@ class ScanJob(Job):
         image_key, img, block = item if self.position_blocks > 1 else (key, item, None)
         vae = self.vae
         t0 = time.perf_counter()
-        z = vae.encode(img.tensor()).mean
-        norm = z[0].norm(dim=0)
+        x = img.tensor()
+        z = vae.encode(x).mean
+        from vaeprobe.probes.verdict import output_range_problem, standard_norm
+
+        norm = standard_norm(z)  # the same in any latent coordinates
         stats = robust_channel_stats(z)
         other = self.swap_latent(tuple(img.array.shape[:2])) if "swap" in self.op else None
         operator = parse_operator(self.op, stats=stats, other=other, seed=self.seed)
         ref = vae.decode(z)
+        problem = output_range_problem(x, ref)
+        if problem:
+            run.say(f"vaeprobe: warning: {vae.spec}: {problem.split(' (')[0]}; the verdicts' 8-bit levels assume "
+                    f"[-1, 1] outputs", once=True)
         field, decodes = None, 0
         if self.verdicts and self.mode != "linear":
             from vaeprobe.probes.verdict import receptive_field
 
-            field = receptive_field(vae, z, ref, seed=self.seed, exclude=stats["excluded"])
+            field = receptive_field(vae, z, ref, seed=self.seed, exclude=stats["excluded"], removal=self.removal)
             decodes += len(field.cells)
+            visible = self.rules().visible_levels
+            if field.plateau_bound >= visible:  # e.g. 64 px: the far field is a few cells wide (docs/verdicts.md)
+                run.say(f"vaeprobe: note: at {x.shape[-2]}x{x.shape[-1]} px ordinary cells keep up to about "
+                        f"{math.ceil(field.plateau_bound)} 8-bit levels beyond the receptive field, over "
+                        f"--visible-levels {visible:g}; fainter plateaus are not resolved at this size (use a larger "
+                        f"--size)", once=True)
         res = self._scan(run, z, ref, norm, operator, field, block)
         decodes += res.decodes
         kept = _save_kept(run.path / "images" / image_key, img.array, ref, res.kept) if self.keep_images else []
@@ -179,7 +199,7 @@ class ScanJob(Job):
             from vaeprobe.probes.verdict import attach_verdicts
 
             df = attach_verdicts(vae, z, ref, df, field, donors=self.donors(tuple(img.array.shape[:2])),
-                                 evidence=self.evidence)
+                                 evidence=self.evidence, rules=self.rules())
             profiles = df.attrs.get("profiles")
             decodes += df.attrs["decodes"]
         else:
@@ -208,7 +228,7 @@ class ScanJob(Job):
         frozen share for its ``evidence`` most unusual cells only (each block measured its own), the kept decodes
         of its ``keep_images`` largest far fields (the others' files are removed). Returns the image keys."""
         from vaeprobe.probes.response import global_effect_ratio
-        from vaeprobe.probes.verdict import PROFILE_COLUMNS, VerdictRules, evidence_rows
+        from vaeprobe.probes.verdict import PROFILE_COLUMNS, evidence_rows
 
         groups: dict[str, list[str]] = {}
         for k in keys:
@@ -226,7 +246,7 @@ class ScanJob(Job):
             profiles = next((m["profiles"] for m in metas if m.get("profiles")), None)
             if self.verdicts and self.mode != "linear":
                 records = df[list(PROFILE_COLUMNS)].to_dict("records")
-                chosen = evidence_rows(records, VerdictRules(), self.evidence)
+                chosen = evidence_rows(records, self.rules(), self.evidence)
                 drop = np.ones(len(df), bool)
                 drop[chosen] = False
                 df.loc[drop, ["matched_ratio", "transplant_ratio", "frozen_removed"]] = math.nan
@@ -275,13 +295,14 @@ class ScanJob(Job):
                 "vae": vae_config(self.vae)}
 
 
-def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode: str = "exact",
+def run_scan(vae, images, out, *, op: str = "smudge", positions: str = "all", mode: str = "exact",
              size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
              measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 32, seed: int = 0,
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
              swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
              overwrite: bool = False, progress: bool = True, verdicts: bool = True, evidence: int = 4,
-             n_donors: int = 4, device=None, dtype=None, position_blocks: int = 1) -> RunDir:
+             n_donors: int = 4, device=None, dtype=None, position_blocks: int = 1, removal: str = "smudge",
+             visible_levels: float = 1.0) -> RunDir:
     """Scan every image of ``images`` and write a run directory ``out``.
 
     One part per image is written atomically, so ``resume=True`` skips the images a killed run finished. Files: see
@@ -289,13 +310,15 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
 
     Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
     ``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
-    last two) from :mod:`vaeprobe.probes.verdict`, with its measures and evidence: per image, a few ordinary cells are
-    zeroed first to measure the decoder's effective receptive field; the swap test uses the first ``n_donors``
-    images of ``swap_with`` as donors; the ``evidence`` most unusual cells get the matched controls and the
-    frozen-pathway share. The verdict of a cell depends on that image's ordinary cells, not on which positions
-    were scanned. It is calibrated for zeroing one cell: with another operator, patches or one channel, the
-    verdict columns are those of zeroing the cell ``(row, col)`` (one more decode per position). ``linear``
-    mode gives no verdict (``verdict`` is empty and ``is_global`` False): its estimates have no calibrated rule.
+    last two) from :mod:`vaeprobe.probes.verdict`, with its measures (the far-field plateau in 8-bit levels and
+    its decay) and evidence: per image, a few ordinary cells are removed first to measure the decoder's kernel;
+    the swap test uses the first ``n_donors`` images of ``swap_with`` as donors; the ``evidence`` most unusual
+    cells get the matched controls and the frozen-pathway share. The verdict of a cell depends on that image's
+    ordinary cells, not on which positions were scanned. Cells are removed by ``removal`` (default ``smudge``,
+    which does not depend on the latent's coordinates; ``zero`` is available): with another ``op``, patches or
+    one channel, the verdict columns are those of removing the cell ``(row, col)`` (one more decode per
+    position). ``visible_levels`` is the verdicts' visibility threshold in 8-bit levels. ``linear`` mode gives
+    no verdict (``verdict`` is empty and ``is_global`` False).
     ``global_ratio`` (far-field energy over the median scanned position's, or the controls' in two-stage mode)
     stays as a descriptive column; ``threshold`` only sets ``n_ratio_over`` in ``images.parquet``.
 
@@ -359,6 +382,10 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
         image's encode, clean decode and receptive field (13 decodes with verdicts) and its own evidence; the
         blocks are merged into the image's part when all are done. Blocks are whole decoder batches, so the
         merged table equals an unsplit scan's (tested bitwise on CPU); ``decodes`` counts the repeated work.
+    removal : str, keyword-only
+        How the verdicts remove a cell (``smudge``, the default, or another operator such as ``zero``).
+    visible_levels : float, keyword-only
+        The verdicts' visibility threshold in 8-bit levels (:class:`~vaeprobe.probes.verdict.VerdictRules`).
 
     Returns
     -------
@@ -386,6 +413,9 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
                         f"--mode exact (a linear map or a two-stage scan is one unit per image)")
     vae = coerce_vae(vae, device=device, dtype=dtype)
     check_operator(op, vae, seed=seed)
+    check_operator(removal, vae, seed=seed)
+    if not (float(visible_levels) > 0):
+        raise ScanError(f"--visible-levels {visible_levels}: use a positive number of 8-bit levels (default 1)")
     if mode == "linear":
         from vaeprobe.probes.linear import check_differentiable
 
@@ -397,5 +427,6 @@ def run_scan(vae, images, out, *, op: str = "zero", positions: str = "all", mode
     job = ScanJob(vae, images, op=op, positions=positions, mode=mode, size=size, fit=fit, radius=radius,
                   measures=measures, batch=batch, n_probes=n_probes, seed=seed, patch=patch, channel=channel,
                   threshold=threshold, swap_with=swap_with, keep_images=keep_images, verdicts=verdicts,
-                  evidence=evidence, n_donors=n_donors, progress=progress, position_blocks=position_blocks)
+                  evidence=evidence, n_donors=n_donors, progress=progress, position_blocks=position_blocks,
+                  removal=removal, visible_levels=visible_levels)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -383,7 +383,7 @@ class WeightedStatsGroupNorm(nn.Module):
         return y[:, :, :hh * ww].reshape(b, c, hh, ww)
 
 
-INTERNAL_ALPHA = 0.3  # the internal control's weight on its cell: experiments/internal_alpha.py (docs/verdicts.md)
+INTERNAL_ALPHA = 0.3  # the internal control's weight on its cell: chosen in 7f9ef1a against the old gate, not retuned
 
 
 class InternalControl(nn.Module):
@@ -465,3 +465,186 @@ EXPECTED_VERDICTS = {
     "internal": "global",                # a GroupNorm inside the decoder leans on one ordinary cell
 }
 """The verdict each control declares for its planted cell (by construction)."""
+
+
+# -- controls of known size ---------------------------------------------------------------------------------------
+
+LEVEL = 1 / 127.5      # one 8-bit level in the decoders' [-1, 1] units
+KNOWN_KINDS = ("shift", "gauss", "contrast")
+
+
+def _base_encode(base, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean, raw log-variance or None) of any base with the diffusers interface (AutoencoderKL or a TAESD)."""
+    out = base.encode(x)
+    dist = getattr(out, "latent_dist", None)
+    if dist is not None:
+        mean, raw = dist.parameters.chunk(2, dim=1)
+        return mean, raw
+    return out.latents, None
+
+
+class KnownEffectControl(nn.Module):
+    """A control whose ground truth is an amplitude: removing its planted cell changes the image by a known amount.
+
+    The encoder writes a constant vector of norm ``spot_norm`` at the flattest cell (:func:`spot_locations`). The
+    decoder looks for a cell whose norm is over half of ``spot_norm``; when it finds one, it inpaints it
+    (:func:`inpaint`, the mean of its 4 neighbours) before the base decoder and then adds the planted effect:
+
+    - ``shift``: ``amount`` 8-bit levels on every pixel and channel. Removing the cell shifts the whole image by
+      exactly ``amount`` levels (plus the base decoder's small local effect of the removal itself);
+    - ``gauss``: a grey Gaussian bump of height ``amount`` levels and width ``sigma`` cells around the cell
+      (amplitude ``exp(-d^2 / (2 sigma^2))``): a change that decays with distance;
+    - ``contrast``: a droplet of strength ``amount``: each pixel's deviation from the decode's per-channel mean is
+      scaled by ``1 + amount``, so removing the cell changes every pixel by ``amount`` times its contrast.
+
+    Works on any base with the diffusers interface whose latents a huge vector does not otherwise disturb (the
+    trained mini, taef2). :meth:`planted_change` gives the exact planted part of the removal's change.
+
+    Parameters
+    ----------
+    base : torch.nn.Module
+        An AutoencoderKL or a :class:`~vaeprobe.models.taesd.TAESD`.
+    kind : {"shift", "gauss", "contrast"}
+        The planted effect.
+    amount : float
+        Levels (``shift``, ``gauss``) or the contrast gain (``contrast``).
+    sigma : float, optional
+        The bump's width in cells (``gauss``).
+    spot_norm : float, optional
+        The planted vector's norm.
+    factor : int, optional
+        The base's downsampling factor.
+
+    Examples
+    --------
+    >>> from vaeprobe.models.taesd import TAESD
+    >>> m = KnownEffectControl(TAESD(4), "shift", 8.0).eval()
+    >>> x = torch.rand(1, 3, 64, 64) * 2 - 1
+    >>> z = m.encode(x).latents
+    >>> r, c = m.ground_truth(x)[0]["row"], m.ground_truth(x)[0]["col"]
+    >>> gone = z.clone(); gone[:, :, r, c] = 0.0
+    >>> round(float((m.decode(z).sample - m.decode(gone).sample).mean() * 127.5), 1) > 0
+    True
+    """
+
+    def __init__(self, base, kind: str, amount: float, *, sigma: float = 3.0, spot_norm: float = 160.0,
+                 factor: int = 8):
+        super().__init__()
+        if kind not in KNOWN_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; use one of {KNOWN_KINDS}")
+        self.base, self.kind, self.amount, self.sigma = base, kind, float(amount), float(sigma)
+        self.spot_norm, self.factor = spot_norm, factor
+        cfg = getattr(base, "config", {})
+        self.config = dict(cfg)
+        self.config["_planted"] = {"mechanism": f"known-{kind}", "amount": self.amount, "sigma": self.sigma}
+        self.channels = int(self.config["latent_channels"])
+
+    def ground_truth(self, x: torch.Tensor) -> list[dict]:
+        pos = spot_locations(x, self.factor, "flattest")
+        return [{"row": int(r), "col": int(c), "mechanism": f"known-{self.kind}", "location": "flattest",
+                 "encoder_trace": True, "amount": self.amount, "sigma": self.sigma} for r, c in pos.tolist()]
+
+    def _vector(self, b: int, device) -> torch.Tensor:
+        v = torch.tensor([(-1.0) ** k for k in range(self.channels)], device=device)
+        return (v / v.norm() * self.spot_norm).expand(b, -1)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        mean, raw = _base_encode(self.base, x)
+        pos = spot_locations(x, self.factor, "flattest")
+        mean = _write(mean, pos, self._vector(x.shape[0], x.device))
+        if raw is None:
+            from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+            return AutoencoderTinyOutput(latents=mean)
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        raw = _write(raw, pos, torch.full((x.shape[0], self.channels), SPOT_RAW_LOGVAR))
+        dist = DiagonalGaussianDistribution(torch.cat([mean, raw], dim=1))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def _effect(self, out: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]``: the planted effect added to decodes ``out`` with the cell at ``pos``."""
+        if self.kind == "shift":
+            return torch.full_like(out, self.amount * LEVEL)
+        if self.kind == "contrast":
+            return self.amount * (out - out.mean(dim=(2, 3), keepdim=True))
+        h, w = out.shape[-2:]
+        yy = (torch.arange(h, device=out.device) + 0.5) / self.factor
+        xx = (torch.arange(w, device=out.device) + 0.5) / self.factor
+        bumps = []
+        for r, c in (pos.float() + 0.5).tolist():
+            d2 = (yy[:, None] - r) ** 2 + (xx[None, :] - c) ** 2
+            bumps.append(self.amount * LEVEL * torch.exp(-d2 / (2 * self.sigma ** 2)))
+        return torch.stack(bumps)[:, None].expand_as(out).to(out.dtype)
+
+    def _live(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = strongest_positions(z)
+        idx = torch.arange(z.shape[0], device=z.device)
+        return pos, z[idx, :, pos[:, 0], pos[:, 1]].float().norm(dim=1) > self.spot_norm / 2
+
+    def planted_change(self, z: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]``: the planted effect that removing the live cell of ``z`` takes away (0 where none)."""
+        pos, live = self._live(z)
+        zz = torch.where(live[:, None, None, None], inpaint(z, pos), z)
+        out = self.base.decode(zz).sample
+        return self._effect(out, pos) * live[:, None, None, None].to(out.dtype)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        pos, live = self._live(z)
+        zz = torch.where(live[:, None, None, None], inpaint(z, pos), z)
+        out = self.base.decode(zz).sample
+        out = out + self._effect(out, pos) * live[:, None, None, None].to(out.dtype)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+class Reparametrised(nn.Module):
+    """The same model in other latent coordinates: ``z' = a z + b`` per channel, the decoder compensating.
+
+    ``encode`` returns ``a z + b`` (the log-variance moves by ``2 log |a|``), ``decode(z')`` decodes
+    ``(z' - b) / a``. Every measurement that does not depend on the latent's coordinates gives the same on both.
+
+    Parameters
+    ----------
+    base : torch.nn.Module
+        A model with the diffusers interface.
+    scale, shift : sequence of float
+        ``a`` (no zero) and ``b``, one per latent channel.
+
+    Examples
+    --------
+    >>> from vaeprobe.models.taesd import TAESD
+    >>> base = TAESD(2).eval()
+    >>> m = Reparametrised(base, [2.0, -0.5], [3.0, 1.0])
+    >>> x = torch.rand(1, 3, 16, 16) * 2 - 1
+    >>> bool(torch.allclose(m.decode(m.encode(x).latents).sample, base.decode(base.encode(x).latents).sample, atol=1e-5))
+    True
+    """
+
+    def __init__(self, base, scale, shift):
+        super().__init__()
+        self.base = base
+        self.register_buffer("a", torch.as_tensor(scale, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("b", torch.as_tensor(shift, dtype=torch.float32).view(1, -1, 1, 1))
+        if bool((self.a == 0).any()):
+            raise ValueError("a reparametrisation needs a non-zero scale on every channel")
+        self.config = dict(getattr(base, "config", {}))
+        self.ground_truth = getattr(base, "ground_truth", None)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        mean, raw = _base_encode(self.base, x)
+        a, b = self.a.to(mean), self.b.to(mean)
+        if raw is None:
+            from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+            return AutoencoderTinyOutput(latents=a * mean + b)
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(torch.cat([a * mean + b, raw + 2 * a.abs().log()], dim=1))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        return self.base.decode((z - self.b.to(z)) / self.a.to(z))

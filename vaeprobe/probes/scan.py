@@ -223,7 +223,7 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     keep : int, keyword-only
         Keep that many perturbed decodes, those with the largest far field (:attr:`ScanResult.kept`).
     field : vaeprobe.probes.verdict.ReceptiveField, keyword-only
-        The receptive field of this latent: with the ``zero`` operator on single whole cells, the rows also get the
+        The receptive field of this latent: with its removal operator (``field.removal``) on single whole cells, the rows also get the
         verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
 
     Returns
@@ -255,12 +255,14 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     kept = KeptDecodes(keep)
     from tqdm import tqdm
 
-    profiles = field is not None and op.name == "zero" and all(s.size == 1 and s.channel is None for s in sites)
+    profiles = (field is not None and op.name == field.removal
+                and all(s.size == 1 and s.channel is None for s in sites))
     if profiles:
-        from vaeprobe.probes.verdict import profile_columns
+        from vaeprobe.probes.verdict import channel_centre_scale, profile_columns, standard_norm
 
-        norm = z[0].float().norm(dim=0)
+        norm = standard_norm(z)
         med = float(norm.median().clamp_min(1e-12))
+        scale = channel_centre_scale(z)[1]
 
     bar = tqdm(total=len(sites), desc="positions", unit="pos", file=sys.stderr, disable=not progress, leave=False)
     for start in range(0, len(sites), batch):
@@ -269,7 +271,7 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
         dec = vae.decode(zz)
         values = measure(ref, dec, chunk, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
         if profiles:
-            dz2 = (zz.float() - z.float()).pow(2).flatten(1).sum(1).tolist()
+            dz2 = ((zz.float() - z.float()).flatten(-2) / scale).pow(2).sum((1, 2)).tolist()
             ratio = [float(norm[s.row, s.col]) / med for s in chunk]
             extra = profile_columns(dec.float() - ref.float(), chunk, vae.factor, field, dz2, ratio)
             values = [{**v, **x} for v, x in zip(values, extra)]

@@ -1,54 +1,71 @@
-"""Verdicts: is a latent cell's effect ordinary, a magnitude effect, wide but local, or global?
+"""Verdicts: how much does removing a latent cell change the image far away, does that change fade with distance,
+through which pathway, and is it the cell's content?
 
-A perturbed cell's far-field energy mixes three things: the size of the perturbation, the decoder's receptive
-field, and a genuinely global pathway. This module separates them with measures that do not depend on the
-resolution, and turns them into one verdict per cell.
+Every measurement here is physical. A cell is *removed* by an operator that does not depend on the latent's
+coordinates (:data:`REMOVAL`, ``smudge``: the cell takes the mean of its neighbours), the change of the decode is
+measured in **8-bit levels** (the decoder's ``[-1, 1]`` output times 127.5, the RMS over the three channels), and
+distances in latent cells (Euclidean, between the pixel's cell and the removed cell).
 
-Per image, :func:`receptive_field` first zeroes a few *ordinary* cells (seeded, interior, away from latent-norm
-outliers) and measures how the change energy falls with distance: the effective receptive field ``erf`` is the
-distance (latent cells, Euclidean from the cell) that holds ``ERF_SHARE`` of their change energy (median over the
-cells), and ``tail0`` is the share they leave beyond it. Then, per perturbed cell (:func:`profile_columns`):
+Per image, :func:`receptive_field` first removes a few *ordinary* cells (seeded, interior, away from latent-norm
+outliers in standardised coordinates) and measures the decoder's kernel: the effective receptive field ``erf``
+(the distance that holds ``ERF_SHARE`` of their change energy, median over the cells), their distance profile
+normalised by each cell's near field (distance <= 1), its far floor (what the kernel keeps at large distances:
+the ordinary cells' own plateau) and how much that floor scatters between cells. Then per cell
+(:func:`profile_columns`), with ``e(p)`` the change energy of pixel ``p`` (summed over RGB):
 
-================ ===============================================================================================
-``norm_ratio``   the cell's latent norm over the image's median norm (question a: is it unusual in the latent?)
-``dz2``          ``||dz||^2``, the size of the perturbation
-``far_rel``      mean change energy per pixel beyond ``erf`` over the clean decode's own variance (question b)
-``far_abs``      the same energy not divided by that variance: in the decoder's output units (``[-1, 1]``,
-                 summed over RGB), so that a faint change on a low-contrast image stays faint
-``band_rel``     the same in the band just beyond ``erf`` (``erf < d <= erf + max(erf, BAND_MIN)``): a local
-                 effect of a given width in cells gives the same value at any image size, where ``far_rel``
-                 dilutes it over a far field that grows with the image
-``far_per_unit`` the same per unit of perturbation, ``far_rel / dz2``
-``tail_share``   share of the change energy beyond ``erf``
-``far_excess``   energy beyond ``erf`` over what an ordinary cell would put there: the ordinary cells' distance
-                 profile (each normalised by its own near field, distance <= 1) scaled by this cell's near field
-                 and summed over this cell's own pixels (so a border cell is compared with a border-shaped
-                 profile). About 1 for an effect shaped like an ordinary cell's, however large
-``flatness``     mean energy in the outer half of the distances beyond ``erf`` over the inner half: about 1 for an
-                 effect that stays flat with distance, well below 1 for one that decays (question c)
-================ ===============================================================================================
+=================== ============================================================================================
+``norm_ratio``      the cell's norm over the image's median norm, in standardised coordinates (each channel
+                    centred on the image's median and divided by its robust std, :func:`standardise`)
+``dz2``             ``||dz||^2`` of the removal in the same standardised units
+``near_levels``     RMS change per channel within one cell of the cell, in 8-bit levels
+``far_levels``      RMS change per channel beyond ``erf``, in 8-bit levels (everything: kernel, wide, plateau)
+``band_levels``     RMS per channel of the change beyond the kernel in the band just beyond ``erf``
+                    (``erf < d <= erf + max(erf, 2)``), in 8-bit levels
+``far_plateau``     the part of the change that does not decay: ``e`` minus the kernel's decaying part scaled to
+                    this cell's near field, averaged over the outer half of the far field (the far pixels beyond
+                    their median distance), as an RMS per channel in 8-bit levels. A flat shift of ``delta``
+                    levels everywhere reads ``delta``
+``far_plateau_lo``  a lower bound of the plateau (``_hi``: upper): the lower (upper) quartile of the plateaus of 8
+                    angular sectors around the cell, widened by twice the scatter of the ordinary cells' far
+                    floor scaled to this cell's near field; a plateau whose brightness varies with the image's
+                    content keeps a lower bound well above 0 as long as most directions carry it
+``decay_exponent``  ``alpha`` of ``energy ~ d^-alpha`` between the band and the outer half of the far field (the
+                    energy beyond the kernel in each, at their mean distances): about 0 for a plateau, 2 or more
+                    for an effect that fades (inf when nothing is left in the outer half)
+``decay_exponent_lo`` the smallest ``alpha`` the data allow: the band's energy two standard errors lower and the
+                    plateau's two higher (standard errors from the scatter over 8 angular sectors); a change whose
+                    brightness varies with the image's content has a wide range
+``far_excess``      energy beyond ``erf`` over what the kernel scaled to this cell's near field puts there
+``excess_ratio``    ``far_excess`` over twice the largest ``far_excess`` of the image's reference cells (at least
+                    2): over 1, the far effect is more than any ordinary cell's shape allows
+``ordinary_plateau`` the largest ``far_plateau`` of the image's reference cells, in 8-bit levels
+``tail_share``      share of the change energy beyond ``erf``
+``far_abs``         mean change energy per pixel beyond ``erf`` (``[-1, 1]`` units, summed over RGB)
+``far_rel``         ``far_abs`` over the clean decode's variance per pixel (summed over RGB)
+=================== ============================================================================================
 
-For cells whose effect reaches beyond the receptive field, :func:`swap_information` asks question (d): the cell's
-vector is replaced by its counterpart in each of a few donor latents (of the donor's cell at the same position and
-its most similar vector, by cosine similarity minus the log norm ratio, the one whose zeroing changes the donor's
-far field more), and the far-field mean colour change of the decode is regressed on the donor image's colour minus
-the recipient's. ``swap_corr`` is the Pearson correlation over (donor, channel) pairs and ``swap_slope`` the
-least-squares slope through the origin: a cell that carries the image's colour moves the far field towards the
-donor's (slope near 1).
+:class:`VerdictRules` turns them into one of :data:`VERDICTS` with thresholds that carry a unit:
 
-:class:`VerdictRules` turns the measures into one of :data:`VERDICTS`:
-
-- ``global`` when the far effect is significant and flat (``flatness`` over its threshold). Significant: the
-  score ``far_abs ** w * far_excess ** (1 - w)`` (size against shape, :meth:`VerdictRules.score`; for a latent
-  outlier ``band_rel`` is the size) over its threshold, and ``far_excess`` over a floor, so that an effect of
-  an ordinary cell's shape never counts however large it is; ``global-information`` when, in addition, ``swap_corr`` and ``swap_slope``
-  are over theirs;
-- ``wide-local`` when the far effect is significant but decays;
+- ``global`` when ``far_plateau_lo >= visible_levels`` (default 1: the smallest step an 8-bit image can show),
+  ``far_plateau_lo`` is over ``ordinary_plateau`` (more than any of the image's ordinary cells keeps far away)
+  and the change may not decay, ``decay_exponent_lo <= max_decay`` (default 1: energy falling by at most half
+  per doubling of distance);
+  ``global-information`` when, in addition, the swap test (:func:`swap_information`) moves the far field at least
+  half-way towards a donor's far-field content (its mean colour or its coarse structure), with correlation 0.9;
+- ``wide-local`` when the change beyond the kernel is visible just beyond the receptive field
+  (``band_levels >= visible_levels``), more than twice what any of the image's ordinary cells puts there
+  (``far_excess`` over twice the largest reference cell's own), and it fades (``decay_exponent > max_decay``);
 - otherwise ``high-norm`` when ``norm_ratio`` is at least the spot threshold, else ``ordinary``.
 
-The rules compare a cell with the same image's ordinary cells and the image's own variance, never with the
-other scanned cells, so a verdict does not depend on which positions were scanned. The thresholds and how they
-were calibrated are in docs/verdicts.md.
+``below_visibility`` marks a *global pathway below visibility*: a plateau significant against the ordinary cells
+(``far_plateau_lo`` over the largest plateau of the reference cells) that does not decay, but is under
+``visible_levels``. The rules compare a cell with the same image's ordinary cells, never with the other scanned
+cells. What the thresholds mean and how they were chosen: docs/verdicts.md.
+
+Every step commutes with a per-channel affine reparametrisation of the latent (``z' = a z + b`` with a decoder
+that compensates): the removal, the standardised norms, the choice of reference and donor cells, the matched
+controls (the same change ``dz`` elsewhere), so the same decoder in other latent coordinates gets the same
+measurements and verdicts. ``removal="zero"`` remains available; zero is an arbitrary origin of the latent.
 
 Parameters named alike mean the same in every function and method here: ``vae`` is the model (a
 :class:`~vaeprobe.models.adapter.VAE`), ``z`` one latent ``[1, C, h, w]``, ``ref`` its clean decode
@@ -59,6 +76,7 @@ reference for ordinary cells, a :class:`ReceptiveField` (:func:`receptive_field`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -68,19 +86,92 @@ import torch
 
 from vaeprobe.probes.geometry import cell_distance, ring_profile, sample_cells
 from vaeprobe.probes.latents import DEFAULT_THRESHOLD
-from vaeprobe.probes.perturb import Site
+from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
 
 VERDICTS = ("ordinary", "high-norm", "wide-local", "global", "global-information")
 GLOBAL_VERDICTS = ("global", "global-information")
-ERF_SHARE = 0.95  # the effective receptive field holds this share of an ordinary cell's change energy
-BAND_MIN = 2.0     # the near band beyond the receptive field is at least this many cells wide
-PROFILE_COLUMNS = ("norm_ratio", "dz2", "far_rel", "far_abs", "band_rel", "far_per_unit", "tail_share",
-                   "far_excess", "flatness")
-EVIDENCE_COLUMNS = ("swap_corr", "swap_slope", "matched_ratio", "transplant_ratio", "frozen_removed")
+REMOVAL = "smudge"   # the verdicts' removal: the cell takes the mean of its neighbours (affine-invariant)
+LEVELS = 127.5       # 8-bit levels per unit of the decoder's [-1, 1] output
+ERF_SHARE = 0.95     # the effective receptive field holds this share of an ordinary cell's change energy
+BAND_MIN = 2.0       # the band beyond the receptive field is at least this many cells wide
+SECTORS = 8          # angular sectors of the plateau's standard error
+BATCH = 8            # decodes per call in this module
+PROFILE_COLUMNS = ("norm_ratio", "dz2", "near_levels", "far_levels", "band_levels", "far_plateau",
+                   "far_plateau_lo", "far_plateau_hi", "decay_exponent", "decay_exponent_lo", "far_excess", "excess_ratio",
+                   "ordinary_plateau", "tail_share", "far_abs", "far_rel")
+EVIDENCE_COLUMNS = ("swap_corr", "swap_slope", "swap_structure_corr", "swap_structure_slope", "matched_ratio",
+                    "transplant_ratio", "frozen_removed")
 
 
 def _energy(diff: torch.Tensor) -> torch.Tensor:
     return diff.double().pow(2).sum(-3)  # [..., H, W]
+
+
+def levels(energy: float) -> float:
+    """An energy per pixel (squared change summed over RGB, ``[-1, 1]`` units) as an RMS per channel in 8-bit levels.
+
+    Negative energies (an estimate below zero) read 0; nan stays nan.
+
+    Examples
+    --------
+    >>> round(levels(3 * (8 / 127.5) ** 2), 6), levels(-1.0)
+    (8.0, 0.0)
+    """
+    if energy is None or math.isnan(energy):
+        return math.nan
+    return LEVELS * math.sqrt(max(energy, 0.0) / 3.0)
+
+
+def channel_centre_scale(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the median over the positions and the robust std of a latent ``[1, C, h, w]`` or ``[C, h, w]``.
+
+    The robust std is 1.4826 x the median absolute deviation (the std where that is 0, then 1); medians are
+    midpoint quantiles, so both move with ``a z + b`` (``a`` times the scale for ``|a|``). Returns ``[..., C, 1]``
+    tensors (float32) that broadcast against ``z.flatten(-2)``.
+    """
+    flat = z.detach().float().flatten(-2)
+    med = torch.quantile(flat, 0.5, dim=-1, keepdim=True, interpolation="midpoint")
+    mad = torch.quantile((flat - med).abs(), 0.5, dim=-1, keepdim=True, interpolation="midpoint") * 1.4826
+    std = flat.std(dim=-1, keepdim=True) if flat.shape[-1] > 1 else torch.ones_like(mad)
+    scale = torch.where(mad > 1e-12 * (1 + med.abs()), mad, torch.where(std > 0, std, torch.ones_like(std)))
+    return med, scale
+
+
+def standardise(z: torch.Tensor) -> torch.Tensor:
+    """``z`` with each channel centred on its median over the positions and divided by its robust std.
+
+    (:func:`channel_centre_scale`). The result is the same for ``a z + b`` (per channel, any ``a != 0``) up to the
+    sign of each channel: norms and cosine similarities of standardised vectors do not depend on the latent's
+    coordinates.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        ``[1, C, h, w]`` or ``[C, h, w]``.
+
+    Returns
+    -------
+    torch.Tensor
+        float32, the shape of ``z``.
+
+    Examples
+    --------
+    >>> z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    >>> a, b = torch.tensor([2.0, 0.5, -3.0, 1.0]).view(1, 4, 1, 1), torch.tensor([5.0, -1.0, 0.0, 9.0]).view(1, 4, 1, 1)
+    >>> bool(torch.allclose(standardise(a * z + b).abs(), standardise(z).abs(), atol=1e-5))
+    True
+    """
+    med, scale = channel_centre_scale(z)
+    return ((z.detach().float().flatten(-2) - med) / scale).reshape(z.shape)
+
+
+def standard_norm(z: torch.Tensor) -> torch.Tensor:
+    """``[h, w]``: each cell's norm in :func:`standardise`'d coordinates (of a ``[1, C, h, w]`` latent)."""
+    return standardise(z)[0].norm(dim=0)
+
+
+def _removal(op: Operator | str) -> Operator:
+    return parse_operator(op) if isinstance(op, str) else op
 
 
 def _erf_of(e: torch.Tensor, dist: torch.Tensor, share: float) -> float:
@@ -92,6 +183,51 @@ def _erf_of(e: torch.Tensor, dist: torch.Tensor, share: float) -> float:
         return math.nan
     k = int(torch.searchsorted(cum, share * cum[-1]))
     return float(d[order][min(k, len(d) - 1)])
+
+
+def _nanmedian(values) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.median(vals)) if vals else math.nan
+
+
+def output_range_problem(x: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """Whether a model's clean decode ``ref`` is not in about ``[-1, 1]`` like its input ``x`` (both ``[1, 3, H, W]``).
+
+    The units of the verdict measures (8-bit levels = 127.5 x the change in ``[-1, 1]``) assume that range.
+    Reported: more than 1 % of the decode's values beyond 1.5 in magnitude, or a decode that follows its input
+    (least-squares fit ``decode = a x + b`` explaining at least half its variance) with a scale ``a`` outside
+    [0.6, 1.6] or an offset ``|b| > 0.3``, as a model with outputs in ``[0, 1]`` gives (``a = 0.5, b = 0.5``). A
+    decode that does not follow its input (an untrained model) is not judged by the fit.
+
+    Returns
+    -------
+    str or None
+        One line describing the problem, or None.
+
+    Examples
+    --------
+    >>> x = torch.rand(1, 3, 16, 16) * 2 - 1
+    >>> output_range_problem(x, x) is None, output_range_problem(x, (x + 1) / 2) is not None
+    (True, True)
+    >>> output_range_problem(x, 0.01 * torch.randn(1, 3, 16, 16)) is None   # unrelated to its input: no fit
+    True
+    """
+    a_x, a_r = x.detach().double().flatten(), ref.detach().double().flatten()
+    outside = float((a_r.abs() > 1.5).double().mean())
+    if outside > 0.01:
+        return (f"decodes are not in about [-1, 1] ({100 * outside:.1f}% of values beyond 1.5); the far-field "
+                f"levels assume [-1, 1] outputs, so read them as relative, or wrap the model to return [-1, 1]")
+    var_x, var_r = float(a_x.var()), float(a_r.var())
+    if a_x.numel() != a_r.numel() or var_x <= 1e-8 or var_r <= 1e-12:
+        return None
+    cov = float(((a_x - a_x.mean()) * (a_r - a_r.mean())).mean())
+    scale, r2 = cov / var_x, cov * cov / (var_x * var_r)
+    offset = float(a_r.mean() - scale * a_x.mean())
+    if r2 < 0.5 or (0.6 <= scale <= 1.6 and abs(offset) <= 0.3):
+        return None
+    return (f"decodes are not in about [-1, 1] like the input (fit decode = {scale:.2f} x input {offset:+.2f}); "
+            f"the far-field levels assume [-1, 1] outputs, so read them as relative, or wrap the model to return "
+            f"[-1, 1]")
 
 
 @dataclass
@@ -107,19 +243,28 @@ class ReceptiveField:
     variance : float
         The clean decode's variance per pixel, summed over RGB.
     cells : list of (int, int)
-        The ordinary reference cells that were zeroed.
+        The ordinary reference cells that were removed.
     profile : list of float
         Median over the cells of the mean energy at integer distance d, d = 0, 1, ...
     dz2 : float
-        Median ``||dz||^2`` of the reference cells.
+        Median standardised ``||dz||^2`` of the reference cells.
     shape : list of float
-        Median profile, each cell's normalised by its near field (distance <= 1).
-    shapes : list of list of float
-        Those normalised profiles, one per reference cell.
+        Median profile, each cell's normalised by its near field (distance <= 1): the kernel.
+    floor : float
+        The kernel's far floor: median over the cells of their outer-far-field energy over their near field.
+    floor_spread : float
+        The std over the cells of that ratio (the kernel's uncertainty at large distances, per unit near field).
+    kernel : list of float
+        The kernel by exact distance: the median over the cells of the mean energy at squared cell gap
+        ``dr^2 + dc^2 = k`` over their near field, for ``k`` up to ``(4 erf + 4)^2`` (nan where no pixel has it).
+        Distances are gaps between integer cells, so this binning is exact where ``shape``'s rounding mixes
+        distances whose energies differ, by a different mix for every cell near a border.
     excess : list of float
-        Each reference cell's own ``far_excess`` against the median.
-    band : list of float
-        Each reference cell's own ``band_rel``.
+        Each reference cell's own ``far_excess`` against the kernel.
+    plateaus : list of float
+        Each reference cell's own ``far_plateau`` in 8-bit levels.
+    removal : str
+        The removal operator's name.
 
     Examples
     --------
@@ -128,19 +273,22 @@ class ReceptiveField:
     [1.0, 0.5, 0.5]
     """
 
-    erf: float                   # latent cells
-    tail0: float                 # share of an ordinary cell's change energy beyond ``erf`` (median)
-    variance: float              # the clean decode's variance per pixel, summed over RGB
+    erf: float
+    tail0: float
+    variance: float
     cells: list[tuple[int, int]]
-    profile: list[float]         # median over the cells of the mean energy at integer distance d, d = 0, 1, ...
-    dz2: float                   # median ||dz||^2 of the ordinary cells
-    shape: list[float] = field(default_factory=list)  # median profile, each cell's normalised by its near field
-    shapes: list[list[float]] = field(default_factory=list)  # those normalised profiles, one per cell
-    excess: list[float] = field(default_factory=list)   # each reference cell's own far_excess against the median
-    band: list[float] = field(default_factory=list)     # each reference cell's own band_rel
+    profile: list[float]
+    dz2: float
+    shape: list[float] = field(default_factory=list)
+    floor: float = 0.0
+    floor_spread: float = 0.0
+    kernel: list[float] = field(default_factory=list)
+    excess: list[float] = field(default_factory=list)
+    plateaus: list[float] = field(default_factory=list)
+    removal: str = REMOVAL
 
     def expected(self, dist: torch.Tensor) -> torch.Tensor:
-        """An ordinary cell's energy at each distance in ``dist``, per unit of near-field energy.
+        """The kernel: an ordinary cell's energy at each distance in ``dist``, per unit of near-field energy.
 
         Parameters
         ----------
@@ -157,11 +305,34 @@ class ReceptiveField:
         finite = np.isfinite(prof)
         if not finite.any():
             return torch.full_like(dist, math.nan, dtype=torch.float64)
-        prof = np.where(finite, prof, np.nan)
         last = prof[np.nonzero(finite)[0][-1]]
-        prof = np.nan_to_num(prof, nan=last)
+        prof = np.nan_to_num(np.where(finite, prof, np.nan), nan=last)
         idx = torch.round(dist).long().clamp(max=len(prof) - 1)
         return torch.from_numpy(prof)[idx]
+
+    def decaying(self, dist: torch.Tensor) -> torch.Tensor:
+        """The kernel's decaying part: :meth:`expected` less its far floor, never below 0 (nan kernel: 0)."""
+        k = self.expected(dist)
+        if self.kernel:
+            exact = torch.tensor([math.nan if v is None else v for v in self.kernel], dtype=torch.float64)
+            idx = torch.round(dist.double() ** 2).long()
+            inside = idx < len(exact)
+            vals = exact[idx.clamp(max=len(exact) - 1)]
+            k = torch.where(inside & torch.isfinite(vals), vals, k)
+        k = k - (self.floor if math.isfinite(self.floor) else 0.0)
+        return torch.nan_to_num(k.clamp(min=0), nan=0.0)
+
+    @property
+    def excess_bound(self) -> float:
+        """Twice the largest ``far_excess`` of a reference cell (at least 2): the wide-local bar."""
+        vals = [v for v in self.excess if math.isfinite(v)]
+        return 2.0 * max([1.0] + vals)
+
+    @property
+    def plateau_bound(self) -> float:
+        """The largest ``far_plateau`` of a reference cell, in levels (0 without cells)."""
+        vals = [v for v in self.plateaus if math.isfinite(v)]
+        return max([0.0] + vals)
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (for JSON and ``DataFrame.attrs``)."""
@@ -172,10 +343,11 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
                    threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int]]:
     """``n`` seeded ordinary cells of ``z``: interior, not latent-norm outliers, away from ``exclude``.
 
-    The allowed cells have a norm ratio (norm over the median norm) under half of ``threshold`` and a norm
-    under the 90th percentile, are not in ``exclude`` and are interior (not on the border when the latent is at
-    least 4 cells wide); they are drawn by :func:`vaeprobe.probes.geometry.sample_cells` with those cells as the
-    allowed mask. When no cell qualifies, any cell of the latent may be drawn (``exclude`` included).
+    The allowed cells have a standardised norm ratio (:func:`standard_norm` over its median) under half of
+    ``threshold`` and a standardised norm under the 90th percentile, are not in ``exclude`` and are interior (not
+    on the border when the latent is at least 4 cells wide); they are drawn by
+    :func:`vaeprobe.probes.geometry.sample_cells` with those cells as the allowed mask. When no cell qualifies,
+    any cell of the latent may be drawn (``exclude`` included).
 
     Parameters
     ----------
@@ -197,13 +369,13 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
 
     Examples
     --------
-    >>> z = torch.ones(1, 4, 6, 6)
+    >>> z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     >>> z[0, :, 2, 2] = 50.0   # a latent-norm outlier
     >>> cells = ordinary_cells(z, 20, exclude=[(3, 3)])
-    >>> len(cells), (2, 2) in cells, (3, 3) in cells, min(min(rc) for rc in cells), max(max(rc) for rc in cells)
-    (14, False, False, 1, 4)
+    >>> (2, 2) in cells, (3, 3) in cells, min(min(rc) for rc in cells) >= 1, max(max(rc) for rc in cells) <= 4
+    (False, False, True, True)
     """
-    norm = z[0].detach().float().norm(dim=0)
+    norm = standard_norm(z)
     h, w = norm.shape
     ratio = norm / norm.median().clamp_min(1e-12)
     ok = (ratio < threshold / 2) & (norm <= torch.quantile(norm.flatten(), 0.9))
@@ -215,85 +387,90 @@ def ordinary_cells(z: torch.Tensor, n: int, *, seed: int = 0, exclude: Sequence[
     return sample_cells(h, w, n, allowed=ok if bool(ok.any()) else None, seed=seed)
 
 
-def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n: int = 12, seed: int = 0,
-                    share: float = ERF_SHARE, exclude: Sequence[tuple[int, int]] = ()) -> ReceptiveField:
-    """Measure the effective receptive field of ``vae``'s decoder on latent ``z`` by zeroing ordinary cells.
+def _split(mask: torch.Tensor, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask`` split at its pixels' median distance: (up to the median, beyond it); beyond is never empty."""
+    med = float(dist[mask].median())
+    outer = mask & (dist > med)
+    if not bool(outer.any()):
+        return mask & torch.zeros_like(mask), mask
+    return mask & (dist <= med), outer
 
-    ``n`` cells of :func:`ordinary_cells` are zeroed (decoded 6 at a time) and their change energy profiled by
-    distance (see the module docstring).
 
-    Parameters
-    ----------
-    vae, z
-        As in the module docstring.
-    ref : torch.Tensor, optional
-        The clean decode of ``z`` (decoded when not given).
-    n : int, keyword-only
-        How many reference cells.
-    seed : int, keyword-only
-        Seed of the cells' draw.
-    share : float, keyword-only
-        The share of the change energy the receptive field holds.
-    exclude : sequence of (int, int), keyword-only
-        Cells never used as reference (latent-norm outliers, the cells under test).
+def _sector_means(res: torch.Tensor, region: torch.Tensor, site: Site, factor: int) -> torch.Tensor:
+    """Means of ``res`` over ``region`` in each of :data:`SECTORS` angular sectors around the site (sectors with at
+    least a quarter of the average sector's pixels)."""
+    ys, xs = torch.nonzero(region, as_tuple=True)
+    cy, cx = (site.row + site.size / 2) * factor, (site.col + site.size / 2) * factor
+    ang = torch.atan2(ys.double() + 0.5 - cy, xs.double() + 0.5 - cx)
+    idx = ((ang + math.pi) / (2 * math.pi) * SECTORS).long().clamp(0, SECTORS - 1)
+    vals = res[region]
+    counts = torch.bincount(idx, minlength=SECTORS)
+    sums = torch.bincount(idx, weights=vals, minlength=SECTORS)
+    use = counts >= max(1.0, 0.25 * float(counts.sum()) / SECTORS)
+    return (sums[use] / counts[use]).double()
 
-    Returns
-    -------
-    ReceptiveField
 
-    Examples
-    --------
-    >>> from vaeprobe.models.loading import load_vae
-    >>> vae = load_vae("builtin:tiny-random")
-    >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
-    >>> rf = receptive_field(vae, z, n=3)
-    >>> rf.erf >= 0, 0 <= rf.tail0 <= 1, len(rf.cells)
-    (True, True, 3)
-    """
-    if ref is None:
-        ref = vae.decode(z)
-    cells = ordinary_cells(z, n, seed=seed, exclude=exclude)
-    zz = z.repeat(len(cells), 1, 1, 1)
-    for i, (r, c) in enumerate(cells):
-        zz[i, :, r, c] = 0
-    dec = torch.cat([vae.decode(zz[k:k + 6]).float() for k in range(0, len(cells), 6)])
-    diff = dec - ref.float()
-    shape = tuple(ref.shape[-2:])
-    erfs, profiles = [], []
-    for i, (r, c) in enumerate(cells):
-        e = _energy(diff[i])
-        dist = cell_distance((r, c), shape, vae.factor, metric="euclidean")
-        erfs.append(_erf_of(e, dist, share))
-        profiles.append(ring_profile(e, dist))
-    erf = float(np.nanmedian(erfs)) if not all(math.isnan(v) for v in erfs) else math.nan
-    tails, shapes = [], []
-    for i, (r, c) in enumerate(cells):
-        e = _energy(diff[i])
-        dist = cell_distance((r, c), shape, vae.factor, metric="euclidean")
-        total = float(e.sum())
-        tails.append(float(e[dist > erf].sum()) / total if total > 0 else math.nan)
-        near = float(e[dist <= 1].mean())
-        shapes.append([v / near if near > 0 else math.nan for v in profiles[i]])
-    length = max(len(p) for p in profiles)
-    padded = np.array([p + [math.nan] * (length - len(p)) for p in profiles])
-    padded_shape = np.array([p + [math.nan] * (length - len(p)) for p in shapes])
-    with np.errstate(all="ignore"):
-        import warnings
+def _sector_error(res: torch.Tensor, region: torch.Tensor, site: Site, factor: int) -> float:
+    """Standard error of the mean of ``res`` over ``region`` from its scatter over the sectors of
+    :func:`_sector_means` (``|mean|`` with fewer than 2)."""
+    means = _sector_means(res, region, site, factor)
+    if means.numel() < 2:
+        return abs(float(res[region].mean()))
+    return float(means.std()) / math.sqrt(means.numel())
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            profile = np.nanmedian(padded, axis=0).tolist()
-            shape_profile = np.nanmedian(padded_shape, axis=0).tolist()
-            tail0 = float(np.nanmedian(tails)) if tails else math.nan
-    variance = float(ref.float()[0].var(dim=(1, 2)).sum()) if ref.dim() == 4 else float(ref.float().var(dim=(1, 2)).sum())
-    dz2 = float(np.median([float(z[0, :, r, c].float().pow(2).sum()) for r, c in cells]))
-    rf = ReceptiveField(erf=erf, tail0=tail0, variance=variance, cells=cells, profile=profile, dz2=dz2,
-                        shape=shape_profile, shapes=[[float(v) for v in p] for p in shapes])
-    own = profile_columns(diff, [Site(r, c) for r, c in cells], vae.factor, rf, [1.0] * len(cells),
-                          [1.0] * len(cells))
-    rf.excess = [float(o["far_excess"]) for o in own]
-    rf.band = [float(o["band_rel"]) for o in own]
-    return rf
+
+def _cell_measures(e: torch.Tensor, dist: torch.Tensor, site: Site, factor: int, field: ReceptiveField) -> dict:
+    """The distance measures of one cell's change energy ``e`` (see :func:`profile_columns`)."""
+    erf = field.erf if math.isfinite(field.erf) else 1.0
+    far = dist > erf
+    total = float(e.sum())
+    if total == 0:
+        return {"near_levels": 0.0, "far_levels": 0.0, "band_levels": 0.0, "far_plateau": 0.0,
+                "far_plateau_lo": 0.0, "far_plateau_hi": 0.0, "far_excess": 0.0, "tail_share": 0.0,
+                "far_abs": 0.0, "far_rel": 0.0}
+    near = float(e[dist <= 1].mean())
+    row = {"near_levels": levels(near)}
+    if not bool(far.any()):
+        return row
+    res = e - near * field.decaying(dist)
+    far_e = e[far]
+    expected = float((near * field.expected(dist[far])).sum())
+    band = far & (dist <= erf + max(erf, BAND_MIN))
+    inner, outer = _split(far, dist)
+    plateau = float(res[outer].mean())
+    # the plateau's range over directions: the lower and upper quartile of the 8 sectors' plateaus (a plateau
+    # that one side of the image holds alone has a low lower quartile), widened by two standard errors of the
+    # ordinary cells' kernel floor scaled to this cell's near field; with fewer than 2 usable sectors, no bound
+    kse = near * field.floor_spread
+    sectors = _sector_means(res, outer, site, factor)
+    if sectors.numel() >= 2:
+        q_lo, q_hi = (float(q) for q in torch.quantile(sectors, torch.tensor([0.25, 0.75], dtype=sectors.dtype)))
+    else:
+        q_lo, q_hi = 0.0, 2 * abs(plateau)
+    p_lo, p_hi = min(plateau, q_lo) - 2 * kse, max(plateau, q_hi) + 2 * kse
+    row.update(far_levels=levels(float(far_e.mean())), band_levels=levels(float(res[band].mean())),
+               far_plateau=levels(plateau), far_plateau_lo=levels(p_lo), far_plateau_hi=levels(p_hi),
+               far_excess=float(far_e.sum()) / expected if expected > 0 else math.inf,
+               tail_share=float(far_e.sum()) / total, far_abs=float(far_e.mean()),
+               far_rel=float(far_e.mean()) / field.variance if field.variance > 0 else math.nan)
+    e1, d1, d2 = float(res[band].mean()), float(dist[band].mean()), float(dist[outer].mean())
+    row["decay_exponent"] = _exponent(e1, plateau, d1, d2)
+    se1 = _sector_error(res, band, site, factor)
+    # the smallest decay the data allow: the band as low and the plateau as high as two standard errors let them
+    row["decay_exponent_lo"] = _exponent(e1 - 2 * se1, p_hi, d1, d2)
+    return row
+
+
+def _exponent(near: float, far: float, d_near: float, d_far: float) -> float:
+    """``alpha`` of ``energy ~ d^-alpha`` through two points; inf when only the near one is positive, -inf when it
+    is not (nothing to decay from), nan when the distances do not grow."""
+    if not d_far > d_near:
+        return math.nan
+    if near <= 0:
+        return -math.inf
+    if far <= 0:
+        return math.inf
+    return math.log(near / far) / math.log(d_far / d_near)
 
 
 def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, field: ReceptiveField,
@@ -311,9 +488,9 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
     field
         As in the module docstring.
     dz2 : sequence of float
-        ``dz2[i]``: the squared norm of decode ``i``'s latent perturbation.
+        ``dz2[i]``: the squared (standardised) norm of decode ``i``'s latent perturbation.
     norm_ratio : sequence of float
-        ``norm_ratio[i]``: the norm ratio of decode ``i``'s cell.
+        ``norm_ratio[i]``: the (standardised) norm ratio of decode ``i``'s cell.
 
     Returns
     -------
@@ -322,214 +499,242 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
 
     Examples
     --------
+    A flat shift of 8 levels everywhere beyond a local bump reads 8 levels, and it does not decay (exponent about 0):
+
     >>> rf = ReceptiveField(erf=1.0, tail0=0.05, variance=1.0, cells=[], profile=[], dz2=1.0,
-    ...                     shape=[1.0, 1.0, 0.01, 0.001])   # ordinary cells: energy falls 100x past 1 cell
-    >>> flat = torch.full((1, 3, 64, 64), 0.1)          # a uniform change: flat, far beyond that
-    >>> cols = profile_columns(flat, [Site(3, 3)], 8, rf, [4.0], [1.0])[0]
-    >>> round(cols["flatness"], 3), round(cols["far_excess"]), round(cols["far_per_unit"], 4)
-    (1.0, 14, 0.0075)
+    ...                     shape=[1.0, 0.01, 0.001], floor=0.001)   # energy falls 100x past the cell
+    >>> d = cell_distance(Site(3, 3), (128, 128), 8, metric="euclidean")
+    >>> diff = (8 / 127.5 + 0.5 * (d <= 1).float()).expand(1, 3, 128, 128)
+    >>> cols = profile_columns(diff, [Site(3, 3)], 8, rf, [4.0], [1.0])[0]
+    >>> [round(cols[k], 2) for k in ("far_plateau", "far_plateau_lo", "far_plateau_hi", "decay_exponent")]
+    [8.0, 8.0, 8.0, -0.08]
     """
     shape = tuple(diff.shape[-2:])
     out = []
     for i, site in enumerate(sites):
-        e = _energy(diff[i])
-        dist = cell_distance(site, shape, factor, metric="euclidean")
-        total = float(e.sum())
         row = {k: math.nan for k in PROFILE_COLUMNS}
-        row["norm_ratio"] = float(norm_ratio[i])
-        row["dz2"] = float(dz2[i])
-        far = dist > field.erf
-        if total > 0 and bool(far.any()):
-            far_e = e[far]
-            row["tail_share"] = float(far_e.sum()) / total
-            near = float(e[dist <= 1].mean())
-            expected = float((near * field.expected(dist[far])).sum())
-            row["far_excess"] = float(far_e.sum()) / expected if expected > 0 else math.inf
-            row["far_abs"] = float(far_e.mean())
-            row["far_rel"] = row["far_abs"] / field.variance if field.variance > 0 else math.nan
-            band = far & (dist <= field.erf + max(field.erf, BAND_MIN))
-            row["band_rel"] = float(e[band].mean()) / field.variance if field.variance > 0 else math.nan
-            row["far_per_unit"] = row["far_rel"] / row["dz2"] if row["dz2"] > 0 else math.nan
-            dmax = float(dist.max())
-            mid = field.erf + (dmax - field.erf) / 2
-            inner = far & (dist <= mid)
-            outer = dist > mid
-            if bool(inner.any()) and bool(outer.any()):
-                ei = float(e[inner].mean())
-                row["flatness"] = float(e[outer].mean()) / ei if ei > 0 else math.nan
-        elif total == 0:
-            row.update(far_rel=0.0, far_abs=0.0, band_rel=0.0, far_per_unit=0.0, tail_share=0.0, far_excess=0.0)
+        row.update(norm_ratio=float(norm_ratio[i]), dz2=float(dz2[i]))
+        dist = cell_distance(site, shape, factor, metric="euclidean")
+        row.update(_cell_measures(_energy(diff[i]), dist, site, factor, field))
+        row["excess_ratio"] = row["far_excess"] / field.excess_bound
+        row["ordinary_plateau"] = field.plateau_bound
         out.append(row)
     return out
 
 
-def _calibrated() -> dict:
-    """The thresholds written by ``experiments/verdict_calibration.py fit`` (``vaeprobe/probes/verdict_rules.json``)."""
-    import json
-    from pathlib import Path
+def _decode_removed(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator) -> tuple[torch.Tensor, list[float]]:
+    """Decodes of ``z`` with each site removed by ``op`` (:data:`BATCH` at a time) and each removal's standardised
+    ``||dz||^2``."""
+    _, scale = channel_centre_scale(z)
+    decs, dz2 = [], []
+    for k in range(0, len(sites), BATCH):
+        zz = apply_batch(z, sites[k:k + BATCH], op)
+        dz = (zz.float() - z.float()).flatten(-2) / scale
+        dz2 += dz.pow(2).sum((1, 2)).tolist()
+        decs.append(vae.decode(zz).float())
+    return torch.cat(decs), dz2
 
-    path = Path(__file__).with_name("verdict_rules.json")
-    try:
-        return json.loads(path.read_text())["rules"]
-    except (OSError, ValueError, KeyError):  # pragma: no cover - the file ships with the package
-        return {}
 
+def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n: int = 12, seed: int = 0,
+                    share: float = ERF_SHARE, exclude: Sequence[tuple[int, int]] = (),
+                    removal: Operator | str = REMOVAL) -> ReceptiveField:
+    """Measure the decoder's kernel on latent ``z`` by removing ordinary cells.
 
-_CAL = _calibrated()
+    ``n`` cells of :func:`ordinary_cells` are removed (decoded :data:`BATCH` at a time) and their change energy
+    profiled by distance (see the module docstring and :class:`ReceptiveField`).
+
+    Parameters
+    ----------
+    vae, z
+        As in the module docstring.
+    ref : torch.Tensor, optional
+        The clean decode of ``z`` (decoded when not given).
+    n : int, keyword-only
+        How many reference cells.
+    seed : int, keyword-only
+        Seed of the cells' draw.
+    share : float, keyword-only
+        The share of the change energy the receptive field holds.
+    exclude : sequence of (int, int), keyword-only
+        Cells never used as reference (latent-norm outliers, the cells under test).
+    removal : Operator or str, keyword-only
+        How a cell is removed (default :data:`REMOVAL`).
+
+    Returns
+    -------
+    ReceptiveField
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
+    >>> rf = receptive_field(vae, z, n=3)
+    >>> rf.erf >= 0, 0 <= rf.tail0 <= 1, len(rf.cells), rf.removal
+    (True, True, 3, 'smudge')
+    """
+    op = _removal(removal)
+    if ref is None:
+        ref = vae.decode(z)
+    cells = ordinary_cells(z, n, seed=seed, exclude=exclude)
+    sites = [Site(r, c) for r, c in cells]
+    dec, dz2 = _decode_removed(vae, z, sites, op)
+    diff = dec - ref.float()
+    shape = tuple(ref.shape[-2:])
+    energies = [_energy(diff[i]) for i in range(len(cells))]
+    dists = [cell_distance(rc, shape, vae.factor, metric="euclidean") for rc in cells]
+    erf = _nanmedian([_erf_of(e, d, share) for e, d in zip(energies, dists)])
+    profiles, shapes, tails, floors = [], [], [], []
+    for e, d in zip(energies, dists):
+        total, near = float(e.sum()), float(e[d <= 1].mean())
+        prof = ring_profile(e, d)
+        profiles.append(prof)
+        shapes.append([v / near if near > 0 else math.nan for v in prof])
+        tails.append(float(e[d > erf].sum()) / total if total > 0 else math.nan)
+        far = d > (erf if math.isfinite(erf) else 1.0)
+        floors.append(float(e[_split(far, d)[1]].mean()) / near if near > 0 and bool(far.any()) else math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        length = max(len(p) for p in profiles)
+        pad = lambda ps: np.array([p + [math.nan] * (length - len(p)) for p in ps])  # noqa: E731
+        profile = np.nanmedian(pad(profiles), axis=0).tolist()
+        shape_profile = np.nanmedian(pad(shapes), axis=0).tolist()
+    good = [f for f in floors if math.isfinite(f)]
+    kmax = int(round((4 * (erf if math.isfinite(erf) else 1.0) + 4) ** 2))
+    exact = []
+    for e, d in zip(energies, dists):
+        idx = torch.round(d.double() ** 2).long().flatten()
+        keep = idx <= kmax
+        sums = torch.bincount(idx[keep], weights=e.flatten()[keep], minlength=kmax + 1)
+        counts = torch.bincount(idx[keep], minlength=kmax + 1).double()
+        near = float(e[d <= 1].mean())
+        exact.append(torch.where(counts > 0, sums / counts.clamp(min=1) / near if near > 0 else counts * math.nan,
+                                 torch.full_like(sums, math.nan)).numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kernel = np.nanmedian(np.stack(exact), axis=0) if exact else np.array([])
+    rf = ReceptiveField(erf=erf, tail0=_nanmedian(tails), variance=float(ref.float()[0].var(dim=(1, 2)).sum()),
+                        cells=cells, profile=profile, dz2=_nanmedian(dz2), shape=shape_profile,
+                        floor=float(np.median(good)) if good else 0.0,
+                        floor_spread=float(np.std(good, ddof=1)) if len(good) > 1 else 0.0,
+                        kernel=[None if not np.isfinite(v) else float(v) for v in kernel], removal=op.name)
+    norm = standard_norm(z)
+    med = float(norm.median().clamp_min(1e-12))
+    own = profile_columns(diff, sites, vae.factor, rf, dz2, [float(norm[r, c]) / med for r, c in cells])
+    rf.excess = [float(o["far_excess"]) for o in own]
+    rf.plateaus = [float(o["far_plateau"]) for o in own]
+    return rf
 
 
 @dataclass(frozen=True, kw_only=True)
 class VerdictRules:
-    """Thresholds of the verdict (keyword-only).
-
-    The defaults are the calibrated ones of ``vaeprobe/probes/verdict_rules.json`` (written by
-    ``experiments/verdict_calibration.py fit``; docs/verdicts.md has the data).
+    """Thresholds of the verdict (keyword-only), each with a unit; none is fitted (docs/verdicts.md).
 
     Attributes
     ----------
-    far_score : float
-        Threshold of the score ``far_abs ** far_weight * far_excess ** (1 - far_weight)`` (:meth:`score`) of a
-        cell of ordinary norm.
-    far_weight : float
-        The share of the size (``far_abs``) in that score.
-    far_excess : float
-        The floor of ``far_excess``, the excess over an ordinary cell's shape.
-    outlier_score, outlier_weight, outlier_excess : float
-        The same gate for a latent outlier (``norm_ratio`` at least ``norm_ratio``), fitted on outlier cells
-        alone, with ``band_rel`` as the size: a vector the decoder drops still moves pixels near it, with a
-        noisy shape, and what tells is the size of its effect just beyond the receptive field.
-    flatness : float
-        Threshold of ``flatness``, outer over inner far-field energy: a global effect stays flat.
+    visible_levels : float
+        The smallest far change that counts, in 8-bit levels (1: the smallest step an 8-bit image can show).
+    max_decay : float
+        The largest ``decay_exponent`` of a change that "does not decay" (1: its energy falls at most by half
+        per doubling of the distance).
     swap_corr, swap_slope : float
-        Thresholds of the swap test (far colour change against donor colour difference) for
-        ``global-information``.
+        The swap test of ``global-information``: the far field moves at least ``swap_slope`` of the way
+        towards the donor's far-field content (mean colour or coarse structure), with at least ``swap_corr``
+        correlation over donors and channels.
     norm_ratio : float
-        The spot threshold of the norm ratio for ``high-norm``.
+        The spot threshold of the (standardised) norm ratio for ``high-norm``.
 
     Examples
     --------
-    >>> VerdictRules(flatness=0.5).flatness, VerdictRules().norm_ratio == DEFAULT_THRESHOLD
-    (0.5, True)
+    >>> VerdictRules(visible_levels=2.0).visible_levels, VerdictRules().norm_ratio == DEFAULT_THRESHOLD
+    (2.0, True)
     """
 
-    far_score: float = _CAL.get("far_score", 0.07)      # far_abs ** far_weight * far_excess ** (1 - far_weight)
-    far_weight: float = _CAL.get("far_weight", 0.65)    # the share of the size (far_abs) in that score
-    far_excess: float = _CAL.get("far_excess", 2.0)     # and at least this excess over an ordinary cell's shape
-    flatness: float = _CAL.get("flatness", 0.3)         # outer over inner far-field energy
-    outlier_score: float = _CAL.get("outlier_score", 0.6)    # the same gate for latent outliers
-    outlier_weight: float = _CAL.get("outlier_weight", 0.4)
-    outlier_excess: float = _CAL.get("outlier_excess", 1.1)
-    swap_corr: float = _CAL.get("swap_corr", 0.85)      # far colour change vs donor colour difference
-    swap_slope: float = _CAL.get("swap_slope", 0.75)
+    visible_levels: float = 1.0
+    max_decay: float = 1.0
+    swap_corr: float = 0.9
+    swap_slope: float = 0.5
     norm_ratio: float = DEFAULT_THRESHOLD
 
+    @staticmethod
+    def _value(row: dict, key: str) -> float:
+        v = row.get(key, math.nan)
+        try:
+            return math.nan if v is None else float(v)
+        except (TypeError, ValueError):
+            return math.nan
+
+    def _ordinary(self, row: dict) -> float:
+        """``ordinary_plateau`` (0 where missing): what the image's ordinary cells put beyond their kernel."""
+        bar = self._value(row, "ordinary_plateau")
+        return bar if math.isfinite(bar) else 0.0
+
+    def flat(self, row: dict) -> bool:
+        """Whether the far change may not decay: ``decay_exponent_lo`` (``decay_exponent`` where that column is
+        missing) at most ``max_decay``; nan: no."""
+        lo = self._value(row, "decay_exponent_lo")
+        return (lo if not math.isnan(lo) else self._value(row, "decay_exponent")) <= self.max_decay
+
+    def decays(self, row: dict) -> bool:
+        """Whether the far change fades: ``decay_exponent`` over ``max_decay`` (inf included; nan: no)."""
+        return self._value(row, "decay_exponent") > self.max_decay
+
     def shape(self, row: dict) -> str:
-        """The shape of a cell's far effect from its profile measures (nan counts as not over).
-
-        Parameters
-        ----------
-        row : dict
-            The measures of :data:`PROFILE_COLUMNS` (a dict or a table row).
-
-        Returns
-        -------
-        str
-            ``local``, ``wide-local`` or ``global``. A far effect needs ``far_excess`` over its floor and the
-            score (:meth:`score`) over its threshold: ``far_excess``, ``far_score`` and ``far_weight`` for an
-            ordinary-norm cell, the ``outlier_*`` ones for a latent outlier (``norm_ratio`` at the spot threshold).
+        """``global``, ``wide-local`` or ``local``: the far change's shape and size (see the module docstring).
 
         Examples
         --------
-        >>> VerdictRules().shape({"far_abs": 0.5, "far_excess": 500.0, "flatness": 0.05})
+        >>> VerdictRules().shape({"far_plateau_lo": 3.0, "decay_exponent": 0.1})
+        'global'
+        >>> VerdictRules().shape({"far_plateau_lo": 3.0, "decay_exponent": 4.0, "band_levels": 9.0, "excess_ratio": 5.0})
         'wide-local'
         """
-        def over(key: str, limit: float) -> bool:
-            v = row.get(key, math.nan)
-            return v is not None and not (isinstance(v, float) and math.isnan(v)) and v >= limit
+        lo = self._value(row, "far_plateau_lo")
+        if lo >= self.visible_levels and lo > self._ordinary(row) and self.flat(row):
+            return "global"
+        if (self._value(row, "band_levels") >= self.visible_levels and self._value(row, "excess_ratio") > 1
+                and self.decays(row)):
+            return "wide-local"
+        return "local"
 
-        # a latent outlier (norm ratio at the spot threshold) has its own gate: the shape of its far effect is
-        # noisy (a large vector the decoder drops still moves pixels a little), its size is what tells
-        if self.is_outlier(row):
-            floor, limit = self.outlier_excess, self.outlier_score
-        else:
-            floor, limit = self.far_excess, self.far_score
-        if not (over("far_excess", floor) and self.score(row) >= limit):
-            return "local"
-        return "global" if over("flatness", self.flatness) else "wide-local"
-
-    def is_outlier(self, row: dict) -> bool:
-        """Whether a row is a latent outlier (``norm_ratio`` at the spot threshold), judged by the outlier gate."""
-        nr = row.get("norm_ratio", math.nan)
-        return nr is not None and not (isinstance(nr, float) and math.isnan(nr)) and nr >= self.norm_ratio
-
-    def score(self, row: dict) -> float:
-        """The far-effect score ``size ** w * far_excess ** (1 - w)``: for a cell of ordinary norm ``far_abs`` and
-        ``w = far_weight``; for a latent outlier (:meth:`is_outlier`) ``band_rel`` and ``w = outlier_weight``.
-
-        The evidence of a far effect weighs its size against its excess over an ordinary cell's shape, a
-        straight boundary in log space.
-
-        Parameters
-        ----------
-        row : dict
-            ``far_excess``, ``norm_ratio`` and the size (``far_abs``, or ``band_rel`` for an outlier).
-
-        Returns
-        -------
-        float
-            The score; nan (never over) when the size or the excess is missing or not positive, inf for an
-            infinite excess.
+    def below_visibility(self, row: dict) -> bool:
+        """A global pathway below visibility: a plateau that does not decay, significant against the ordinary cells
+        (``far_plateau_lo`` over ``ordinary_plateau``), that the verdict does not call global.
 
         Examples
         --------
-        >>> VerdictRules(far_weight=0.5).score({"norm_ratio": 1.0, "far_abs": 0.04, "far_excess": 25.0})
-        1.0
-        >>> VerdictRules(outlier_weight=0.5).score({"norm_ratio": 50.0, "band_rel": 0.01, "far_excess": 100.0})
-        1.0
+        >>> VerdictRules().below_visibility({"far_plateau_lo": 0.4, "ordinary_plateau": 0.1, "decay_exponent": 0.2})
+        True
         """
-        outlier = self.is_outlier(row)
-        size = row.get("band_rel" if outlier else "far_abs", math.nan)
-        excess = row.get("far_excess", math.nan)
-        if size is None or excess is None or not (size > 0 and excess > 0):
-            return math.nan
-        if math.isinf(excess):
-            return math.inf
-        w = self.outlier_weight if outlier else self.far_weight
-        return float(size ** w * excess ** (1 - w))
+        lo = self._value(row, "far_plateau_lo")
+        return self.shape(row) != "global" and self.flat(row) and lo > 0 and lo > self._ordinary(row)
+
+    def carries_information(self, row: dict) -> bool:
+        """Whether the swap test moves the far field towards the donors' content (mean colour or structure)."""
+        for corr, slope in (("swap_corr", "swap_slope"), ("swap_structure_corr", "swap_structure_slope")):
+            if self._value(row, corr) >= self.swap_corr and self._value(row, slope) >= self.swap_slope:
+                return True
+        return False
 
     def classify(self, row: dict) -> str:
-        """The verdict of one cell from its measures.
-
-        Parameters
-        ----------
-        row : dict
-            The measures of :data:`PROFILE_COLUMNS` and, for ``global-information``, ``swap_corr`` and
-            ``swap_slope`` (a dict or a table row).
-
-        Returns
-        -------
-        str
-            One of :data:`VERDICTS`.
+        """The verdict of one cell from its measures (a dict or a table row): one of :data:`VERDICTS`.
 
         Examples
         --------
         >>> rules = VerdictRules()
-        >>> rules.classify({"norm_ratio": 40.0, "band_rel": 1e-6, "far_excess": 1.0})
+        >>> rules.classify({"norm_ratio": 40.0, "far_plateau_lo": 0.0, "band_levels": 0.1})
         'high-norm'
-        >>> rules.classify({"norm_ratio": 1.0, "far_abs": 0.5, "far_excess": 500.0, "flatness": 0.9,
+        >>> rules.classify({"norm_ratio": 1.0, "far_plateau_lo": 20.0, "decay_exponent": 0.0,
         ...                 "swap_corr": 0.95, "swap_slope": 0.8})
         'global-information'
         """
         row = dict(row)
         shape = self.shape(row)
         if shape == "global":
-            corr, slope = row.get("swap_corr", math.nan), row.get("swap_slope", math.nan)
-            if corr is not None and slope is not None and corr >= self.swap_corr and slope >= self.swap_slope:
-                return "global-information"
-            return "global"
+            return "global-information" if self.carries_information(row) else "global"
         if shape == "wide-local":
             return "wide-local"
-        return "high-norm" if row.get("norm_ratio", 0.0) >= self.norm_ratio else "ordinary"
+        return "high-norm" if self._value(row, "norm_ratio") >= self.norm_ratio else "ordinary"
 
     def to_dict(self) -> dict:
         """The thresholds as a plain dict."""
@@ -540,7 +745,7 @@ class VerdictRules:
 
 @dataclass
 class Donors:
-    """Latents and clean-decode mean colours of a few donor images, at one latent size (:func:`make_donors`).
+    """Latents and clean decodes of a few donor images, at one latent size (:func:`make_donors`).
 
     Attributes
     ----------
@@ -551,13 +756,14 @@ class Donors:
     names : list of str
         The donors' names.
     decodes : torch.Tensor or None
-        ``[K, 3, H, W]``: the clean decodes (to find each donor's counterpart cell, :func:`counterpart_cells`).
+        ``[K, 3, H, W]``: the clean decodes (the swap test's structure target; to find each donor's counterpart
+        cell, :func:`counterpart_cells`).
     """
 
-    latents: torch.Tensor                  # [K, C, h, w]
-    colours: torch.Tensor                  # [K, 3] mean colour of each donor's clean decode
+    latents: torch.Tensor
+    colours: torch.Tensor
     names: list[str] = field(default_factory=list)
-    decodes: torch.Tensor | None = None    # [K, 3, H, W] the clean decodes (to find each donor's counterpart cell)
+    decodes: torch.Tensor | None = None
 
 
 def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = ()) -> Donors:
@@ -608,7 +814,8 @@ def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = (
 
 def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
     """The cell of latent ``u`` most like vector ``v``: the largest cosine similarity minus the absolute log ratio
-    of the norms.
+    of the norms (pass both standardised by one common per-channel map for a choice that does not depend on the
+    latent's coordinates).
 
     Parameters
     ----------
@@ -637,66 +844,90 @@ def donor_cell(v: torch.Tensor, u: torch.Tensor) -> tuple[int, int]:
     return divmod(i, u.shape[-1])
 
 
-def counterpart_cells(vae, v: torch.Tensor, site: Site, donors: Donors, far: float) -> list[tuple[int, int]]:
-    """Each donor's counterpart of a cell with vector ``v`` at ``site``.
+def counterpart_cells(vae, z: torch.Tensor, site: Site, donors: Donors, far: float, *,
+                      removal: Operator | str = REMOVAL) -> list[tuple[int, int]]:
+    """Each donor's counterpart of the cell at ``site`` of latent ``z``.
 
-    Of the donor's cell at the same position and its most similar vector (:func:`donor_cell`), the counterpart
-    is the one whose zeroing changes the donor's decode more beyond ``far`` cells (a global code may sit at a
-    fixed place, or wherever its vector is). Costs up to two decodes per donor (none where both cells coincide
-    or the donors have no decodes).
+    Of the donor's cell at the same position and its most similar vector (:func:`donor_cell`, both latents
+    standardised with the recipient's per-channel centre and scale, :func:`channel_centre_scale`), the counterpart is the one whose removal changes the donor's decode more beyond ``far`` cells
+    (a global code may sit at a fixed place, or wherever its vector is). Costs up to two decodes per donor (none
+    where both cells coincide or the donors have no decodes).
 
     Parameters
     ----------
-    vae
+    vae, z, site
         As in the module docstring.
-    v : torch.Tensor
-        ``[C]``: the cell's vector.
-    site : Site
-        Where the cell is.
     donors : Donors
         The donors (:func:`make_donors`).
     far : float
         The far field starts beyond this many cells (Euclidean).
+    removal : Operator or str, keyword-only
+        How a cell is removed.
 
     Returns
     -------
     list of (int, int)
         One cell per donor.
     """
-    out = []
+    op = _removal(removal)
+    med, scale = channel_centre_scale(z)   # one common map for both latents: the same in any coordinates
+    v = ((z[0, :, site.row, site.col].float() - med[..., 0]) / scale[..., 0])
+    out: list = []
     cands = []
     for j in range(donors.latents.shape[0]):
         same = (site.row, site.col)
-        alike = donor_cell(v, donors.latents[j])
+        u = donors.latents[j].float()
+        alike = donor_cell(v, ((u.flatten(-2) - med) / scale).reshape(u.shape))
         if alike == same or donors.decodes is None:
             out.append(alike)
             continue
         out.append(None)
         cands += [(j, same), (j, alike)]
-    if cands:
-        zz = torch.stack([donors.latents[j] for j, _ in cands]).clone()
-        for i, (_, (r, c)) in enumerate(cands):
-            zz[i, :, r, c] = 0
-        energies = []
-        for start in range(0, len(cands), 8):
-            dec = vae.decode(zz[start:start + 8]).float()
-            for i, (j, rc) in enumerate(cands[start:start + 8]):
-                e = _energy(dec[i] - donors.decodes[j].float())
-                dist = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean")
-                mask = dist > far
-                energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
-        for k in range(0, len(cands), 2):
-            j = cands[k][0]
-            out[j] = cands[k][1] if energies[k] >= energies[k + 1] else cands[k + 1][1]
+    energies = []
+    for start in range(0, len(cands), BATCH):
+        chunk = cands[start:start + BATCH]
+        zz = torch.cat([apply_batch(donors.latents[j][None], [Site(*rc)], op) for j, rc in chunk])
+        dec = vae.decode(zz).float()
+        for i, (j, rc) in enumerate(chunk):
+            e = _energy(dec[i] - donors.decodes[j].float())
+            mask = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean") > far
+            energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
+    for k in range(0, len(cands), 2):
+        out[cands[k][0]] = cands[k][1] if energies[k] >= energies[k + 1] else cands[k + 1][1]
     return out
 
 
-def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors: Donors,
-                     field: ReceptiveField) -> dict[str, float]:
-    """Question (d): does the far field move towards the donor's colour when the cell takes a donor's vector?
+def _fit_through_origin(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(Pearson correlation, least-squares slope through the origin) of ``a`` on ``b``; nan with fewer than 2."""
+    a, b = a.flatten().double(), b.flatten().double()
+    if a.numel() < 2:
+        return math.nan, math.nan
+    denom = float(b.pow(2).sum())
+    slope = float((a * b).sum()) / denom if denom > 0 else math.nan
+    corr = 0.0 if float(a.std()) == 0 or float(b.std()) == 0 else float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    return corr, slope
 
-    The cell's vector is replaced by each donor's counterpart vector (:func:`counterpart_cells`; see the module
-    docstring) and the far-field mean colour change is regressed on the donor's colour minus the recipient's.
+
+def _far_blocks(x: torch.Tensor, far: torch.Tensor, cells: int, factor: int) -> torch.Tensor:
+    """``x`` ``[K, 3, H, W]`` averaged over blocks of ``cells`` x ``cells`` latent cells that lie wholly in the far
+    field ``far`` ``[H, W]``, less each image's and channel's mean over those blocks: ``[K, 3, n_blocks]``."""
+    k = cells * factor
+    pooled = torch.nn.functional.avg_pool2d(x.double(), k, stride=k)
+    inside = torch.nn.functional.avg_pool2d(far[None, None].double(), k, stride=k)[0, 0] >= 1 - 1e-9
+    vals = pooled[:, :, inside]
+    return vals - vals.mean(-1, keepdim=True)
+
+
+def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors: Donors,
+                     field: ReceptiveField, *, removal: Operator | str = REMOVAL) -> dict[str, float]:
+    """Does the far field move towards the donor's content when the cell takes a donor's vector?
+
+    The cell's vector is replaced by each donor's counterpart vector (:func:`counterpart_cells`). Two regressions
+    through the origin, over donors and channels: ``swap_corr``/``swap_slope``, the far field's mean colour change
+    on the donor's mean colour minus the recipient's; ``swap_structure_corr``/``swap_structure_slope``, the far
+    field's change on the donor's decode minus the recipient's, both averaged over blocks of a quarter of the
+    latent's side (at most 4 cells) wholly beyond the receptive field, each less its mean over those blocks: the
+    content beyond the mean. A slope near 1 moves the far field all the way to the donor's.
 
     Parameters
     ----------
@@ -706,49 +937,50 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
         The donors, at ``z``'s latent size (other sizes give nan).
     field : ReceptiveField
         The recipient's reference (its ``erf`` bounds the far field).
+    removal : Operator or str, keyword-only
+        How a cell is removed (to find the counterparts).
 
     Returns
     -------
     dict
-        ``swap_corr`` and ``swap_slope``; nan when there are no donors or no far field.
+        The four ``swap_*`` columns; nan when there are no donors or no far field.
     """
+    nan = {k: math.nan for k in ("swap_corr", "swap_slope", "swap_structure_corr", "swap_structure_slope")}
     k = donors.latents.shape[0]
     if k == 0 or donors.latents.shape[-2:] != z.shape[-2:]:
-        return {"swap_corr": math.nan, "swap_slope": math.nan}
+        return nan
     r, c = site.row, site.col
-    v = z[0, :, r, c]
     zz = z.repeat(k, 1, 1, 1)
     far_cells = field.erf if math.isfinite(field.erf) else 1.0
-    for j, (dr, dc) in enumerate(counterpart_cells(vae, v, site, donors, far_cells)):
+    for j, (dr, dc) in enumerate(counterpart_cells(vae, z, site, donors, far_cells, removal=removal)):
         zz[j, :, r:r + site.size, c:c + site.size] = donors.latents[j, :, dr, dc][:, None, None]
-    dec = vae.decode(zz).float()
+    dec = torch.cat([vae.decode(zz[s:s + BATCH]).float() for s in range(0, k, BATCH)])
     ref = ref.float()
     dist = cell_distance(site, tuple(ref.shape[-2:]), vae.factor, metric="euclidean")
-    far = dist > field.erf
+    far = dist > field.erf if bool((dist > field.erf).any()) else dist > 1
     if not bool(far.any()):
-        far = dist > 1
-    if not bool(far.any()):
-        return {"swap_corr": math.nan, "swap_slope": math.nan}
-    moved = (dec[:, :, far] - ref[:, :, far]).mean(-1).double()        # [K, 3]
-    target = (donors.colours - ref.mean(dim=(2, 3))).double()          # [K, 3]
-    a, b = moved.flatten(), target.flatten()
-    denom = float(b.pow(2).sum())
-    slope = float((a * b).sum()) / denom if denom > 0 else math.nan
-    if float(a.std()) == 0 or float(b.std()) == 0:
-        corr = 0.0
-    else:
-        corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-    return {"swap_corr": corr, "swap_slope": slope}
+        return nan
+    out = dict(nan)
+    moved = (dec[:, :, far] - ref[:, :, far]).mean(-1)                  # [K, 3]
+    target = donors.colours - ref.mean(dim=(2, 3))                       # [K, 3]
+    out["swap_corr"], out["swap_slope"] = _fit_through_origin(moved, target)
+    if donors.decodes is not None:
+        cells = max(1, min(4, min(z.shape[-2:]) // 4))
+        a = _far_blocks(dec - ref, far, cells, vae.factor)
+        b = _far_blocks(donors.decodes.float() - ref, far, cells, vae.factor)
+        if a.shape[-1] >= 2:
+            out["swap_structure_corr"], out["swap_structure_slope"] = _fit_through_origin(a, b)
+    return out
 
 
 def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field: ReceptiveField, *,
-                     k: int = 3) -> dict[str, float]:
-    """Question (b) against controls: is the far effect of zeroing the cell its own, or the change's size?
+                     k: int = 3, removal: Operator | str = REMOVAL) -> dict[str, float]:
+    """Is the far effect of removing the cell its own, or the change's size?
 
-    The far-field energy of zeroing the cell over the median far-field energy of (1) ``matched_ratio``: a
-    perturbation of the same norm at ``k`` ordinary cells, along minus each cell's own vector, and (2)
-    ``transplant_ratio``: the cell's vector written at those cells. Near 1: the same change anywhere does the
-    same; far above 1: the effect belongs to this cell. Costs ``1 + 2 k`` decodes.
+    The far-field energy of removing the cell over the median far-field energy of (1) ``matched_ratio``: the
+    same change ``dz`` added at ``k`` ordinary cells, and (2) ``transplant_ratio``: the cell's vector written at
+    those cells. Near 1: the same change anywhere does the same; far above 1: the effect belongs to this cell.
+    Both controls are the same in any latent coordinates. Costs ``1 + 2 k`` decodes.
 
     Parameters
     ----------
@@ -758,48 +990,49 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
         The image's reference; its first ``k`` cells (other than the site) are the controls.
     k : int, keyword-only
         How many control cells.
+    removal : Operator or str, keyword-only
+        How a cell is removed.
 
     Returns
     -------
     dict
-        ``matched_ratio``, ``transplant_ratio`` (nan without control cells) and ``profile``, the zeroed cell's
+        ``matched_ratio``, ``transplant_ratio`` (nan without control cells) and ``profile``, the removed cell's
         mean change energy per pixel at distance 0, 1, ... cells.
     """
     r, c = site.row, site.col
+    removed = apply_batch(z, [site], _removal(removal))
     v = z[0, :, r, c].clone()
-    mag = float(v.norm())
+    dz = removed[0, :, r, c] - v
     cells = [rc for rc in field.cells if rc != (r, c)][:k]
     if not cells:
         return {"matched_ratio": math.nan, "transplant_ratio": math.nan, "profile": []}
     zz = z.repeat(1 + 2 * len(cells), 1, 1, 1)
-    zz[0, :, r, c] = 0
+    zz[0] = removed[0]
     for i, (rr, cc) in enumerate(cells):
-        u = z[0, :, rr, cc]
-        zz[1 + i, :, rr, cc] = u - mag * u / u.norm().clamp_min(1e-12)
+        zz[1 + i, :, rr, cc] = z[0, :, rr, cc] + dz
         zz[1 + len(cells) + i, :, rr, cc] = v
-    dec = vae.decode(zz).float()
-    diff = dec - ref.float()
+    diff = torch.cat([vae.decode(zz[s:s + BATCH]).float() for s in range(0, len(zz), BATCH)]) - ref.float()
     shape = tuple(ref.shape[-2:])
 
     def far_energy(i: int, rc: tuple[int, int]) -> float:
-        dist = cell_distance(rc, shape, vae.factor, metric="euclidean")
-        far = dist > field.erf
+        far = cell_distance(rc, shape, vae.factor, metric="euclidean") > field.erf
         return float(_energy(diff[i])[far].mean()) if bool(far.any()) else math.nan
 
     own = far_energy(0, (r, c))
     own_profile = ring_profile(_energy(diff[0]), cell_distance((r, c), shape, vae.factor, metric="euclidean"))
-    matched = [far_energy(1 + i, rc) for i, rc in enumerate(cells)]
-    planted = [far_energy(1 + len(cells) + i, rc) for i, rc in enumerate(cells)]
 
     def ratio(values):
-        m = float(np.nanmedian(values)) if not all(math.isnan(x) for x in values) else math.nan
+        m = _nanmedian(values)
         return own / m if m and m > 0 else math.nan
 
-    return {"matched_ratio": ratio(matched), "transplant_ratio": ratio(planted), "profile": own_profile}
+    return {"matched_ratio": ratio([far_energy(1 + i, rc) for i, rc in enumerate(cells)]),
+            "transplant_ratio": ratio([far_energy(1 + len(cells) + i, rc) for i, rc in enumerate(cells)]),
+            "profile": own_profile}
 
 
-def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> float:
-    """Share of the far-field energy of zeroing the cell that freezing the decoder's pathways removes.
+def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField, *,
+                   removal: Operator | str = REMOVAL) -> float:
+    """Share of the far-field energy of removing the cell that freezing the decoder's pathways removes.
 
     ``(E_live - E_frozen) / E_live`` with the GroupNorm statistics and the attention context frozen (the
     mechanism module's ``1 - share_residual``, :func:`vaeprobe.probes.mechanism.attribute_pathways` with the far
@@ -809,6 +1042,8 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> f
     ----------
     vae, z, site, field
         As in the module docstring.
+    removal : Operator or str, keyword-only
+        How a cell is removed.
 
     Returns
     -------
@@ -825,8 +1060,8 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> f
     layers = pathway_layers(vae)
     if not (layers.get("groupnorm") or layers.get("attention")):
         return math.nan
-    radius = max(0, int(math.floor(field.erf)))
-    df = attribute_pathways(vae, z, [site], "zero", radius=radius).table
+    radius = max(0, int(math.floor(field.erf))) if math.isfinite(field.erf) else 1
+    df = attribute_pathways(vae, z, [site], _removal(removal), radius=radius).table
     if "share_residual" not in df or df["share_residual"].isna().all():
         return math.nan
     return float(1.0 - df["share_residual"].iloc[0])
@@ -834,163 +1069,33 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField) -> f
 
 # -- the estimator ------------------------------------------------------------------------------------------------
 
-class CellVerdict:
-    """Verdicts for chosen cells of one latent (zero ablation).
+def _evidence(vae, z, ref, site: Site, field: ReceptiveField, removal: Operator) -> dict:
+    """The matched controls (with the cell's profile) and the frozen share of one cell."""
+    from vaeprobe.probes.mechanism import MechanismError
 
-    Parameters
-    ----------
-    vae
-        As in the module docstring.
-    rules : VerdictRules, keyword-only
-        Thresholds (default: the calibrated ones).
-    donors : Donors, keyword-only
-        Donor latents for the swap test; without them no cell can be ``global-information``.
-    evidence : bool, keyword-only
-        Also compute the matched controls and the frozen-pathway share for cells that are not ``ordinary``.
-    keep_profiles : bool, keyword-only
-        Add a ``profile`` column: each cell's mean change energy per pixel at distance 0, 1, ... cells.
-    swap : {"auto", "always"}, keyword-only
-        ``auto`` runs the swap test only for cells whose profile is global (the only ones it can change the
-        verdict of); ``always`` for every cell (calibration).
-    n_reference : int, keyword-only
-        How many ordinary cells :func:`receptive_field` zeroes for the image's reference.
-    seed : int, keyword-only
-        Seed of the reference cells' draw.
+    got = matched_controls(vae, z, ref, site, field, removal=removal)
+    try:
+        got["frozen_removed"] = frozen_removed(vae, z, site, field, removal=removal)
+    except MechanismError:  # a decoder the hooks cannot freeze has no frozen share
+        got["frozen_removed"] = math.nan
+    return got
 
-    Examples
-    --------
-    >>> from vaeprobe.models.loading import load_vae
-    >>> vae = load_vae("builtin:tiny-random")
-    >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
-    >>> df = CellVerdict(vae).classify(z, [(2, 3), (5, 5)])
-    >>> list(df.columns[:3]), set(df.verdict) <= set(VERDICTS)
-    (['row', 'col', 'verdict'], True)
-    """
 
-    def __init__(self, vae, *, rules: VerdictRules | None = None, donors: Donors | None = None,
-                 evidence: bool = True, swap: str = "auto", n_reference: int = 12, seed: int = 0,
-                 keep_profiles: bool = False):
-        if swap not in ("auto", "always"):
-            raise ValueError(f"swap must be 'auto' or 'always', got {swap!r}")
-        self.vae, self.rules, self.donors = vae, rules or VerdictRules(), donors
-        self.evidence, self.swap, self.n_reference, self.seed = evidence, swap, n_reference, seed
-        self.keep_profiles = keep_profiles
-
-    def reference(self, z: torch.Tensor, ref: torch.Tensor | None = None, *,
-                  exclude: Sequence[tuple[int, int]] = ()) -> ReceptiveField:
-        """The image's :class:`ReceptiveField` (:func:`receptive_field` with ``n_reference`` and ``seed``).
-
-        Parameters
-        ----------
-        z
-            As in the module docstring.
-        ref : torch.Tensor, optional
-            Its clean decode (decoded when not given).
-        exclude : sequence of (int, int), keyword-only
-            Cells never used as reference.
-
-        Returns
-        -------
-        ReceptiveField
-        """
-        return receptive_field(self.vae, z, ref, n=self.n_reference, seed=self.seed, exclude=exclude)
-
-    def classify(self, z: torch.Tensor, cells: Sequence[tuple[int, int]], *, ref: torch.Tensor | None = None,
-                 field: ReceptiveField | None = None) -> pd.DataFrame:
-        """The verdict of each cell, from zeroing it.
-
-        Parameters
-        ----------
-        z
-            As in the module docstring.
-        cells : sequence of (int, int)
-            The cells to classify.
-        ref : torch.Tensor, keyword-only
-            The clean decode of ``z`` (decoded when not given).
-        field : ReceptiveField, keyword-only
-            The image's reference (measured with the cells excluded when not given).
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per cell: ``row, col, verdict``, the measures and evidence of the module docstring,
-            ``far_score``, ``is_global`` and ``erf``; ``attrs["field"]`` holds the reference as a dict.
-        """
-        if ref is None:
-            ref = self.vae.decode(z)
-        cells = [tuple(int(v) for v in rc) for rc in cells]
-        if field is None:
-            field = self.reference(z, ref, exclude=cells)
-        norm = z[0].float().norm(dim=0)
-        med = float(norm.median().clamp_min(1e-12))
-        sites = [Site(r, c) for r, c in cells]
-        rows = []
-        for start in range(0, len(sites), 8):
-            chunk = sites[start:start + 8]
-            zz = z.repeat(len(chunk), 1, 1, 1)
-            for i, s in enumerate(chunk):
-                zz[i, :, s.row, s.col] = 0
-            diff = self.vae.decode(zz).float() - ref.float()
-            dz2 = [float(z[0, :, s.row, s.col].float().pow(2).sum()) for s in chunk]
-            ratio = [float(norm[s.row, s.col]) / med for s in chunk]
-            got = profile_columns(diff, chunk, self.vae.factor, field, dz2, ratio)
-            if self.keep_profiles:  # mean energy per pixel at distance 0, 1, ... cells (for offline analysis)
-                for i, s in enumerate(chunk):
-                    got[i]["profile"] = ring_profile(
-                        _energy(diff[i]), cell_distance(s, tuple(diff.shape[-2:]), self.vae.factor, metric="euclidean"))
-            rows += got
-        out = []
-        for s, row in zip(sites, rows):
-            row = {"row": s.row, "col": s.col, **row, **{k: math.nan for k in EVIDENCE_COLUMNS}}
-            row.update(self.evidence_for(z, ref, s, field, row))
-            row["far_score"] = self.rules.score(row)
-            row["verdict"] = self.rules.classify(row)
-            out.append(row)
-        df = pd.DataFrame(out)
-        cols = ["row", "col", "verdict"] + [c for c in df.columns if c not in ("row", "col", "verdict")]
-        df = df[cols]
-        df["is_global"] = df["verdict"].isin(GLOBAL_VERDICTS)
-        df["erf"] = field.erf
-        df.attrs["field"] = field.to_dict()
-        return df
-
-    def evidence_for(self, z, ref, site: Site, field: ReceptiveField, row: dict) -> dict:
-        """The evidence beyond the profile for one cell.
-
-        The swap test for cells whose shape is global (every cell with ``swap="always"``; only with donors);
-        the matched controls and the frozen share for every cell whose shape or norm is unusual (when
-        ``evidence``).
-
-        Parameters
-        ----------
-        z, ref, site, field
-            As in the module docstring.
-        row : dict
-            The cell's profile measures (:func:`profile_columns`).
-
-        Returns
-        -------
-        dict
-            Some of :data:`EVIDENCE_COLUMNS` (those that ran).
-        """
-        from vaeprobe.probes.mechanism import MechanismError
-
-        got: dict = {}
-        shape = self.rules.shape(row)
-        if (shape == "global" or self.swap == "always") and self.donors is not None:
-            got.update(swap_information(self.vae, z, ref, site, self.donors, field))
-        if self.evidence and (shape != "local" or row.get("norm_ratio", 0.0) >= self.rules.norm_ratio):
-            got.update({k: v for k, v in matched_controls(self.vae, z, ref, site, field).items() if k != "profile"})
-            try:
-                got["frozen_removed"] = frozen_removed(self.vae, z, site, field)
-            except MechanismError:  # a decoder the hooks cannot freeze has no frozen share
-                got["frozen_removed"] = math.nan
-        return got
+def _finish(df: pd.DataFrame, rules: VerdictRules, field: ReceptiveField) -> pd.DataFrame:
+    """Add ``verdict``, ``is_global``, ``below_visibility`` and ``erf`` from the measures of each row."""
+    records = df.to_dict("records")
+    df["verdict"] = [rules.classify(r) for r in records]
+    df["is_global"] = df["verdict"].isin(GLOBAL_VERDICTS)
+    df["below_visibility"] = [rules.below_visibility(r) for r in records]
+    df["erf"] = field.erf
+    df.attrs["field"] = field.to_dict()
+    return df
 
 
 def evidence_rows(records: Sequence[dict], rules: VerdictRules, n: int) -> list[int]:
-    """The rows that get the matched controls and the frozen share: the ``n`` unusual ones (profile not local, or
-    a latent-norm outlier) with the largest ``far_rel``, in that order.
+    """The rows that get the matched controls and the frozen share: the ``n`` unusual ones (far change global or
+    wide, a global pathway below visibility, or a latent-norm outlier) with the largest ``far_levels``, in that
+    order.
 
     Parameters
     ----------
@@ -1008,14 +1113,126 @@ def evidence_rows(records: Sequence[dict], rules: VerdictRules, n: int) -> list[
 
     Examples
     --------
-    >>> rows = [{"norm_ratio": 1.0, "far_rel": 0.1, "band_rel": 1e-6, "far_excess": 1.0},
-    ...         {"norm_ratio": 40.0, "far_rel": 0.01, "band_rel": 1e-6, "far_excess": 1.0}]
+    >>> rows = [{"norm_ratio": 1.0, "far_levels": 0.5, "far_plateau_lo": 0.0},
+    ...         {"norm_ratio": 40.0, "far_levels": 0.1, "far_plateau_lo": 0.0}]
     >>> evidence_rows(rows, VerdictRules(), 2)
     [1]
     """
-    unusual = [i for i, r in enumerate(records) if rules.shape(r) != "local" or r["norm_ratio"] >= rules.norm_ratio]
-    unusual.sort(key=lambda i: -np.nan_to_num(records[i]["far_rel"], nan=-1.0))
+    unusual = [i for i, r in enumerate(records)
+               if rules.shape(r) != "local" or rules.below_visibility(r) or r["norm_ratio"] >= rules.norm_ratio]
+    unusual.sort(key=lambda i: -np.nan_to_num(records[i].get("far_levels", math.nan), nan=-1.0))
     return unusual[:max(0, n)]
+
+
+class CellVerdict:
+    """Verdicts for chosen cells of one latent.
+
+    Parameters
+    ----------
+    vae
+        As in the module docstring.
+    rules : VerdictRules, keyword-only
+        Thresholds (default: :class:`VerdictRules`'s).
+    donors : Donors, keyword-only
+        Donor latents for the swap test; without them no cell can be ``global-information``.
+    evidence : bool, keyword-only
+        Also compute the matched controls and the frozen-pathway share for cells that are not ``ordinary``.
+    keep_profiles : bool, keyword-only
+        Add a ``profile`` column: each cell's mean change energy per pixel at distance 0, 1, ... cells.
+    swap : {"auto", "always"}, keyword-only
+        ``auto`` runs the swap test only for cells whose far change is global (the only ones it can change the
+        verdict of); ``always`` for every cell.
+    n_reference : int, keyword-only
+        How many ordinary cells :func:`receptive_field` removes for the image's reference.
+    seed : int, keyword-only
+        Seed of the reference cells' draw.
+    removal : Operator or str, keyword-only
+        How a cell is removed (default :data:`REMOVAL`; ``"zero"`` for the coordinate-dependent zeroing).
+
+    Examples
+    --------
+    >>> from vaeprobe.models.loading import load_vae
+    >>> vae = load_vae("builtin:tiny-random")
+    >>> z = vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).mean
+    >>> df = CellVerdict(vae).classify(z, [(2, 3), (5, 5)])
+    >>> list(df.columns[:3]), set(df.verdict) <= set(VERDICTS)
+    (['row', 'col', 'verdict'], True)
+    """
+
+    def __init__(self, vae, *, rules: VerdictRules | None = None, donors: Donors | None = None,
+                 evidence: bool = True, swap: str = "auto", n_reference: int = 12, seed: int = 0,
+                 keep_profiles: bool = False, removal: Operator | str = REMOVAL):
+        if swap not in ("auto", "always"):
+            raise ValueError(f"swap must be 'auto' or 'always', got {swap!r}")
+        self.vae, self.rules, self.donors = vae, rules or VerdictRules(), donors
+        self.evidence, self.swap, self.n_reference, self.seed = evidence, swap, n_reference, seed
+        self.keep_profiles, self.removal = keep_profiles, _removal(removal)
+
+    def reference(self, z: torch.Tensor, ref: torch.Tensor | None = None, *,
+                  exclude: Sequence[tuple[int, int]] = ()) -> ReceptiveField:
+        """The image's :class:`ReceptiveField` (:func:`receptive_field` with ``n_reference``, ``seed``, ``removal``)."""
+        return receptive_field(self.vae, z, ref, n=self.n_reference, seed=self.seed, exclude=exclude,
+                               removal=self.removal)
+
+    def measure(self, z: torch.Tensor, cells: Sequence[tuple[int, int]], ref: torch.Tensor,
+                field: ReceptiveField) -> list[dict]:
+        """The profile measures (:func:`profile_columns`) of removing each cell, one dict per cell."""
+        sites = [Site(int(r), int(c)) for r, c in cells]
+        norm = standard_norm(z)
+        med = float(norm.median().clamp_min(1e-12))
+        rows = []
+        for start in range(0, len(sites), BATCH):
+            chunk = sites[start:start + BATCH]
+            dec, dz2 = _decode_removed(self.vae, z, chunk, self.removal)
+            diff = dec - ref.float()
+            got = profile_columns(diff, chunk, self.vae.factor, field, dz2,
+                                  [float(norm[s.row, s.col]) / med for s in chunk])
+            if self.keep_profiles:
+                for i, s in enumerate(chunk):
+                    dist = cell_distance(s, tuple(diff.shape[-2:]), self.vae.factor, metric="euclidean")
+                    got[i]["profile"] = ring_profile(_energy(diff[i]), dist)
+            rows += [{"row": s.row, "col": s.col, **g} for s, g in zip(chunk, got)]
+        return rows
+
+    def classify(self, z: torch.Tensor, cells: Sequence[tuple[int, int]], *, ref: torch.Tensor | None = None,
+                 field: ReceptiveField | None = None) -> pd.DataFrame:
+        """The verdict of each cell, from removing it.
+
+        Parameters
+        ----------
+        z
+            As in the module docstring.
+        cells : sequence of (int, int)
+            The cells to classify.
+        ref : torch.Tensor, keyword-only
+            The clean decode of ``z`` (decoded when not given).
+        field : ReceptiveField, keyword-only
+            The image's reference (measured with the cells excluded when not given).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per cell: ``row, col, verdict``, the measures and evidence of the module docstring,
+            ``is_global``, ``below_visibility`` and ``erf``; ``attrs["field"]`` holds the reference as a dict.
+        """
+        if ref is None:
+            ref = self.vae.decode(z)
+        cells = [tuple(int(v) for v in rc) for rc in cells]
+        if field is None:
+            field = self.reference(z, ref, exclude=cells)
+        out = []
+        for row in self.measure(z, cells, ref, field):
+            row.update({k: math.nan for k in EVIDENCE_COLUMNS})
+            site = Site(row["row"], row["col"])
+            if (self.rules.shape(row) == "global" or self.swap == "always") and self.donors is not None:
+                row.update(swap_information(self.vae, z, ref, site, self.donors, field, removal=self.removal))
+            if self.evidence and evidence_rows([row], self.rules, 1):
+                row.update({k: v for k, v in _evidence(self.vae, z, ref, site, field, self.removal).items()
+                            if k != "profile"})
+            out.append(row)
+        df = pd.DataFrame(out)
+        df.insert(2, "verdict", None)
+        return _finish(df, self.rules, field)
 
 
 def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, field: ReceptiveField, *,
@@ -1023,22 +1240,22 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
                     evidence: int = 4) -> pd.DataFrame:
     """Add the verdict columns to a scan table ``df`` of latent ``z``.
 
-    Rows that lack the profile measures (a scan with another operator than ``zero``, patches or one channel)
-    get them from zeroing the cell ``(row, col)``, which costs one decode per row. The swap test runs for every
-    row whose profile is global (``len(donors)`` decodes each, and up to twice that to find each donor's
-    counterpart cell); the matched controls and the frozen-pathway share for the ``evidence`` unusual rows
-    (profile not local, or a latent-norm outlier) with the largest ``far_rel``.
+    Rows that lack the profile measures (a scan with another operator than the field's removal, patches or one
+    channel) get them from removing the cell ``(row, col)`` with ``field.removal``, one decode per row. The swap
+    test runs for every row whose far change is global (``len(donors)`` decodes each, and up to twice that to find
+    each donor's counterpart cell); the matched controls and the frozen-pathway share for the ``evidence``
+    unusual rows (:func:`evidence_rows`).
 
     Parameters
     ----------
     vae, z, ref
         As in the module docstring; ``z`` is the scanned latent.
     df : pandas.DataFrame
-        The scan table (columns ``row``, ``col``; the profile measures when the scan zeroed single cells).
+        The scan table (columns ``row``, ``col``; the profile measures when the scan removed single cells).
     field
         As in the module docstring.
     rules : VerdictRules, keyword-only
-        Thresholds (default: the calibrated ones).
+        Thresholds (default: :class:`VerdictRules`'s).
     donors : Donors, keyword-only
         Donors for the swap test; without them no row can be ``global-information``.
     evidence : int, keyword-only
@@ -1048,10 +1265,10 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     -------
     pandas.DataFrame
         A copy of ``df`` with ``verdict``, ``is_global`` (True exactly for ``global`` and
-        ``global-information``), ``far_score`` (:meth:`VerdictRules.score`), ``erf`` and the columns of
-        :data:`EVIDENCE_COLUMNS`; ``attrs["profiles"]`` holds the distance profiles (mean energy per pixel at
-        distance 0, 1, ... cells) of the reference cells and of the evidence rows, and ``attrs["decodes"]`` the
-        number of images these extra measurements decoded.
+        ``global-information``), ``below_visibility``, ``erf`` and the columns of :data:`EVIDENCE_COLUMNS`;
+        ``attrs["profiles"]`` holds the distance profiles (mean energy per pixel at distance 0, 1, ... cells) of
+        the reference cells and of the evidence rows, and ``attrs["decodes"]`` the number of images these extra
+        measurements decoded.
 
     Examples
     --------
@@ -1064,41 +1281,32 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     >>> len(out), set(out.verdict) <= set(VERDICTS), out.attrs["decodes"]   # one decode per row for the profile
     (2, True, 2)
     """
-    from vaeprobe.probes.mechanism import MechanismError
-
     rules = rules or VerdictRules()
+    removal = parse_operator(field.removal)
     df = df.copy()
     start = vae.decoded
     if not set(PROFILE_COLUMNS) <= set(df.columns) or df[list(PROFILE_COLUMNS[2:])].isna().all().all():
-        prof = CellVerdict(vae, rules=rules, evidence=False).classify(z, list(zip(df.row, df.col)), ref=ref,
-                                                                       field=field)
+        measured = CellVerdict(vae, rules=rules, evidence=False, removal=removal).measure(
+            z, list(zip(df.row, df.col)), ref, field)
         for c in PROFILE_COLUMNS:
-            df[c] = prof[c].to_numpy()
+            df[c] = [m[c] for m in measured]
     for c in EVIDENCE_COLUMNS:
         df[c] = math.nan
     records = df[list(PROFILE_COLUMNS)].to_dict("records")
-    shapes = [rules.shape(r) for r in records]
     if donors is not None:
-        for i, shp in enumerate(shapes):
-            if shp == "global":
-                got = swap_information(vae, z, ref, Site(int(df.row.iloc[i]), int(df.col.iloc[i])), donors, field)
-                for k, v in got.items():
+        for i, rec in enumerate(records):
+            if rules.shape(rec) == "global":
+                site = Site(int(df.row.iloc[i]), int(df.col.iloc[i]))
+                for k, v in swap_information(vae, z, ref, site, donors, field, removal=removal).items():
                     df.iloc[i, df.columns.get_loc(k)] = v
     profiles = {"reference": field.profile, "cells": {}}
     for i in evidence_rows(records, rules, evidence):
         site = Site(int(df.row.iloc[i]), int(df.col.iloc[i]))
-        got = matched_controls(vae, z, ref, site, field)
+        got = _evidence(vae, z, ref, site, field, removal)
         profiles["cells"][f"{site.row},{site.col}"] = got.pop("profile")
-        try:
-            got["frozen_removed"] = frozen_removed(vae, z, site, field)
-        except MechanismError:  # a decoder the hooks cannot freeze has no frozen share
-            pass
         for k, v in got.items():
             df.iloc[i, df.columns.get_loc(k)] = v
-    df["far_score"] = [rules.score(r) for r in df.to_dict("records")]
-    df["verdict"] = [rules.classify(r) for r in df.to_dict("records")]
-    df["is_global"] = df["verdict"].isin(GLOBAL_VERDICTS)
-    df["erf"] = field.erf
+    df = _finish(df, rules, field)
     df.attrs["profiles"] = profiles
     df.attrs["decodes"] = vae.decoded - start
     return df

@@ -523,11 +523,14 @@ def _pipeline_section(run: Run, head) -> tuple[list, list]:
     return table, figures
 
 
-SCAN_MEASURES = ("verdict", "norm_ratio", "far_abs", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope",
+SCAN_MEASURES = ("verdict", "norm_ratio", "far_plateau", "far_plateau_lo", "far_plateau_hi", "decay_exponent",
+                 "below_visibility", "near_levels", "far_levels", "band_levels", "far_excess", "swap_corr", "swap_slope",
+                 "swap_structure_corr", "swap_structure_slope",
                  "matched_ratio", "transplant_ratio", "frozen_removed", "global_ratio", "far_ratio", "far_l2",
                  "far_fraction", "radius90", "far_dy", "l2", "psnr", "far_sensitivity", "stage")
-VERDICT_EVIDENCE = ("norm_ratio", "far_abs", "far_rel", "band_rel", "far_excess", "far_score", "flatness", "swap_corr", "swap_slope", "matched_ratio",
-                    "transplant_ratio", "frozen_removed")
+VERDICT_EVIDENCE = ("norm_ratio", "far_plateau", "far_plateau_lo", "far_plateau_hi", "decay_exponent", "band_levels",
+                    "far_excess", "swap_corr", "swap_slope", "swap_structure_slope", "frozen_removed", "matched_ratio",
+                    "transplant_ratio")
 
 
 def _profile_uri(profiles: dict, erf: float, verdicts: dict) -> str | None:
@@ -566,11 +569,17 @@ def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -
     card["figures"][:0] = front
     card["op"] = str(run.config.get("op", "perturbed"))
     if "verdict" in rows and rows.verdict.notna().any():
-        unusual = rows[rows.verdict != "ordinary"].sort_values("far_rel", ascending=False, na_position="last")
+        below = rows.get("below_visibility", pd.Series(False, index=rows.index)).fillna(False).astype(bool)
+        order = "far_plateau" if "far_plateau" in rows else "far_rel"
+        unusual = rows[(rows.verdict != "ordinary") | below].sort_values(order, ascending=False, na_position="last")
         for r in unusual.head(8).itertuples(index=False):
             card["verdicts"].append({"row": int(r.row), "col": int(r.col), "verdict": str(r.verdict),
                                      "values": [_fmt(getattr(r, k, None)) for k in VERDICT_EVIDENCE]})
         card["verdict_counts"] = ", ".join(f"{k} {v}" for k, v in rows.verdict.value_counts().items())
+        if below.any():  # a plateau that does not decay, significant, but under the visibility threshold
+            cells = ", ".join(f"({int(r.row)}, {int(r.col)}) {_fmt(r.far_plateau)} levels"
+                              for r in rows[below].sort_values("far_plateau", ascending=False).head(4).itertuples())
+            card["verdict_counts"] += f"; a global pathway below visibility at {cells}"
         profiles = meta.get("profiles") or {}
         labels = {f"{int(r.row)},{int(r.col)}": str(r.verdict) for r in rows.itertuples(index=False)}
         uri = _profile_uri(profiles, float(meta.get("erf", math.nan)), labels)
@@ -863,7 +872,7 @@ def build_comparison_report(out: str | Path, summary: dict, *, title: str = "vae
     page = _environment().get_template("compare.html.j2").render(
         title=title, generated=generated, version=_version(), n_images=summary["n_images"],
         images=summary["images"], size=summary.get("size"), reference=summary["reference"], models=models,
-        candidates=cands, rfid_note=summary["rfid"])
+        candidates=cands, rfid_note=summary["rfid"], latent=latent)
     write_text_atomic(out / "comparison.html", page)
     lines = [f"# {md_escape(title)}", "", f"{md_escape(summary['n_images'])} images from "
              f"{md_code(summary['images'])}; reference {md_code(summary['reference'])}; run {md_code(out)}.", "",
