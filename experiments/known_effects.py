@@ -10,8 +10,8 @@ Part ``real``: on the clean mini and taef2, the verdict measures of the largest-
 (31, 0 at 256 px: its GroupNorm droplet, docs/mini-corner-blob.md) and two interior cells, on held-out photos.
 
 Command: ``python experiments/known_effects.py --sizes 64,128,256,512 --out experiments/results/known_effects.json``
-(and ``--sizes 1024 --photos 1 --out experiments/results/known_effects_1024.json``). Figure: ``NAME.png`` beside
-the JSON (measured plateau against the truth).
+(and ``--sizes 1024 --photos 1 --out experiments/results/known_effects_1024.json``). Beside the JSON: ``NAME.md``
+(the tables; ``--table NAME.json`` rewrites it from the JSON) and ``NAME.png`` (measured plateau against the truth).
 """
 
 from __future__ import annotations
@@ -122,12 +122,49 @@ def figure(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(rows: list[dict], reals: list[dict]) -> str:
+    """Markdown: per base and size, the measured plateau of each planted effect against its truth, and the clean
+    models' chosen cells."""
+    sizes = sorted({r["size"] for r in rows})
+    lines = ["| base | size | " + " | ".join(f"shift {d:g}" for d in (0.5, 1, 2, 8, 32))
+             + " | gauss 64 (σ 3) | contrast 0.02 | contrast 0.1 | ordinary cells |", "|---|---|" + "---|" * 9]
+    for base in BASES:
+        for size in sizes:
+            g = [r for r in rows if r["base"] == base and r["size"] == size]
+            if not g:
+                continue
+
+            def cell(kind, amount):
+                r = next((r for r in g if r["kind"] == kind and r["amount"] == amount), None)
+                if r is None:
+                    return "–"
+                truth = "" if kind == "shift" else f"{r['truth']:.2f} → "
+                return f"{truth}{r['far_plateau']:.3f} [{r['far_plateau_lo']:.2f}, {r['far_plateau_hi']:.2f}] {r['verdict']}"
+            ordinary = max(max(r["ordinary_plateaus"]) for r in g)
+            lines.append(f"| {base} | {size} | " + " | ".join(cell("shift", d) for d in (0.5, 1.0, 2.0, 8.0, 32.0))
+                         + f" | {cell('gauss', 64.0)} | {cell('contrast', 0.02)} | {cell('contrast', 0.1)} | "
+                         f"up to {ordinary:.2f} |")
+    lines += ["", "| base | size | image | cell | which | norm_ratio | far_plateau [lo, hi] | decay_exponent | "
+              "ordinary cells (max) | frozen_removed | verdict | below visibility |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reals:
+        lines.append(f"| {r['base']} | {r['size']} | {r['image']} | {tuple(r['cell'])} | {r['which']} | "
+                     f"{r['norm_ratio']:.2f} | {r['far_plateau']:.3f} [{r['far_plateau_lo']:.3f}, {r['far_plateau_hi']:.3f}] | "
+                     f"{r['decay_exponent']:.2f} | {max(r['ordinary_plateaus']):.3f} | {r['frozen_removed']:.2f} | "
+                     f"{r['verdict']} | {r['below_visibility']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="64,128,256,512")
     ap.add_argument("--photos", type=int, default=2, help="held-out photos of the real-model part")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "known_effects.json"))
+    ap.add_argument("--table", metavar="JSON", help="only write the Markdown table of an existing result")
     a = ap.parse_args(argv)
+    if a.table:
+        got = json.loads(Path(a.table).read_text())
+        write_text_atomic(Path(a.table).with_suffix(".md"), f"`{got['command']}`\n\n{table(got['known'], got['real'])}\n")
+        return
     torch.set_num_threads(2)
     sizes = [int(s) for s in a.sizes.split(",")]
     rows = [r for size in sizes for base in BASES for r in known(base, size, 1)]
@@ -136,6 +173,7 @@ def main(argv=None) -> None:
            "command": "python experiments/known_effects.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     path = Path(a.out)
     write_text_atomic(path, json.dumps(out, indent=1) + "\n")
+    write_text_atomic(path.with_suffix(".md"), f"`{out['command']}`\n\n{table(rows, reals)}\n")
     figure(rows, path.with_suffix(".png"))
 
 

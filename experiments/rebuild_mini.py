@@ -19,6 +19,8 @@ The steps, in order:
   ``scan_defaults.py``), ``mechanism`` (pathway attribution on the controls, ``mechanism_controls.py``);
 - ``known-effects``: the far-field plateau against planted effects of known size on the mini and taef2 at 64-512
   px, and the verdict measures of the clean models' chosen cells (``known_effects.py``; docs/verdicts.md);
+- ``heldout-verdicts``: every control's planted cell and cells of the clean models on the held-out photos at
+  64-256 px under the verdict rule (``heldout_verdicts.py``; docs/verdicts.md, docs/findings.md);
 - ``compare-taef2``: ``vaeprobe compare builtin:mini-kl-f8 builtin:taef2`` on the 15 builtin photos at 256 px
   (quoted in docs/taef2.md), and ``compare-taef2-wallpapers`` on the held-out wallpapers at 256 px;
 - ``corner-verdicts``: the verdict measures of the mini's corner-droplet cell on the held-out photos
@@ -82,6 +84,8 @@ def steps(py: str, wallpapers: Path) -> dict[str, list[list[str]]]:
         # the plateau against effects of known size (docs/verdicts.md); nothing here is fitted
         "known-effects": [[py, "experiments/known_effects.py", "--sizes", "64,128,256,512",
                            "--out", f"{RESULTS}/known_effects.json"]],
+        "heldout-verdicts": [[py, "experiments/heldout_verdicts.py", "--sizes", "64,128,256",
+                              "--out", f"{RESULTS}/heldout_verdicts.json"]],
         # docs/taef2.md quotes this one (15 builtin photos at 256 px)
         "compare-taef2": [[py, "-m", "vaeprobe", "compare", "builtin:mini-kl-f8", "builtin:taef2",
                            "--images", "builtin:photos", "--size", "256", "--quiet",
