@@ -283,8 +283,9 @@ def _add_scan(sub) -> None:
                    help="how the verdicts remove a cell: smudge (default; the same in any latent coordinates) or "
                         "another operator, e.g. zero")
     p.add_argument("--visible-levels", type=float, default=1.0,
-                   help="the verdicts' visibility threshold: a far plateau at least this many 8-bit levels "
-                        "(lower bound) is global (default 1, the smallest step an 8-bit image shows)")
+                   help="the verdicts' visibility threshold in 8-bit levels: a far plateau whose lower bound "
+                        "reaches it, is over the image's ordinary cells and does not decay is global (default 1, "
+                        "the smallest step an 8-bit image shows; docs/verdicts.md)")
     p.add_argument("--donors", type=int, default=4,
                    help="images of --swap-with used as donors by the verdicts' swap test (default 4)")
     p.add_argument("--swap-with", default="builtin:photos-train",
