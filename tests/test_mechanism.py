@@ -314,3 +314,14 @@ def test_cli_mechanism_bad_input_is_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "positions" in r.stderr
     with pytest.raises(MechanismError, match="attention freezing"):
         attribute_pathways(load_vae("builtin:tiny-random"), torch.zeros(1, 4, 4, 4), [Site(0, 0)], attention="x").table
+
+
+def test_mechanism_refuses_swap_in_one_line_before_any_work(tmp_path):
+    """``mechanism --op swap`` used to pass the operator check and then fail on every image (issue 31)."""
+    r = run_cli("mechanism", "--vae", "builtin:mini-kl-f8", "--images", "builtin:photos-heldout", "--op",
+                "scale:2+swap", "--size", "64", "--out", tmp_path / "x")
+    assert r.returncode == 2, r.stdout
+    line = r.stderr.strip()
+    assert line.count("\n") == 0
+    assert line.startswith("vaeprobe: error: mechanism cannot use operator 'swap'") and "use one of zero" in line
+    assert not (tmp_path / "x").exists()  # refused before the run directory, the VAE or any image

@@ -1,10 +1,11 @@
 """Perturbation operators: exact results on small latents, noise seeding, composition and parsing."""
 
 import pytest
+from dataclasses import dataclass
 import torch
 
 from vaeprobe.errors import VaeprobeError
-from vaeprobe.probes.perturb import (Compose, Fill, Noise, PerturbError, Scale, Site, Smudge, Swap, Zero, apply_batch, parse_operator)
+from vaeprobe.probes.perturb import (REGISTRY, Compose, Fill, Mean, Noise, Operator, check_operator, PerturbError, Scale, Site, Smudge, Swap, Zero, apply_batch, parse_operator)
 
 
 def arange_latent(c=2, h=4, w=5):
@@ -143,8 +144,8 @@ def test_smudge_of_whole_latent_raises():
         Smudge().apply(torch.zeros(1, 1, 2, 2), Site(0, 0, size=4))
 
 
-@pytest.mark.parametrize("op", [Zero(), Fill(3.0), Noise(1.0), Scale(2.0), Swap(torch.ones(1, 2, 4, 5)),
-                                Smudge(), Compose(Scale(2.0), Noise(0.1))])
+@pytest.mark.parametrize("op", [Zero(), Fill(3.0), Noise(1.0, std=1.0), Scale(2.0), Swap(torch.ones(1, 2, 4, 5)),
+                                Smudge(), Compose(Scale(2.0), Noise(0.1, std=1.0))])
 def test_input_not_modified_and_new_tensor(op):
     z = arange_latent()
     before = z.clone()
@@ -165,7 +166,7 @@ def test_noise_changes_only_the_site():
 
 def test_noise_is_the_same_for_a_site_whatever_the_batch():
     z = torch.zeros(1, 4, 6, 6)
-    op = Noise(1.0, seed=5)
+    op = Noise(1.0, std=1.0, seed=5)
     a, b, c = Site(0, 0), Site(3, 4, size=2), Site(5, 5, channel=2)
     first = apply_batch(z, [a, b, c], op)
     second = apply_batch(z, [c, Site(1, 1), b], op)
@@ -179,17 +180,17 @@ def test_noise_is_the_same_for_a_site_whatever_the_batch():
 def test_noise_depends_on_seed_index_and_site():
     z = torch.zeros(1, 4, 6, 6)
     site = Site(2, 3, size=2)
-    base = Noise(1.0, seed=0).apply(z, site)
-    assert not torch.equal(base, Noise(1.0, seed=1).apply(z, site))
-    assert not torch.equal(base, Noise(1.0, seed=0).apply(z, site, index=1))
-    assert torch.equal(base, Noise(1.0, seed=0).apply(z, site, index=0))
-    shifted = Noise(1.0, seed=0).apply(z, Site(2, 2, size=2))
+    base = Noise(1.0, std=1.0, seed=0).apply(z, site)
+    assert not torch.equal(base, Noise(1.0, std=1.0, seed=1).apply(z, site))
+    assert not torch.equal(base, Noise(1.0, std=1.0, seed=0).apply(z, site, index=1))
+    assert torch.equal(base, Noise(1.0, std=1.0, seed=0).apply(z, site, index=0))
+    shifted = Noise(1.0, std=1.0, seed=0).apply(z, Site(2, 2, size=2))
     assert not torch.equal(base[0, :, 2:4, 3:5], shifted[0, :, 2:4, 2:4])
 
 
 def test_noise_per_site_indices_in_batch():
     z = torch.zeros(1, 2, 3, 3)
-    op = Noise(1.0)
+    op = Noise(1.0, std=1.0)
     site = Site(1, 1)
     batch = apply_batch(z, [site, site, site], op, index=[0, 1, 0])
     assert torch.equal(batch[0], batch[2]) and not torch.equal(batch[0], batch[1])
@@ -229,9 +230,9 @@ def test_compose_applies_in_order():
 def test_compose_noise_first_equals_plain_noise_and_second_is_independent():
     z = torch.zeros(1, 2, 4, 4)
     site = Site(1, 1, size=2)
-    plain = Noise(1.0).apply(z, site)
-    assert torch.equal(Compose(Noise(1.0), Scale(1.0)).apply(z, site), plain)
-    twice = Compose(Noise(1.0), Noise(1.0)).apply(z, site)
+    plain = Noise(1.0, std=1.0).apply(z, site)
+    assert torch.equal(Compose(Noise(1.0, std=1.0), Scale(1.0)).apply(z, site), plain)
+    twice = Compose(Noise(1.0, std=1.0), Noise(1.0, std=1.0)).apply(z, site)
     assert not torch.allclose(twice, 2 * plain)
 
 
@@ -246,7 +247,7 @@ def test_apply_batch_equals_per_site_apply():
     z = arange_latent(c=3, h=4, w=5)
     sites = [Site(0, 0), Site(3, 4, size=3), Site(1, 2, channel=2), Site(2, 2, size=2, channel=0)]
     for op in (Zero(), Smudge(), Noise(0.3, std=torch.tensor([1.0, 2.0, 3.0]), seed=4),
-               Compose(Scale(0.5), Noise(0.1)), Swap(-z)):
+               Compose(Scale(0.5), Noise(0.1, std=1.0)), Swap(-z)):
         batch = apply_batch(z, sites, op)
         for i, site in enumerate(sites):
             assert torch.equal(batch[i:i + 1], op.apply(z, site)), (op.name, site)
@@ -271,8 +272,8 @@ def test_parse_operator_normalises_text_and_builds_the_right_operators():
     op = parse_operator(" Scale:2.0 + NOISE:.5 ", stats={"std": [2.0, 4.0]}, seed=9)
     assert op.name == "scale:2+noise:0.5"
     assert op == Compose(Scale(2.0), Noise(0.5, std=(2.0, 4.0), seed=9))
-    assert parse_operator("mean", stats={"mean": torch.tensor([1.0, 2.0])}) == Fill((1.0, 2.0))
-    assert parse_operator("noise:0.5") == Noise(0.5, std=1.0)
+    assert parse_operator("mean", stats={"mean": torch.tensor([1.0, 2.0])}) == Mean((1.0, 2.0))
+    assert parse_operator("noise:0.5") == Noise(0.5)
     assert parse_operator("zero") == Zero()
 
 
@@ -284,7 +285,6 @@ def test_fill_and_noise_names():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("mean", "needs the per-channel latent mean"),
     ("swap", "needs the latent of a second image"),
     ("blur", "unknown operator 'blur'.*use one of zero, mean"),
     ("noise", "needs a number, e.g. 'noise:0.5'"),
@@ -300,3 +300,58 @@ def test_parse_operator_errors_are_clear(spec, message):
         parse_operator(spec)
     assert isinstance(info.value, VaeprobeError) and isinstance(info.value, ValueError)
     assert "\n" not in str(info.value)
+
+
+# -- one meaning per text form, one class per operator -------------------------------------------------------
+
+def test_text_noise_is_in_the_perturbed_latents_own_robust_std():
+    """``noise:S`` without statistics: S x the latent's robust per-channel std (spot excluded), whoever parses it."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 3, 64, 64, generator=g) * torch.tensor([0.5, 2.0, 8.0]).reshape(1, 3, 1, 1) + 3.0
+    z[0, :, 10, 10] = 500.0  # a spot must not inflate the noise
+    out = parse_operator("noise:0.25", seed=1).apply(z, Site(40, 40, size=40))
+    change = (out - z)[0, :, 20:60, 20:60].flatten(1).std(1)
+    assert torch.allclose(change, 0.25 * torch.tensor([0.5, 2.0, 8.0]), rtol=0.08)
+    # the same latent scaled by 10: the same noise relative to it (raw units would not scale)
+    out10 = parse_operator("noise:0.25", seed=1).apply(z * 10, Site(40, 40, size=40))
+    assert torch.allclose(out10 - z * 10, (out - z) * 10, rtol=1e-4, atol=1e-3)
+
+
+def test_text_mean_is_the_latents_own_centre_and_follows_a_shift():
+    z = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    op = parse_operator("mean")
+    a = op.apply(z, Site(3, 3))[0, :, 3, 3]
+    b = op.apply(z + 5.0, Site(3, 3))[0, :, 3, 3]
+    assert torch.allclose(b - a, torch.full((2,), 5.0), atol=1e-5)
+    assert torch.allclose(a, z[0].flatten(1).median(1).values, atol=1e-6)
+
+
+def test_a_new_operator_is_one_class():
+    @dataclass(frozen=True)
+    class Negate(Operator):
+        word = "negate-test"
+
+        @property
+        def name(self):
+            return "negate-test"
+
+        def _edit(self, patch, z, site, box, index, stream):
+            return -patch
+
+    try:
+        op = parse_operator("negate-test+scale:2")
+        assert op.name == "negate-test+scale:2"
+        assert op.apply(torch.ones(1, 1, 1, 2), Site(0, 1)).flatten().tolist() == [1.0, -2.0]
+        assert check_operator("negate-test", command="mechanism") == "negate-test"
+    finally:
+        REGISTRY.pop("negate-test")
+
+
+def test_check_operator_refuses_what_a_command_cannot_give_in_one_line():
+    with pytest.raises(PerturbError) as info:
+        check_operator("scale:2+swap", command="mechanism")
+    msg = str(info.value)
+    assert "mechanism cannot use operator 'swap'" in msg and "\n" not in msg and "use one of zero" in msg
+    assert check_operator("swap", provides=("other",), command="scan") == "swap"
+    with pytest.raises(PerturbError, match="needs a number"):
+        check_operator("noise", provides=("other",))

@@ -269,3 +269,32 @@ def test_cli_resume_after_kill(tmp_path):
         assert (killed / "parts" / name).stat().st_mtime_ns == mtime
     for name in ("emergence.parquet", "interventions.parquet", "swap.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(full / name), pd.read_parquet(killed / name))
+
+
+def test_pipeline_noise_means_what_it_means_in_scan(tmp_path):
+    """``--op noise:S`` is S x the perturbed latent's robust per-channel std in ``pipeline`` as in ``scan`` (it was
+    raw latent units in ``pipeline``; issue 31): the pipeline's final-latent interventions equal an exact scan of
+    the same latent with the same operator."""
+    from vaeprobe.probes.latents import robust_channel_stats
+    from vaeprobe.probes.perturb import Site
+    from vaeprobe.probes.scan import exact_scan
+
+    pipe = tiny_sd_pipeline(planted=False)
+    prompt, steps = "a red fox in snow", 3
+    run_pipeline(pipe, [prompt], "0", tmp_path / "run", steps=steps, controls=3, op="noise:0.5", lpips=False,
+                 progress=False)
+    own = VAE(pipe.vae)
+    z = own.from_diffusion(generate(pipe, prompt, 0, steps=steps).latents).float()
+    std = robust_channel_stats(z)["std"]
+    assert (std - 1).abs().max() > 0.2, std  # raw units would differ: the test can tell them apart
+    inter = pd.read_parquet(tmp_path / "run" / "interventions.parquet")
+    mine = inter[(inter.vae_index == 0) & (inter.when == "final")]
+    sites = [Site(int(r), int(c)) for r, c in zip(mine.row, mine.col)]
+    from vaeprobe.probes.perturb import Noise
+
+    scan_op = Noise(0.5, std=std, seed=0)  # what the scan job has always built: the image's robust std
+    ref = exact_scan(own, z, sites, scan_op, measures=("l2", "far_l2"), batch=len(sites)).table
+    assert np.allclose(mine.l2.to_numpy(), ref.l2.to_numpy(), rtol=1e-4)
+    assert np.allclose(mine.far_l2.to_numpy(), ref.far_l2.to_numpy(), rtol=1e-4, atol=1e-12)
+    raw = exact_scan(own, z, sites, Noise(0.5, std=1.0, seed=0), measures=("l2",), batch=len(sites)).table
+    assert not np.allclose(mine.l2.to_numpy(), raw.l2.to_numpy(), rtol=0.05)  # the old meaning fails

@@ -5,9 +5,9 @@ import re
 import time
 import numpy as np
 import pandas as pd
-from vaeprobe.jobs.runner import Job, RunDir, check_operator, check_positions, coerce_vae, run_job, vae_config
-from vaeprobe.probes.latents import robust_channel_stats
-from vaeprobe.probes.perturb import parse_operator
+from vaeprobe.jobs.runner import Job, RunDir, check_positions, coerce_vae, run_job, vae_config
+from vaeprobe.probes.engine import DECODE_BATCH
+from vaeprobe.probes.perturb import check_operator, parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS
 from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, MechanismError, PATHWAYS, attention_mass, attribute_pathways, droplet_layers, groupnorm_droplets, pathway_layers)
 
@@ -54,7 +54,7 @@ class MechanismJob(Job):
         z = self.vae.encode(x).mean
         norm = z[0].norm(dim=0)
         top = divmod(int(norm.argmax()), z.shape[-1])
-        operator = parse_operator(self.op, stats=robust_channel_stats(z), seed=self.seed)
+        operator = parse_operator(self.op, seed=self.seed)
         sites = select_sites(self.positions, z.shape[-2:], norm=norm)
         res = attribute_pathways(self.vae, z, sites, operator, radius=self.radius, attention=self.attention,
                                  batch=self.batch)
@@ -97,7 +97,7 @@ class MechanismJob(Job):
 
 
 def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero", attention: str = "context",
-                  size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS, batch: int = 8,
+                  size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS, batch: int = DECODE_BATCH,
                   seed: int = 0, figures: bool = True, resume: bool = False, overwrite: bool = False,
                   progress: bool = True, device=None, dtype=None) -> RunDir:
     """Attribute the pathways for the chosen positions of every image and write a run directory ``out``.
@@ -152,8 +152,8 @@ def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero
     if attention not in ATTENTION_MODES:
         raise MechanismError(f"unknown attention freezing {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
     check_positions(positions, MechanismError)
+    check_operator(op, command="mechanism")
     vae = coerce_vae(vae, device=device, dtype=dtype)
-    check_operator(op, vae, seed=seed)
     job = MechanismJob(vae, images, positions=positions, op=op, attention=attention, size=size, fit=fit,
                        radius=radius, batch=batch, seed=seed, figures=figures)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -605,7 +605,8 @@ class PipelineJob(Job):
 
     def _final(self, z, spot, cells, folder) -> tuple[list[dict], list[torch.Tensor]]:
         """The final latent's spot and control ablations, decoded and measured by every VAE."""
-        from vaeprobe.probes.perturb import Site, apply_batch
+        from vaeprobe.probes.engine import Engine
+        from vaeprobe.probes.perturb import Site
         from vaeprobe.probes.response import measure
         from vaeprobe.reports.plots import save_png, signed_difference, tensor_to_unit
 
@@ -616,7 +617,7 @@ class PipelineJob(Job):
             ref = vae.decode(z.to(vae.device))
             decodes.append(ref)
             save_png(folder / f"vae{k}-generated.png", tensor_to_unit(ref))
-            perturbed = vae.decode(apply_batch(z, sites, self.operator).to(vae.device))
+            perturbed = torch.cat([b.decodes for b in Engine(vae).batches(z.to(vae.device), sites, self.operator)])
             vals = measure(ref, perturbed, sites, vae.factor, radius=self.radius, measures=self.measures)
             med = float(np.nanmedian([v["far_l2"] for v in vals[1:]])) if len(vals) > 1 else math.nan
             for site, kind, v in zip(sites, kinds, vals):
@@ -844,7 +845,7 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
     """
     from vaeprobe.jobs.compare import latent_compatibility
     from vaeprobe.models.adapter import VAE
-    from vaeprobe.probes.perturb import parse_operator
+    from vaeprobe.probes.perturb import check_operator, parse_operator
     from vaeprobe.probes.response import DEFAULT_RADIUS
 
     prompts, seeds = read_prompts(prompts), parse_seeds(seeds)
@@ -856,7 +857,8 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
     for k in ablate_from:
         if not 0 <= k < steps:
             raise PipelineError(f"ablate-from step {k} is outside 0..{steps - 1}")
-    operator = parse_operator(op)  # fails early on a bad spec
+    check_operator(op, command="pipeline")  # fails early, in one line, on a spec the pipeline cannot use
+    operator = parse_operator(op)
     model_spec = model if isinstance(model, str) else type(model).__name__
     from vaeprobe.jobs.distributed import rank_device
 

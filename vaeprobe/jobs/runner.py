@@ -449,35 +449,6 @@ def check_positions(positions, error: type[Exception]) -> None:
         raise error(f"unknown positions {positions!r}; use all, grid:S, top:K or list:R,C;R,C")
 
 
-def check_operator(op: str, vae, *, seed: int = 0) -> None:
-    """Fail fast on an operator spec (parsed once against neutral statistics).
-
-    Parameters
-    ----------
-    op : str
-        The spec (:func:`~vaeprobe.probes.perturb.parse_operator`).
-    vae : vaeprobe.models.adapter.VAE
-        The model (its latent channels).
-    seed : int, keyword-only
-        The seed of random operators.
-
-    Raises
-    ------
-    vaeprobe.probes.perturb.PerturbError
-        When the spec cannot be parsed.
-
-    Examples
-    --------
-    >>> check_operator("zero", coerce_vae("builtin:tiny-random"))
-    """
-    import torch
-
-    from vaeprobe.probes.perturb import parse_operator
-
-    parse_operator(op, stats={"mean": [0.0] * vae.latent_channels, "std": [1.0] * vae.latent_channels},
-                   other=torch.zeros(1, vae.latent_channels, 1, 1), seed=seed)
-
-
 def image_units(images, *, factor: int, fit: str, size: int | None,
                 skipped: list) -> Iterator[tuple[str, str, Any]]:
     """``(key, name, image)`` for every readable image of ``images`` (keys ``000000``, ``000001``, ...).

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vaeprobe.jobs.runner import Job, RunDir, check_operator, check_positions, coerce_vae, run_job, vae_config
+from vaeprobe.jobs.runner import Job, RunDir, check_positions, coerce_vae, run_job, vae_config
+from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.latents import robust_channel_stats
-from vaeprobe.probes.perturb import parse_operator
+from vaeprobe.probes.perturb import check_operator, parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS
 from vaeprobe.probes.scan import (DEFAULT_GLOBAL_THRESHOLD, MODES, ScanError, ScanResult, exact_scan, linear_scan,
                                   select_sites, two_stage_scan)
@@ -164,7 +165,7 @@ class ScanJob(Job):
         norm = standard_norm(z)  # the same in any latent coordinates
         stats = robust_channel_stats(z)
         other = self.swap_latent(tuple(img.array.shape[:2])) if "swap" in self.op else None
-        operator = parse_operator(self.op, stats=stats, other=other, seed=self.seed)
+        operator = parse_operator(self.op, other=other, seed=self.seed)
         ref = vae.decode(z)
         problem = output_range_problem(x, ref)
         if problem:
@@ -297,7 +298,7 @@ class ScanJob(Job):
 
 def run_scan(vae, images, out, *, op: str = "smudge", positions: str = "all", mode: str = "exact",
              size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
-             measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, n_probes: int = 32, seed: int = 0,
+             measures: Sequence[str] = DEFAULT_MEASURES, batch: int = DECODE_BATCH, n_probes: int = 32, seed: int = 0,
              patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
              swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
              overwrite: bool = False, progress: bool = True, verdicts: bool = True, evidence: int = 4,
@@ -411,9 +412,9 @@ def run_scan(vae, images, out, *, op: str = "smudge", positions: str = "all", mo
     if int(position_blocks) < 1 or (int(position_blocks) > 1 and mode != "exact"):
         raise ScanError(f"--position-blocks {position_blocks}: use a positive number, and more than 1 only with "
                         f"--mode exact (a linear map or a two-stage scan is one unit per image)")
+    check_operator(op, provides=("other",), command="scan")
+    check_operator(removal, command="scan --removal")
     vae = coerce_vae(vae, device=device, dtype=dtype)
-    check_operator(op, vae, seed=seed)
-    check_operator(removal, vae, seed=seed)
     if not (float(visible_levels) > 0):
         raise ScanError(f"--visible-levels {visible_levels}: use a positive number of 8-bit levels (default 1)")
     if mode == "linear":

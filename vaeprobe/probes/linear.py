@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vaeprobe.errors import VaeprobeError
+from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.geometry import Block, far_mask
 
 __all__ = ["SensitivityMap", "jacobian_norms", "sensitivity_map", "shrink_map", "agreement",
@@ -180,7 +181,7 @@ def _blocks(blocks, h: int, w: int) -> tuple[int, int]:
 
 # -- exact reference -------------------------------------------------------------------------------------------
 def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | None = None, *,
-                   radius: int | None = None, batch: int = 8) -> torch.Tensor:
+                   radius: int | None = None, batch: int = DECODE_BATCH) -> torch.Tensor:
     """Exact sensitivity ``S_p`` (or far-field sensitivity ``F_p`` when ``radius`` is given) of each position.
 
     For each position ``p`` and latent channel ``ch`` one Jacobian-vector product ``J e_{p,ch}`` is computed in

@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from vaeprobe.errors import VaeprobeError
-from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
+from vaeprobe.probes.engine import DECODE_BATCH, Engine
+from vaeprobe.probes.perturb import Operator, Site, parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS, measure
 
 PATHWAYS = ("groupnorm", "attention", "residual")
@@ -412,7 +413,7 @@ class Attribution:
 
 
 def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
-                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = 8) -> Attribution:
+                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = DECODE_BATCH) -> Attribution:
     """Attribute the far-field effect of perturbing each site of ``z`` ``[1, C, h, w]`` to the decoder's pathways.
 
     One clean decode (recorded) plus, per batch of sites, the four variants (a model without attention or
@@ -467,29 +468,29 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
     ref, rec = record_pathways(vae, z)
     n_dec = 1
     has_gn, has_att = bool(rec.groupnorm), bool(rec.qkv)
-    rows = []
-    for start in range(0, len(sites), batch):
-        chunk = list(sites[start:start + batch])
-        zz = apply_batch(z, chunk, op)
-        live = vae.decode(zz)
+    engine = Engine(vae, batch=batch)
+
+    def variants(b) -> list[dict]:
+        zz, live = b.latents, b.decodes
         gn = decode_frozen(vae, zz, rec, groupnorm=True, attention=None) if has_gn else live
         att = decode_frozen(vae, zz, rec, groupnorm=False, attention=attention) if has_att else live
         both = (decode_frozen(vae, zz, rec, groupnorm=True, attention=attention) if has_gn and has_att
                 else (gn if has_gn else att))
-        n_dec += len(chunk) * (1 + has_gn + has_att + (has_gn and has_att))
-        per = {}
-        for name, img in zip(VARIANTS, (live, gn, att, both)):
-            per[name] = measure(ref, img, chunk, vae.factor, radius=radius, measures=("l2", "far_l2", "far_fraction"))
-        for i, site in enumerate(chunk):
-            row = {"row": site.row, "col": site.col, "size": site.size,
-                   "channel": -1 if site.channel is None else site.channel, "op": op.name}
+        per = {name: measure(ref, img, b.sites, vae.factor, radius=radius, measures=("l2", "far_l2", "far_fraction"))
+               for name, img in zip(VARIANTS, (live, gn, att, both))}
+        out = []
+        for i in range(len(b.sites)):
+            row = {}
             for name in VARIANTS:
                 row[f"far_l2_{name}"] = per[name][i]["far_l2"]
                 row[f"far_fraction_{name}"] = per[name][i]["far_fraction"]
             row["l2_live"] = per["live"][i]["l2"]
             row["l2_both_frozen"] = per["both_frozen"][i]["l2"]
-            rows.append(row)
-    df = pd.DataFrame(rows)
+            out.append(row)
+        return out
+
+    df = engine.table(z, sites, op, variants)
+    n_dec = 1 + len(df) * (1 + has_gn + has_att + (has_gn and has_att))
     if len(df):
         shares = shapley_shares(df.far_l2_live, df.far_l2_groupnorm_frozen, df.far_l2_attention_frozen,
                                 df.far_l2_both_frozen)

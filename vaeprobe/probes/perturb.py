@@ -4,13 +4,19 @@ A :class:`Site` names a square patch of latent cells (optionally a single channe
 frozen dataclass with one verb, ``apply(z, site, *, index=0)``, that returns a new latent ``[1, C, h, w]`` equal
 to ``z`` everywhere except at the site's cells (and channel). The input is never modified.
 
-Operators: :class:`Zero`, :class:`Fill` (the dataset-mean operator), :class:`Noise`, :class:`Scale`,
-:class:`Swap` (values from another image's latent), :class:`Smudge` (mean of the surrounding ring of cells) and
-:class:`Compose` (several in order; also written ``a + b``). :func:`apply_batch` makes one perturbed copy per
-site in a single tensor, ready to decode; :func:`parse_operator` reads the command-line form, which is also each
-operator's :attr:`~Operator.name`::
+Operators: :class:`Zero`, :class:`Mean` (the latent's own robust per-channel centre), :class:`Fill` (a given
+value), :class:`Noise`, :class:`Scale`, :class:`Swap` (values from another image's latent), :class:`Smudge` (mean
+of the surrounding ring of cells) and :class:`Compose` (several in order; also written ``a + b``).
+:func:`apply_batch` makes one perturbed copy per site in a single tensor, ready to decode; :func:`parse_operator`
+reads the command-line form, which is also each operator's :attr:`~Operator.name`::
 
     zero | mean | fill:V | noise:SIGMA | scale:F | swap | smudge     joined by "+", e.g. "scale:0.5+noise:0.1"
+
+Every operator with a text form is one class that registers itself (:data:`REGISTRY`, through its ``word``);
+:func:`parse_operator` and :func:`check_operator` read the registry, so a new operator is one class. The text
+form means the same in every command: ``mean`` is the perturbed latent's own robust per-channel centre and
+``noise:SIGMA`` is in units of that latent's robust per-channel std (:func:`~vaeprobe.probes.latents.robust_channel_stats`),
+unless statistics are passed explicitly.
 
 Noise is seeded from the site itself (seed, row, col, size, channel, index) through a stable hash, so a site
 gets the same noise whatever else is in its batch or scan, and a resumed scan equals an uninterrupted one.
@@ -22,7 +28,7 @@ import hashlib
 import math
 import operator
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -233,7 +239,18 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _own_stats(z: torch.Tensor) -> dict:
+    """The robust per-channel centre and std of latent ``z`` (what ``mean`` and ``noise`` use by default)."""
+    from vaeprobe.probes.latents import robust_channel_stats
+
+    return robust_channel_stats(z)
+
+
 # -- operators ------------------------------------------------------------------------------------------------
+
+REGISTRY: dict[str, type] = {}
+"""The operators with a text form, by word, in the order they are defined (filled by :class:`Operator`)."""
+
 
 class Operator:
     """Base class of the operators: subclasses implement :meth:`_edit` (new values of the site's patch) and
@@ -251,6 +268,39 @@ class Operator:
     >>> str(Scale(2) + Zero())
     'scale:2+zero'
     """
+
+    word: ClassVar[str | None] = None
+    """The operator's word in the text form; a subclass that sets it is registered in :data:`REGISTRY`."""
+    argument: ClassVar[str | None] = None
+    """The name of its number (``"SIGMA"`` for ``noise:SIGMA``), or ``None`` when it takes none."""
+    example: ClassVar[str | None] = None
+    """A valid text form, quoted in error messages (default: ``word``, or ``word:1``)."""
+    needs: ClassVar[tuple[str, ...]] = ()
+    """What it needs beyond the latent: ``"other"`` (a second image's latent). A command that cannot provide it
+    refuses the operator in :func:`check_operator`."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "word" in cls.__dict__ and cls.word:
+            REGISTRY[cls.word] = cls
+
+    @classmethod
+    def from_text(cls, number: float | None, *, stats: Any = None, other: torch.Tensor | None = None,
+                  seed: int = 0) -> "Operator":
+        """Build the operator from its parsed text form (:func:`parse_operator` calls it).
+
+        Parameters
+        ----------
+        number : float or None
+            The number after ``:`` (``None`` for an operator without :attr:`argument`).
+        stats, other, seed : keyword-only
+            As for :func:`parse_operator`.
+
+        Returns
+        -------
+        Operator
+        """
+        return cls() if cls.argument is None else cls(number)
 
     @property
     def name(self) -> str:  # pragma: no cover - every operator overrides it
@@ -316,6 +366,8 @@ class Zero(Operator):
              [1., 0.]]])
     """
 
+    word = "zero"
+
     @property
     def name(self) -> str:
         return "zero"
@@ -325,10 +377,52 @@ class Zero(Operator):
 
 
 @dataclass(frozen=True)
-class Fill(Operator):
-    """Set the site to ``value``: one number per channel (the dataset-mean operator) or a scalar.
+class Mean(Operator):
+    """Set the site to the latent's own robust per-channel centre (name ``mean``).
 
-    Build the mean operator with :meth:`from_stats`; its name is ``mean``. A scalar fill is named ``fill:V``.
+    The centre is each channel's median over the latent's cells, spots left out
+    (:func:`~vaeprobe.probes.latents.robust_channel_stats`), taken from the latent the operator is applied to, so
+    it is the same in every command and moves with any per-channel shift of the latent. ``value`` overrides it.
+
+    Parameters
+    ----------
+    value : array_like, optional
+        Given per-channel values ``[C]`` (e.g. a dataset's mean) instead of the latent's own.
+
+    Examples
+    --------
+    >>> z = torch.tensor([[[[1.0, 2.0, 3.0, 50.0]]]])
+    >>> Mean().apply(z, Site(0, 3)).flatten().tolist()  # the spot (50) is left out of the centre
+    [1.0, 2.0, 3.0, 2.0]
+    """
+
+    value: Any = None
+    word = "mean"
+
+    def __post_init__(self):
+        if self.value is not None:
+            object.__setattr__(self, "value", _per_channel(self.value, "Mean value"))
+
+    @classmethod
+    def from_text(cls, number, *, stats=None, other=None, seed=0):
+        return cls(_stat(stats, "mean"))
+
+    @property
+    def name(self) -> str:
+        return "mean"
+
+    def _edit(self, patch, z, site, box, index, stream):
+        value = self.value if self.value is not None else _own_stats(z)["mean"]
+        return _channel_values(_per_channel(value, "the latent centre"), z, box, "the mean value").expand_as(
+            patch).clone()
+
+
+@dataclass(frozen=True)
+class Fill(Operator):
+    """Set the site to ``value``: a scalar (name ``fill:V``) or one number per channel (name ``mean``).
+
+    :meth:`from_stats` builds the per-channel form from given statistics (e.g. a dataset's mean); the text form
+    ``mean`` is :class:`Mean`, the latent's own centre.
 
     Parameters
     ----------
@@ -349,30 +443,33 @@ class Fill(Operator):
     """
 
     value: Any
+    word = "fill"
+    argument = "V"
+    example = "fill:0"
 
     def __post_init__(self):
         object.__setattr__(self, "value", _per_channel(self.value, "Fill value"))
 
     @classmethod
     def from_stats(cls, mean: Any) -> "Fill":
-        """The dataset-mean operator.
+        """Fill with given per-channel values, e.g. a dataset's latent mean.
 
         Parameters
         ----------
         mean : array_like
-            The per-channel latent mean over the dataset, ``[C]``.
+            The per-channel values, ``[C]``.
 
         Returns
         -------
-        Fill
-            Named ``mean``.
+        Mean
+            Named ``mean``, with these values instead of the latent's own.
 
         Examples
         --------
         >>> Fill.from_stats([0.1, 0.2]).name
         'mean'
         """
-        return cls(mean)
+        return Mean(mean)
 
     @property
     def name(self) -> str:
@@ -392,9 +489,11 @@ class Noise(Operator):
     Parameters
     ----------
     sigma : float
-        The noise level, at least 0: in units of the latent's per-channel std when ``std`` is that std.
-    std : float or array_like, optional
-        A scalar or one std per channel ``[C]``; ``std=1`` means ``sigma`` is in raw latent units.
+        The noise level, at least 0, in units of ``std``.
+    std : float, array_like or None, optional
+        ``None`` (the default, and what ``noise:SIGMA`` means in every command): the robust per-channel std of
+        the latent the noise is added to (:func:`~vaeprobe.probes.latents.robust_channel_stats`). Otherwise a
+        scalar or one std per channel ``[C]``; ``std=1`` means ``sigma`` is in raw latent units.
     seed : int, optional
         Seed of every draw (combined with the site through a stable hash).
 
@@ -415,15 +514,18 @@ class Noise(Operator):
 
     sigma: float
     _: KW_ONLY
-    std: Any = 1.0
+    std: Any = None
     seed: int = 0
+    word = "noise"
+    argument = "SIGMA"
+    example = "noise:0.5"
 
     def __post_init__(self):
         sigma = _finite(self.sigma, "Noise sigma")
         if sigma < 0:
             raise PerturbError(f"Noise sigma must be >= 0, got {sigma}")
-        std = _per_channel(self.std, "Noise std")
-        if min(std if isinstance(std, tuple) else (std,)) < 0:
+        std = None if self.std is None else _per_channel(self.std, "Noise std")
+        if std is not None and min(std if isinstance(std, tuple) else (std,)) < 0:
             raise PerturbError("Noise std must be >= 0 in every channel")
         try:
             object.__setattr__(self, "seed", operator.index(self.seed))
@@ -431,6 +533,10 @@ class Noise(Operator):
             raise PerturbError(f"Noise seed must be an int, got {self.seed!r}") from None
         object.__setattr__(self, "sigma", sigma)
         object.__setattr__(self, "std", std)
+
+    @classmethod
+    def from_text(cls, number, *, stats=None, other=None, seed=0):
+        return cls(number, std=_stat(stats, "std"), seed=seed)
 
     @property
     def name(self) -> str:
@@ -440,7 +546,8 @@ class Noise(Operator):
         parts = [self.seed, site.row, site.col, site.size, site.channel, index] + ([stream] if stream else [])
         gen = torch.Generator(device="cpu").manual_seed(_stable_seed(*parts))
         draw = torch.randn(tuple(patch.shape), generator=gen, dtype=torch.float32)
-        scale = _channel_values(self.std, z, box, "the noise std") * self.sigma
+        std = self.std if self.std is not None else _per_channel(_own_stats(z)["std"], "the latent std")
+        scale = _channel_values(std, z, box, "the noise std") * self.sigma
         return patch + draw.to(device=patch.device, dtype=patch.dtype) * scale
 
 
@@ -460,6 +567,9 @@ class Scale(Operator):
     """
 
     factor: float
+    word = "scale"
+    argument = "F"
+    example = "scale:2"
 
     def __post_init__(self):
         object.__setattr__(self, "factor", _finite(self.factor, "Scale factor"))
@@ -493,9 +603,18 @@ class Swap(Operator):
     """
 
     other: torch.Tensor = field(repr=False)
+    word = "swap"
+    needs = ("other",)
 
     def __post_init__(self):
         _check_latent(self.other)
+
+    @classmethod
+    def from_text(cls, number, *, stats=None, other=None, seed=0):
+        if other is None:
+            raise PerturbError("operator 'swap' needs the latent of a second image to take values from; "
+                               "pass other (a [1, C, h, w] latent)")
+        return cls(other)
 
     @property
     def name(self) -> str:
@@ -521,6 +640,8 @@ class Smudge(Operator):
     >>> Smudge().apply(z, Site(0, 0))[0, 0].tolist()  # corner: mean of 2, 4 and 6
     [[4.0, 2.0, 0.0], [4.0, 6.0, 0.0], [0.0, 0.0, 0.0]]
     """
+
+    word = "smudge"
 
     @property
     def name(self) -> str:
@@ -646,10 +767,6 @@ def apply_batch(z: torch.Tensor, sites: Sequence[Site], op: Operator, *,
     return out
 
 
-OPERATORS = ("zero", "mean", "fill:V", "noise:SIGMA", "scale:F", "swap", "smudge")
-"""The operator forms :func:`parse_operator` accepts (join several with ``+``)."""
-
-
 def _stat(stats: Any, key: str) -> Any:
     """``stats[key]`` / ``stats["channel_" + key]`` for a mapping (e.g. a LatentStats summary) or the attribute
     ``key`` of an object; ``None`` if absent."""
@@ -663,18 +780,55 @@ def _stat(stats: Any, key: str) -> Any:
     return getattr(stats, key, None)
 
 
+def _forms() -> tuple[str, ...]:
+    return tuple(f"{w}:{c.argument}" if c.argument else w for w, c in REGISTRY.items())
+
+
+def _example(cls) -> str:
+    return cls.example or (f"{cls.word}:1" if cls.argument else cls.word)
+
+
+def _parse_part(part: str, spec: str) -> tuple[type, float | None]:
+    """One ``word[:number]`` of a spec: its class and number, or a one-line :class:`PerturbError`."""
+    word, sep, arg = part.strip().lower().partition(":")
+    word, arg = word.strip(), arg.strip()
+    if not word:
+        raise PerturbError(f"empty operator in {spec!r}; join operators with a single '+', e.g. "
+                           f"'scale:0.5+noise:0.1'")
+    cls = REGISTRY.get(word)
+    if cls is None:
+        raise PerturbError(f"unknown operator {word!r} in {spec!r}; use one of {', '.join(OPERATORS)}")
+    if cls.argument is None:
+        if sep:
+            raise PerturbError(f"operator {word!r} takes no argument; write {word!r} instead of {part.strip()!r}")
+        return cls, None
+    if not arg:
+        raise PerturbError(f"operator {word!r} needs a number, e.g. {_example(cls)!r}")
+    try:
+        return cls, float(arg)
+    except ValueError:
+        raise PerturbError(f"{word}:{arg}: {arg!r} is not a number") from None
+
+
+def _split(spec: Any) -> list[str]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise PerturbError(f"empty operator spec {spec!r}; use one of {', '.join(OPERATORS)}")
+    return spec.split("+")
+
+
 def parse_operator(spec: str, *, stats: Any = None, other: torch.Tensor | None = None, seed: int = 0) -> Operator:
     """Build an operator from its text form (see :data:`OPERATORS`); ``name`` gives the same text back.
 
     Parameters
     ----------
     spec : str
-        One or more of ``zero``, ``mean``, ``fill:V``, ``noise:SIGMA``, ``scale:F``, ``swap`` and ``smudge``,
-        joined by ``+`` (case and spaces do not matter).
+        One or more of the :data:`OPERATORS` forms (``zero``, ``mean``, ``fill:V``, ``noise:SIGMA``,
+        ``scale:F``, ``swap``, ``smudge``), joined by ``+`` (case and spaces do not matter).
     stats : mapping or object, optional
-        Per-channel latent statistics: a mapping with ``mean``/``std`` or ``channel_mean``/``channel_std``, or
-        an object with ``mean``/``std`` attributes. ``mean`` needs the mean, and ``noise`` uses the std when
-        present (otherwise sigma is in raw latent units).
+        Per-channel latent statistics that override the latent's own: a mapping with ``mean``/``std`` or
+        ``channel_mean``/``channel_std``, or an object with ``mean``/``std`` attributes. Without them ``mean``
+        and ``noise`` use the robust statistics of the latent they are applied to (the meaning of the text form
+        in every command).
     other : torch.Tensor, optional
         The partner latent ``[1, C, h, w]`` that ``swap`` takes values from (``swap`` needs it).
     seed : int, optional
@@ -688,7 +842,7 @@ def parse_operator(spec: str, *, stats: Any = None, other: torch.Tensor | None =
     Raises
     ------
     PerturbError
-        When the spec is empty or malformed, names an unknown operator, or needs ``stats`` or ``other``.
+        When the spec is empty or malformed, names an unknown operator, or needs ``other``.
 
     Examples
     --------
@@ -698,48 +852,59 @@ def parse_operator(spec: str, *, stats: Any = None, other: torch.Tensor | None =
     >>> parse_operator(op.name) == op
     True
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise PerturbError(f"empty operator spec {spec!r}; use one of {', '.join(OPERATORS)}")
-    ops: list[Operator] = []
-    for part in spec.split("+"):
-        word, sep, arg = part.strip().lower().partition(":")
-        word, arg = word.strip(), arg.strip()
-        if not word:
-            raise PerturbError(f"empty operator in {spec!r}; join operators with a single '+', e.g. "
-                               f"'scale:0.5+noise:0.1'")
-        takes_arg = word in ("fill", "noise", "scale")
-        if word not in ("zero", "mean", "swap", "smudge") and not takes_arg:
-            raise PerturbError(f"unknown operator {word!r} in {spec!r}; use one of {', '.join(OPERATORS)}")
-        if takes_arg and not arg:
-            example = {"fill": "fill:0", "noise": "noise:0.5", "scale": "scale:2"}[word]
-            raise PerturbError(f"operator {word!r} needs a number, e.g. {example!r}")
-        if not takes_arg and sep:
-            raise PerturbError(f"operator {word!r} takes no argument; write {word!r} instead of {part.strip()!r}")
-        if takes_arg:
-            try:
-                number = float(arg)
-            except ValueError:
-                raise PerturbError(f"{word}:{arg}: {arg!r} is not a number") from None
-            if word == "fill":
-                ops.append(Fill(number))
-            elif word == "scale":
-                ops.append(Scale(number))
-            else:
-                std = _stat(stats, "std")
-                ops.append(Noise(number, std=1.0 if std is None else std, seed=seed))
-        elif word == "zero":
-            ops.append(Zero())
-        elif word == "smudge":
-            ops.append(Smudge())
-        elif word == "mean":
-            mean = _stat(stats, "mean")
-            if mean is None:
-                raise PerturbError("operator 'mean' needs the per-channel latent mean of the dataset, but no "
-                                   "statistics were given; pass stats (e.g. a LatentStats summary) or use 'zero'")
-            ops.append(Fill.from_stats(mean))
-        else:  # swap
-            if other is None:
-                raise PerturbError("operator 'swap' needs the latent of a second image to take values from; "
-                                   "pass other (a [1, C, h, w] latent)")
-            ops.append(Swap(other))
+    ops = []
+    for part in _split(spec):
+        cls, number = _parse_part(part, spec)
+        ops.append(cls.from_text(number, stats=stats, other=other, seed=seed))
     return ops[0] if len(ops) == 1 else Compose(*ops)
+
+
+def check_operator(spec: str, *, provides: Sequence[str] = (), command: str = "this command") -> str:
+    """Check an operator spec before any work: its syntax, its numbers, and that ``command`` can give it what it
+    needs (see :attr:`Operator.needs`).
+
+    Parameters
+    ----------
+    spec : str
+        The text form.
+    provides : sequence of str, keyword-only
+        What the command can give operators (``"other"``: a second image's latent for ``swap``).
+    command : str, keyword-only
+        The command's name, for the message.
+
+    Returns
+    -------
+    str
+        The canonical name of the operator (``parse_operator(spec).name``).
+
+    Raises
+    ------
+    PerturbError
+        With one line that says what is wrong and what to use instead.
+
+    Examples
+    --------
+    >>> check_operator(" Scale:2 + zero ")
+    'scale:2+zero'
+    >>> try:
+    ...     check_operator("swap", command="mechanism")
+    ... except PerturbError as exc:
+    ...     print(exc)
+    mechanism cannot use operator 'swap': it needs a second image's latent, which mechanism does not provide; use one of zero, mean, fill:V, noise:SIGMA, scale:F, smudge
+    """
+    what = {"other": "a second image's latent"}
+    for part in _split(spec):
+        cls, _ = _parse_part(part, spec)
+        missing = [n for n in cls.needs if n not in provides]
+        if missing:
+            usable = [f for f, c in zip(_forms(), REGISTRY.values()) if all(n in provides for n in c.needs)]
+            raise PerturbError(f"{command} cannot use operator {cls.word!r}: it needs "
+                               f"{' and '.join(what.get(n, n) for n in missing)}, which {command} does not "
+                               f"provide; use one of {', '.join(usable)}")
+    dummy = torch.zeros(1, 1, 1, 1)
+    return parse_operator(spec, other=dummy if "other" in provides else None).name
+
+
+OPERATORS = _forms()
+"""The operator forms :func:`parse_operator` accepts (join several with ``+``), one per class in
+:data:`REGISTRY`."""

@@ -28,7 +28,8 @@ import torch
 
 from vaeprobe.errors import VaeprobeError
 from vaeprobe.probes.geometry import sample_cells
-from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
+from vaeprobe.probes.engine import DECODE_BATCH, Engine
+from vaeprobe.probes.perturb import Operator, Site, parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
 
 DEFAULT_GLOBAL_THRESHOLD = 1000.0
@@ -191,7 +192,7 @@ class ScanResult:
 
 
 def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
-               measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = 8,
+               measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = DECODE_BATCH,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False, keep: int = 0,
                field=None) -> ScanResult:
     """Perturb each site of latent ``z`` with ``op``, decode ``batch`` at a time, measure.
@@ -245,49 +246,31 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     >>> list(res.table.columns), res.decode_calls
     (['row', 'col', 'size', 'channel', 'op', 'l2'], 2)
     """
-    if isinstance(op, str):
-        op = parse_operator(op)
+    op = parse_operator(op) if isinstance(op, str) else op
     t0 = time.perf_counter()
-    if ref is None:
-        ref = vae.decode(z)
-    rows: list[dict] = []
-    result = ScanResult(table=pd.DataFrame())
+    ref = (vae.decode(z) if ref is None else ref).float()
     kept = KeptDecodes(keep)
-    from tqdm import tqdm
-
     profiles = (field is not None and op.name == field.removal
                 and all(s.size == 1 and s.channel is None for s in sites))
     if profiles:
-        from vaeprobe.probes.verdict import channel_centre_scale, profile_columns, standard_norm
+        from vaeprobe.probes.verdict import removal_columns
 
-        norm = standard_norm(z)
-        med = float(norm.median().clamp_min(1e-12))
-        scale = channel_centre_scale(z)[1]
-
-    bar = tqdm(total=len(sites), desc="positions", unit="pos", file=sys.stderr, disable=not progress, leave=False)
-    for start in range(0, len(sites), batch):
-        chunk = list(sites[start:start + batch])
-        zz = apply_batch(z, chunk, op)
-        dec = vae.decode(zz)
-        values = measure(ref, dec, chunk, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
+    def values(b):
+        out = measure(ref, b.decodes, b.sites, vae.factor, radius=radius, measures=measures, lpips_model=lpips_model)
         if profiles:
-            dz2 = ((zz.float() - z.float()).flatten(-2) / scale).pow(2).sum((1, 2)).tolist()
-            ratio = [float(norm[s.row, s.col]) / med for s in chunk]
-            extra = profile_columns(dec.float() - ref.float(), chunk, vae.factor, field, dz2, ratio)
-            values = [{**v, **x} for v, x in zip(values, extra)]
-        for k, (site, v) in enumerate(zip(chunk, values)):
-            rows.append({"row": site.row, "col": site.col, "size": site.size,
-                         "channel": -1 if site.channel is None else site.channel, "op": op.name, **v})
-            kept.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), dec[k])
-        result.decodes += len(chunk)
-        result.decode_calls += 1
-        bar.update(len(chunk))
-    bar.close()
-    df = pd.DataFrame(rows)
+            out = [{**v, **x} for v, x in zip(out, removal_columns(z, b, ref, vae.factor, field))]
+        return out
+
+    def keep_some(b, vals):
+        for k, (site, v) in enumerate(zip(b.sites, vals)):
+            kept.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), b.decodes[k])
+
+    engine = Engine(vae, batch=batch, progress=progress)
+    df = engine.table(z, sites, op, values, on_batch=keep_some)
     if "far_l2" in df and len(df):
         df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
-    result.table, result.kept, result.seconds = df, kept.items(), time.perf_counter() - t0
-    return result
+    return ScanResult(table=df, decodes=engine.decodes, decode_calls=engine.calls, kept=kept.items(),
+                      seconds=time.perf_counter() - t0)
 
 
 # -- linearised --------------------------------------------------------------------------------------------------
@@ -370,7 +353,7 @@ def linear_scan(vae, z: torch.Tensor, *, n_probes: int = 32, radius: int | None 
 def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: torch.Tensor | None = None,
                    n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
-                   measures: Sequence[str] = DEFAULT_MEASURES, batch: int = 8, ref: torch.Tensor | None = None,
+                   measures: Sequence[str] = DEFAULT_MEASURES, batch: int = DECODE_BATCH, ref: torch.Tensor | None = None,
                    lpips_model=None, keep: int = 0, field=None) -> ScanResult:
     """Exact ablation of a few candidates and a random control sample.
 

@@ -86,6 +86,7 @@ import torch
 
 from vaeprobe.probes.geometry import cell_distance, ring_profile, sample_cells
 from vaeprobe.probes.latents import DEFAULT_THRESHOLD
+from vaeprobe.probes.engine import DecodedBatch, Engine
 from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
 
 VERDICTS = ("ordinary", "high-norm", "wide-local", "global", "global-information")
@@ -95,7 +96,6 @@ LEVELS = 127.5       # 8-bit levels per unit of the decoder's [-1, 1] output
 ERF_SHARE = 0.95     # the effective receptive field holds this share of an ordinary cell's change energy
 BAND_MIN = 2.0       # the band beyond the receptive field is at least this many cells wide
 SECTORS = 8          # angular sectors of the plateau's standard error
-BATCH = 8            # decodes per call in this module
 PROFILE_COLUMNS = ("norm_ratio", "dz2", "near_levels", "far_levels", "band_levels", "far_plateau",
                    "far_plateau_lo", "far_plateau_hi", "decay_exponent", "decay_exponent_lo", "far_excess", "excess_ratio",
                    "ordinary_plateau", "tail_share", "far_abs", "far_rel")
@@ -522,17 +522,35 @@ def profile_columns(diff: torch.Tensor, sites: Sequence[Site], factor: int, fiel
     return out
 
 
-def _decode_removed(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator) -> tuple[torch.Tensor, list[float]]:
-    """Decodes of ``z`` with each site removed by ``op`` (:data:`BATCH` at a time) and each removal's standardised
-    ``||dz||^2``."""
+def removal_columns(z: torch.Tensor, batch: DecodedBatch, ref: torch.Tensor, factor: int,
+                    field: ReceptiveField) -> list[dict[str, float]]:
+    """:func:`profile_columns` of one decoded batch of removals of latent ``z`` (the engine's
+    :class:`~vaeprobe.probes.engine.DecodedBatch`): the one place that turns removals into verdict measures.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        The clean latent ``[1, C, h, w]``.
+    batch : DecodedBatch
+        Its perturbed latents and their decodes.
+    ref : torch.Tensor
+        The clean decode of ``z``.
+    factor : int
+        The VAE's downsampling factor.
+    field : ReceptiveField
+        The image's reference.
+
+    Returns
+    -------
+    list of dict
+        One dict per site, the keys of :data:`PROFILE_COLUMNS`.
+    """
     _, scale = channel_centre_scale(z)
-    decs, dz2 = [], []
-    for k in range(0, len(sites), BATCH):
-        zz = apply_batch(z, sites[k:k + BATCH], op)
-        dz = (zz.float() - z.float()).flatten(-2) / scale
-        dz2 += dz.pow(2).sum((1, 2)).tolist()
-        decs.append(vae.decode(zz).float())
-    return torch.cat(decs), dz2
+    dz2 = ((batch.latents.float() - z.float()).flatten(-2) / scale).pow(2).sum((1, 2)).tolist()
+    norm = standard_norm(z)
+    med = float(norm.median().clamp_min(1e-12))
+    ratio = [float(norm[s.row, s.col]) / med for s in batch.sites]
+    return profile_columns(batch.decodes - ref.float(), batch.sites, factor, field, dz2, ratio)
 
 
 def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n: int = 12, seed: int = 0,
@@ -540,7 +558,7 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
                     removal: Operator | str = REMOVAL) -> ReceptiveField:
     """Measure the decoder's kernel on latent ``z`` by removing ordinary cells.
 
-    ``n`` cells of :func:`ordinary_cells` are removed (decoded :data:`BATCH` at a time) and their change energy
+    ``n`` cells of :func:`ordinary_cells` are removed (decoded through the :class:`~vaeprobe.probes.engine.Engine`) and their change energy
     profiled by distance (see the module docstring and :class:`ReceptiveField`).
 
     Parameters
@@ -578,7 +596,11 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
         ref = vae.decode(z)
     cells = ordinary_cells(z, n, seed=seed, exclude=exclude)
     sites = [Site(r, c) for r, c in cells]
-    dec, dz2 = _decode_removed(vae, z, sites, op)
+    _, scale = channel_centre_scale(z)
+    batches = list(Engine(vae).batches(z, sites, op))
+    dec = torch.cat([b.decodes for b in batches]) if batches else torch.zeros(0, *ref.shape[1:])
+    dz2 = [float(v) for b in batches
+           for v in ((b.latents.float() - z.float()).flatten(-2) / scale).pow(2).sum((1, 2))]
     diff = dec - ref.float()
     shape = tuple(ref.shape[-2:])
     energies = [_energy(diff[i]) for i in range(len(cells))]
@@ -618,9 +640,7 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
                         floor=float(np.median(good)) if good else 0.0,
                         floor_spread=float(np.std(good, ddof=1)) if len(good) > 1 else 0.0,
                         kernel=[None if not np.isfinite(v) else float(v) for v in kernel], removal=op.name)
-    norm = standard_norm(z)
-    med = float(norm.median().clamp_min(1e-12))
-    own = profile_columns(diff, sites, vae.factor, rf, dz2, [float(norm[r, c]) / med for r, c in cells])
+    own = [o for b in batches for o in removal_columns(z, b, ref, vae.factor, rf)]
     rf.excess = [float(o["far_excess"]) for o in own]
     rf.plateaus = [float(o["far_plateau"]) for o in own]
     return rf
@@ -808,7 +828,7 @@ def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = (
     if not zs:
         raise ValueError("no donor image could be encoded")
     z = torch.cat(zs)
-    dec = torch.cat([vae.decode(zi[None]).float() for zi in z])
+    dec = Engine(vae).decode(z)
     return Donors(latents=z, colours=dec.mean(dim=(2, 3)), names=kept, decodes=dec)
 
 
@@ -884,12 +904,10 @@ def counterpart_cells(vae, z: torch.Tensor, site: Site, donors: Donors, far: flo
         out.append(None)
         cands += [(j, same), (j, alike)]
     energies = []
-    for start in range(0, len(cands), BATCH):
-        chunk = cands[start:start + BATCH]
-        zz = torch.cat([apply_batch(donors.latents[j][None], [Site(*rc)], op) for j, rc in chunk])
-        dec = vae.decode(zz).float()
-        for i, (j, rc) in enumerate(chunk):
-            e = _energy(dec[i] - donors.decodes[j].float())
+    latents = [donors.latents[j][None] for j, _ in cands]
+    for b in Engine(vae).batches(latents, [Site(*rc) for _, rc in cands], op):
+        for i, (j, rc) in enumerate(cands[b.start:b.start + len(b.sites)]):
+            e = _energy(b.decodes[i] - donors.decodes[j].float())
             mask = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean") > far
             energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
     for k in range(0, len(cands), 2):
@@ -954,7 +972,7 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
     far_cells = field.erf if math.isfinite(field.erf) else 1.0
     for j, (dr, dc) in enumerate(counterpart_cells(vae, z, site, donors, far_cells, removal=removal)):
         zz[j, :, r:r + site.size, c:c + site.size] = donors.latents[j, :, dr, dc][:, None, None]
-    dec = torch.cat([vae.decode(zz[s:s + BATCH]).float() for s in range(0, k, BATCH)])
+    dec = Engine(vae).decode(zz)
     ref = ref.float()
     dist = cell_distance(site, tuple(ref.shape[-2:]), vae.factor, metric="euclidean")
     far = dist > field.erf if bool((dist > field.erf).any()) else dist > 1
@@ -1011,7 +1029,7 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
     for i, (rr, cc) in enumerate(cells):
         zz[1 + i, :, rr, cc] = z[0, :, rr, cc] + dz
         zz[1 + len(cells) + i, :, rr, cc] = v
-    diff = torch.cat([vae.decode(zz[s:s + BATCH]).float() for s in range(0, len(zz), BATCH)]) - ref.float()
+    diff = Engine(vae).decode(zz) - ref.float()
     shape = tuple(ref.shape[-2:])
 
     def far_energy(i: int, rc: tuple[int, int]) -> float:
@@ -1178,20 +1196,14 @@ class CellVerdict:
                 field: ReceptiveField) -> list[dict]:
         """The profile measures (:func:`profile_columns`) of removing each cell, one dict per cell."""
         sites = [Site(int(r), int(c)) for r, c in cells]
-        norm = standard_norm(z)
-        med = float(norm.median().clamp_min(1e-12))
         rows = []
-        for start in range(0, len(sites), BATCH):
-            chunk = sites[start:start + BATCH]
-            dec, dz2 = _decode_removed(self.vae, z, chunk, self.removal)
-            diff = dec - ref.float()
-            got = profile_columns(diff, chunk, self.vae.factor, field, dz2,
-                                  [float(norm[s.row, s.col]) / med for s in chunk])
+        for b in Engine(self.vae).batches(z, sites, self.removal):
+            got = removal_columns(z, b, ref, self.vae.factor, field)
             if self.keep_profiles:
-                for i, s in enumerate(chunk):
-                    dist = cell_distance(s, tuple(diff.shape[-2:]), self.vae.factor, metric="euclidean")
-                    got[i]["profile"] = ring_profile(_energy(diff[i]), dist)
-            rows += [{"row": s.row, "col": s.col, **g} for s, g in zip(chunk, got)]
+                for i, s in enumerate(b.sites):
+                    dist = cell_distance(s, tuple(ref.shape[-2:]), self.vae.factor, metric="euclidean")
+                    got[i]["profile"] = ring_profile(_energy(b.decodes[i] - ref.float()), dist)
+            rows += [{"row": s.row, "col": s.col, **g} for s, g in zip(b.sites, got)]
         return rows
 
     def classify(self, z: torch.Tensor, cells: Sequence[tuple[int, int]], *, ref: torch.Tensor | None = None,
