@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vaeprobe.errors import VaeprobeError, one_line
 from vaeprobe.data.images import DEFAULT_FIT, FIT_POLICIES
+from vaeprobe.schema import global_cell_phrase
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +115,7 @@ def cmd_scan(args) -> int:
     summary = run.summary
     counts = summary.get("verdicts") or {}
     if counts:
-        verdict = (f"a global cell (verdict global or global-information) on {summary['global_rate']:.0%} of them; "
+        verdict = (f"{global_cell_phrase()} on {summary['global_rate']:.0%} of them; "
                    f"cell verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     else:
         verdict = "no verdicts (linear mode has no calibrated rule; use exact or two-stage)" if args.mode == "linear" \

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaeprobe.schema import GLOBAL, GLOBAL_INFORMATION, HIGH_NORM, WIDE_LOCAL
+
 MECHANISMS = ("direct", "groupnorm", "attention", "hidden")
 LOCATIONS = ("fixed", "flattest")
 SPOT_RAW_LOGVAR = -35.0  # below diffusers' clamp at -30, as SD's spot
@@ -410,7 +412,7 @@ class InternalControl(nn.Module):
     def ground_truth(self, x: torch.Tensor) -> list[dict]:
         pos = spot_locations(x, self.factor, "fixed")
         return [{"row": int(r), "col": int(c), "mechanism": "internal", "location": "fixed",
-                 "encoder_trace": False, "expected_verdict": "global"} for r, c in pos.tolist()]
+                 "encoder_trace": False, "expected_verdict": GLOBAL} for r, c in pos.tolist()]
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         return self.base.encode(x, return_dict=return_dict)
@@ -428,9 +430,9 @@ def _internal_control():
 _internal_control.__doc__ = "verdict control: a weighted-statistics GroupNorm inside the decoder, declared global"
 
 
-MECHANISM_VERDICTS = {"direct": "global-information", "hidden": "global-information", "groupnorm": "global",
-                      "attention": "global"}
-KIND_VERDICTS = {"wide": "wide-local", "local": "high-norm", "droplet": "global", "keyed": "global-information"}
+MECHANISM_VERDICTS = {"direct": GLOBAL_INFORMATION, "hidden": GLOBAL_INFORMATION, "groupnorm": GLOBAL,
+                      "attention": GLOBAL}
+KIND_VERDICTS = {"wide": WIDE_LOCAL, "local": HIGH_NORM, "droplet": GLOBAL, "keyed": GLOBAL_INFORMATION}
 
 
 def _verdict_control(kind: str):
@@ -453,16 +455,16 @@ VERDICT_CONTROLS = {
 """Controls added for the verdicts (``builtin:NAME``)."""
 
 EXPECTED_VERDICTS = {
-    "planted-direct-fixed": "global-information",  # the image's colour, read from the spot by every pixel
-    "planted-direct": "global-information",
-    "planted-hidden": "global-information",
-    "planted-groupnorm": "global",       # the spike holds the latent's own moments, a normaliser, not colour
-    "planted-attention": "global",       # a constant vector: erasing it shifts every position, same for all images
-    "decoy-wide-local": "wide-local",
-    "decoy-high-norm": "high-norm",      # a latent outlier the decoder inpaints: local, at an ordinary size
-    "decoy-droplet": "global",
-    "keyed": "global-information",
-    "internal": "global",                # a GroupNorm inside the decoder leans on one ordinary cell
+    "planted-direct-fixed": GLOBAL_INFORMATION,  # the image's colour, read from the spot by every pixel
+    "planted-direct": GLOBAL_INFORMATION,
+    "planted-hidden": GLOBAL_INFORMATION,
+    "planted-groupnorm": GLOBAL,       # the spike holds the latent's own moments, a normaliser, not colour
+    "planted-attention": GLOBAL,       # a constant vector: erasing it shifts every position, same for all images
+    "decoy-wide-local": WIDE_LOCAL,
+    "decoy-high-norm": HIGH_NORM,      # a latent outlier the decoder inpaints: local, at an ordinary size
+    "decoy-droplet": GLOBAL,
+    "keyed": GLOBAL_INFORMATION,
+    "internal": GLOBAL,                # a GroupNorm inside the decoder leans on one ordinary cell
 }
 """The verdict each control declares for its planted cell (by construction)."""
 

@@ -87,20 +87,15 @@ import torch
 from vaeprobe.probes.geometry import cell_distance, ring_profile, sample_cells
 from vaeprobe.probes.latents import DEFAULT_THRESHOLD
 from vaeprobe.probes.engine import DecodedBatch, Engine
+from vaeprobe.schema import (EVIDENCE_COLUMNS, GLOBAL, GLOBAL_INFORMATION, GLOBAL_VERDICTS, HIGH_NORM, ORDINARY,
+                             PROFILE_COLUMNS, VERDICTS, WIDE_LOCAL)
 from vaeprobe.probes.perturb import Operator, Site, apply_batch, parse_operator
 
-VERDICTS = ("ordinary", "high-norm", "wide-local", "global", "global-information")
-GLOBAL_VERDICTS = ("global", "global-information")
 REMOVAL = "smudge"   # the verdicts' removal: the cell takes the mean of its neighbours (affine-invariant)
 LEVELS = 127.5       # 8-bit levels per unit of the decoder's [-1, 1] output
 ERF_SHARE = 0.95     # the effective receptive field holds this share of an ordinary cell's change energy
 BAND_MIN = 2.0       # the band beyond the receptive field is at least this many cells wide
 SECTORS = 8          # angular sectors of the plateau's standard error
-PROFILE_COLUMNS = ("norm_ratio", "dz2", "near_levels", "far_levels", "band_levels", "far_plateau",
-                   "far_plateau_lo", "far_plateau_hi", "decay_exponent", "decay_exponent_lo", "far_excess", "excess_ratio",
-                   "ordinary_plateau", "tail_share", "far_abs", "far_rel")
-EVIDENCE_COLUMNS = ("swap_corr", "swap_slope", "swap_structure_corr", "swap_structure_slope", "matched_ratio",
-                    "transplant_ratio", "frozen_removed")
 
 
 def _energy(diff: torch.Tensor) -> torch.Tensor:
@@ -711,10 +706,10 @@ class VerdictRules:
         """
         lo = self._value(row, "far_plateau_lo")
         if lo >= self.visible_levels and lo > self._ordinary(row) and self.flat(row):
-            return "global"
+            return GLOBAL
         if (self._value(row, "band_levels") >= self.visible_levels and self._value(row, "excess_ratio") > 1
                 and self.decays(row)):
-            return "wide-local"
+            return WIDE_LOCAL
         return "local"
 
     def below_visibility(self, row: dict) -> bool:
@@ -727,7 +722,7 @@ class VerdictRules:
         True
         """
         lo = self._value(row, "far_plateau_lo")
-        return self.shape(row) != "global" and self.flat(row) and lo > 0 and lo > self._ordinary(row)
+        return self.shape(row) != GLOBAL and self.flat(row) and lo > 0 and lo > self._ordinary(row)
 
     def carries_information(self, row: dict) -> bool:
         """Whether the swap test moves the far field towards the donors' content (mean colour or structure)."""
@@ -750,11 +745,11 @@ class VerdictRules:
         """
         row = dict(row)
         shape = self.shape(row)
-        if shape == "global":
-            return "global-information" if self.carries_information(row) else "global"
-        if shape == "wide-local":
-            return "wide-local"
-        return "high-norm" if self._value(row, "norm_ratio") >= self.norm_ratio else "ordinary"
+        if shape == GLOBAL:
+            return GLOBAL_INFORMATION if self.carries_information(row) else GLOBAL
+        if shape == WIDE_LOCAL:
+            return WIDE_LOCAL
+        return HIGH_NORM if self._value(row, "norm_ratio") >= self.norm_ratio else ORDINARY
 
     def to_dict(self) -> dict:
         """The thresholds as a plain dict."""
@@ -1236,7 +1231,7 @@ class CellVerdict:
         for row in self.measure(z, cells, ref, field):
             row.update({k: math.nan for k in EVIDENCE_COLUMNS})
             site = Site(row["row"], row["col"])
-            if (self.rules.shape(row) == "global" or self.swap == "always") and self.donors is not None:
+            if (self.rules.shape(row) == GLOBAL or self.swap == "always") and self.donors is not None:
                 row.update(swap_information(self.vae, z, ref, site, self.donors, field, removal=self.removal))
             if self.evidence and evidence_rows([row], self.rules, 1):
                 row.update({k: v for k, v in _evidence(self.vae, z, ref, site, field, self.removal).items()
@@ -1307,7 +1302,7 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
     records = df[list(PROFILE_COLUMNS)].to_dict("records")
     if donors is not None:
         for i, rec in enumerate(records):
-            if rules.shape(rec) == "global":
+            if rules.shape(rec) == GLOBAL:
                 site = Site(int(df.row.iloc[i]), int(df.col.iloc[i]))
                 for k, v in swap_information(vae, z, ref, site, donors, field, removal=removal).items():
                     df.iloc[i, df.columns.get_loc(k)] = v

@@ -33,6 +33,7 @@ import pandas as pd
 
 from vaeprobe._io import write_text_atomic
 from vaeprobe.errors import VaeprobeError
+from vaeprobe.schema import ORDINARY, SCAN_SHOWN, SHOWN_EVIDENCE, global_cell_phrase
 
 JOBS = ("latents", "scan", "mechanism", "pipeline")
 BLANK = "data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw=="
@@ -464,7 +465,7 @@ def _scan_section(run: Run, head) -> tuple[list, list]:
     rate = s.get("global_rate")
     if rate is not None and rate == rate:
         n_glob = int(round(rate * n)) if n else 0
-        head("images with a global cell (verdict global or global-information)",
+        head(f"images with {global_cell_phrase()}",
              f"{n_glob}/{n} ({s.get('mode')}, {s.get('op')})")
     else:
         head("images with a global cell", f"no verdict ({s.get('mode')} mode has no calibrated rule)")
@@ -523,14 +524,8 @@ def _pipeline_section(run: Run, head) -> tuple[list, list]:
     return table, figures
 
 
-SCAN_MEASURES = ("verdict", "norm_ratio", "far_plateau", "far_plateau_lo", "far_plateau_hi", "decay_exponent",
-                 "below_visibility", "near_levels", "far_levels", "band_levels", "far_excess", "swap_corr", "swap_slope",
-                 "swap_structure_corr", "swap_structure_slope",
-                 "matched_ratio", "transplant_ratio", "frozen_removed", "global_ratio", "far_ratio", "far_l2",
-                 "far_fraction", "radius90", "far_dy", "l2", "psnr", "far_sensitivity", "stage")
-VERDICT_EVIDENCE = ("norm_ratio", "far_plateau", "far_plateau_lo", "far_plateau_hi", "decay_exponent", "band_levels",
-                    "far_excess", "swap_corr", "swap_slope", "swap_structure_slope", "frozen_removed", "matched_ratio",
-                    "transplant_ratio")
+SCAN_MEASURES = SCAN_SHOWN
+VERDICT_EVIDENCE = SHOWN_EVIDENCE
 
 
 def _profile_uri(profiles: dict, erf: float, verdicts: dict) -> str | None:
@@ -571,7 +566,7 @@ def _scan_card(run: Run, key: str, meta: dict, rows: pd.DataFrame, card: dict) -
     if "verdict" in rows and rows.verdict.notna().any():
         below = rows.get("below_visibility", pd.Series(False, index=rows.index)).fillna(False).astype(bool)
         order = "far_plateau" if "far_plateau" in rows else "far_rel"
-        unusual = rows[(rows.verdict != "ordinary") | below].sort_values(order, ascending=False, na_position="last")
+        unusual = rows[(rows.verdict != ORDINARY) | below].sort_values(order, ascending=False, na_position="last")
         for r in unusual.head(8).itertuples(index=False):
             card["verdicts"].append({"row": int(r.row), "col": int(r.col), "verdict": str(r.verdict),
                                      "values": [_fmt(getattr(r, k, None)) for k in VERDICT_EVIDENCE]})
