@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from vaeprobe import load_images, load_vae  # noqa: E402
 from vaeprobe._io import write_text_atomic  # noqa: E402
 from vaeprobe.models.controls import EXPECTED_VERDICTS  # noqa: E402
+from vaeprobe.schema import GLOBAL_VERDICTS  # noqa: E402
 from vaeprobe.probes.verdict import CellVerdict, make_donors, standard_norm  # noqa: E402
 
 CLEAN = ("mini-kl-f8", "taef2")
@@ -110,7 +111,7 @@ def table(rows: list[dict]) -> str:
             if not g:
                 cells.append("–")
             elif exp == "not global":
-                n_glob = sum(r["verdict"] in ("global", "global-information") for r in g)
+                n_glob = sum(r["verdict"] in GLOBAL_VERDICTS for r in g)
                 n_wide = sum(r["verdict"] == "wide-local" for r in g)
                 n_below = sum(bool(r.get("below_visibility")) for r in g)
                 cells.append(f"{n_glob} global of {len(g)}; {n_wide} wide-local; {n_below} below visibility")

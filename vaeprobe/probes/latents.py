@@ -32,17 +32,13 @@ import torch
 
 from vaeprobe.models.adapter import LOGVAR_CLAMP, Posterior
 from vaeprobe.probes.geometry import cell_gap
-
-DEFAULT_THRESHOLD = 10.0
-"""Norm / median-norm ratio above which a position is a spot. On clean models the largest ratio of any position
-was 4.14 (trained ``mini-kl-f8``, current weights, 15 photos at 256 px; 6.35 with its stage-1 weights) and 8.09
-(random-init ``tiny-random``); planted spots sit far above (see docs/latents.md)."""
+from vaeprobe.probes.stats import _MAD_SCALE, DEFAULT_THRESHOLD, robust_channel_stats  # noqa: F401 (public here too)
 
 MAX_CLAMP_SHARE = 0.05
 """The clamp rule only fires when at most this share of an image's positions are at the log-variance floor."""
 
 CLAMP_FLOOR = LOGVAR_CLAMP[0]
-_MAD_SCALE = 1.4826  # MAD of a normal distribution times this is its std
+
 _RATIO_BINS = np.round(np.arange(0.0, 4.0001, 0.05), 2)  # log10(max/median norm ratio), overflow in the last bin
 
 
@@ -507,50 +503,6 @@ def image_moments(mean: torch.Tensor, *, exclude: Sequence[tuple[int, int]] = ()
     return {"channel": Moments.of(v).to_dict(), "pooled": Moments.of(v.reshape(1, -1)).to_dict(),
             "channel_ordinary": Moments.of(v[:, keep]).to_dict(),
             "pooled_ordinary": Moments.of(v[:, keep].reshape(1, -1)).to_dict()}
-
-
-def robust_channel_stats(z: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """Per-channel centre and spread of one latent for the ``mean`` and ``noise`` operators, robust to a spot.
-
-    Positions whose norm is at least ``threshold`` times the median norm (the spot detector's rule) are left
-    out; over the rest, ``mean`` is each channel's median and ``std`` is 1.4826 x its median absolute deviation
-    (the std of a normal distribution), or the plain std where the MAD is 0. A plain mean and std include the
-    spot: on ``builtin:planted-direct`` at 128 px the pooled std with the spots is 3.7x the std without them.
-
-    Parameters
-    ----------
-    z : torch.Tensor
-        One latent, ``[C, h, w]`` or ``[1, C, h, w]``.
-    threshold : float, keyword-only
-        Norm ratio at or above which a position is excluded.
-
-    Returns
-    -------
-    dict
-        ``mean`` and ``std`` (``[C]`` tensors) and ``excluded``, the ``(row, col)`` cells left out.
-
-    Examples
-    --------
-    >>> z = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0))
-    >>> z[:, 3, 5] = 200.0
-    >>> s = robust_channel_stats(z)
-    >>> s["excluded"], bool((s["std"] < 1.5).all()), bool((z.std(dim=(1, 2)) > 10).all())
-    ([(3, 5)], True, True)
-    """
-    if z.dim() == 4:
-        z = z[0]
-    z = z.detach().float()
-    norm = z.norm(dim=0)
-    keep = norm < threshold * norm.median().clamp_min(1e-12)
-    if not keep.any():
-        keep = torch.ones_like(keep)
-    v = z[:, keep]  # [C, kept positions]
-    med = v.median(dim=1).values
-    mad = (v - med[:, None]).abs().median(dim=1).values * _MAD_SCALE
-    std = torch.where(mad > 0, mad, v.std(dim=1) if v.shape[1] > 1 else torch.zeros_like(mad))
-    w = z.shape[-1]
-    excluded = [divmod(int(i), w) for i in torch.nonzero(~keep.flatten()).flatten()]
-    return {"mean": med, "std": std, "excluded": excluded}
 
 
 class LatentStats:

@@ -15,7 +15,7 @@ reads the command-line form, which is also each operator's :attr:`~Operator.name
 Every operator with a text form is one class that registers itself (:data:`REGISTRY`, through its ``word``);
 :func:`parse_operator` and :func:`check_operator` read the registry, so a new operator is one class. The text
 form means the same in every command: ``mean`` is the perturbed latent's own robust per-channel centre and
-``noise:SIGMA`` is in units of that latent's robust per-channel std (:func:`~vaeprobe.probes.latents.robust_channel_stats`),
+``noise:SIGMA`` is in units of that latent's robust per-channel std (:func:`~vaeprobe.probes.stats.robust_channel_stats`),
 unless statistics are passed explicitly.
 
 Noise is seeded from the site itself (seed, row, col, size, channel, index) through a stable hash, so a site
@@ -241,7 +241,7 @@ def _stable_seed(*parts: Any) -> int:
 
 def _own_stats(z: torch.Tensor) -> dict:
     """The robust per-channel centre and std of latent ``z`` (what ``mean`` and ``noise`` use by default)."""
-    from vaeprobe.probes.latents import robust_channel_stats
+    from vaeprobe.probes.stats import robust_channel_stats
 
     return robust_channel_stats(z)
 
@@ -381,7 +381,7 @@ class Mean(Operator):
     """Set the site to the latent's own robust per-channel centre (name ``mean``).
 
     The centre is each channel's median over the latent's cells, spots left out
-    (:func:`~vaeprobe.probes.latents.robust_channel_stats`), taken from the latent the operator is applied to, so
+    (:func:`~vaeprobe.probes.stats.robust_channel_stats`), taken from the latent the operator is applied to, so
     it is the same in every command and moves with any per-channel shift of the latent. ``value`` overrides it.
 
     Parameters
@@ -492,7 +492,7 @@ class Noise(Operator):
         The noise level, at least 0, in units of ``std``.
     std : float, array_like or None, optional
         ``None`` (the default, and what ``noise:SIGMA`` means in every command): the robust per-channel std of
-        the latent the noise is added to (:func:`~vaeprobe.probes.latents.robust_channel_stats`). Otherwise a
+        the latent the noise is added to (:func:`~vaeprobe.probes.stats.robust_channel_stats`). Otherwise a
         scalar or one std per channel ``[C]``; ``std=1`` means ``sigma`` is in raw latent units.
     seed : int, optional
         Seed of every draw (combined with the site through a stable hash).
