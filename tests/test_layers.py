@@ -16,17 +16,17 @@ from conftest import REPO
 PACKAGE = REPO / "vaeprobe"
 CORE = {"vaeprobe.errors", "vaeprobe._io", "vaeprobe.schema"}
 # what a module of each part of the package may import (inside the package); see pyproject.toml's contract
-ORDER = ["core", "data", "models", "probes", "testing"]
+ORDER = ["core", "data", "models", "probes"]
 ALLOWED = {part: set(ORDER[:i + 1]) for i, part in enumerate(ORDER)}
 ALLOWED["reports"] = {"core", "data", "reports"}  # figures and tables: never the models or probes
-ALLOWED["jobs"] = {"core", "data", "models", "probes", "testing", "reports", "jobs", "root"}  # anything but cli
-ALLOWED["root"] = {"core", "data", "models", "probes", "testing", "reports", "root"}  # jobs load lazily, on use
-ALLOWED["cli"] = {"core", "data", "models", "probes", "testing", "reports", "jobs", "root", "cli"}
+ALLOWED["jobs"] = {"core", "data", "models", "probes", "reports", "jobs", "root"}  # anything but cli
+ALLOWED["root"] = {"core", "data", "models", "probes", "reports", "root"}  # jobs load lazily, on use
+ALLOWED["cli"] = {"core", "data", "models", "probes", "reports", "jobs", "root", "cli"}
 ALLOWED["__main__"] = ALLOWED["cli"]                                                  # the only importer of cli
 
 
 def part_of(module: str) -> str:
-    """The part of the package a module belongs to: core, data, models, probes, testing, reports, jobs, cli,
+    """The part of the package a module belongs to: core, data, models, probes, reports, jobs, cli,
     __main__ or root (``vaeprobe`` itself)."""
     if module in CORE:
         return "core"

@@ -1,7 +1,7 @@
 """The spot through a diffusion pipeline (issue 9), on tiny offline pipelines built from configs.
 
 Ground truth: ``builtin:tiny-sd-planted``'s UNet makes its x0 prediction hold a known vector at a known cell from
-a known timestep on (:class:`vaeprobe.testing.ContentUNet`); ``builtin:tiny-sd`` plants nothing.
+a known timestep on (:class:`vaeprobe.models.pipelines.ContentUNet`); ``builtin:tiny-sd`` plants nothing.
 """
 
 import json
@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, run_and_kill, run_cli
 from vaeprobe.jobs.pipeline import (PipelineError, emergence_table, generate, load_pipeline, parse_seeds, read_prompts,
                                     run_pipeline)
-from vaeprobe.testing import PLANTED_CODE, PLANTED_EMERGE_T, ContentUNet, tiny_sd_pipeline
+from vaeprobe.models.pipelines import PLANTED_CODE, PLANTED_EMERGE_T, ContentUNet, tiny_sd_pipeline
 from vaeprobe.models.adapter import VAE
 
 PROMPTS = ["a lighthouse on a cliff", "a red fox in snow", "<script>alert(1)</script> & a \"quoted\" cat"]
@@ -188,7 +188,7 @@ def test_half_precision_pipeline_runs_on_cpu(tmp_path):
 def test_pipeline_from_a_local_folder(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from vaeprobe.testing import TINY_UNET
+    from vaeprobe.models.pipelines import TINY_UNET
 
     pipe = tiny_sd_pipeline()
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from vaeprobe.errors import VaeprobeError, one_line
 from vaeprobe.data.images import DEFAULT_FIT, FIT_POLICIES
-from vaeprobe.schema import global_cell_phrase
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
@@ -88,58 +87,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_latents(args) -> int:
-    from vaeprobe.jobs.latents import run_latents
-    run = run_latents(args.vae, args.images, args.out, size=args.size, fit=args.fit, threshold=args.threshold,
-                      top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, maps=not args.no_maps,
-                      progress=not args.quiet, device=args.device, dtype=args.dtype)
-    summary = run.summary
-    print(f"{summary['n_images']} images, spot rate {summary['spot_rate']:.2f} (threshold {args.threshold:g}x "
-          f"median norm or an isolated logvar clamp hit), {len(summary['skipped'])} skipped; results in {run.path}")
-    _print_failed(summary)
-    return 0
+def _image_job_command(sub, module) -> None:
+    """``vaeprobe NAME --vae --images --out`` made from the job module's declaration (:mod:`vaeprobe.jobs.spec`)."""
+    spec = module.SPEC
 
+    def command(args) -> int:
+        options = spec.from_args(args)
+        run = getattr(module, spec.entry)(args.vae, args.images, args.out, resume=args.resume,
+                                          overwrite=args.overwrite, progress=not args.quiet, device=args.device,
+                                          dtype=args.dtype, **options)
+        print(f"{module.cli_line(run.summary, options)}; results in {run.path}")
+        _print_failed(run.summary)
+        return 0
 
-def cmd_scan(args) -> int:
-    from vaeprobe.jobs.scan import run_scan
-    measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
-    run = run_scan(args.vae, args.images, args.out, op=args.op, positions=args.positions, mode=args.mode,
-                   size=args.size, fit=args.fit, radius=args.radius, measures=measures, batch=args.batch,
-                   n_probes=args.probes, seed=args.seed, patch=args.patch, channel=args.channel,
-                   threshold=args.threshold, swap_with=args.swap_with, keep_images=args.keep_images,
-                   resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.quiet, verdicts=not args.no_verdicts, evidence=args.evidence,
-                   n_donors=args.donors, device=args.device, dtype=args.dtype,
-                   position_blocks=args.position_blocks, removal=args.removal,
-                   visible_levels=args.visible_levels)
-    summary = run.summary
-    counts = summary.get("verdicts") or {}
-    if counts:
-        verdict = (f"{global_cell_phrase()} on {summary['global_rate']:.0%} of them; "
-                   f"cell verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    else:
-        verdict = "no verdicts (linear mode has no calibrated rule; use exact or two-stage)" if args.mode == "linear" \
-            else "no verdicts (--no-verdicts)"
-    print(f"{summary['n_images']} images scanned ({args.mode}, {args.op}); {verdict}; "
-          f"{summary['decodes']} decodes in {summary['seconds']:.1f} s; results in {run.path}")
-    _print_failed(summary)
-    return 0
-
-
-def cmd_mechanism(args) -> int:
-    from vaeprobe.jobs.mechanism import run_mechanism
-
-    run = run_mechanism(args.vae, args.images, args.out, positions=args.positions, op=args.op, attention=args.attention,
-                        size=args.size, fit=args.fit, radius=args.radius, batch=args.batch, seed=args.seed,
-                        figures=not args.no_figures, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.quiet, device=args.device, dtype=args.dtype)
-    summary = run.summary
-    dom = ", ".join(f"{k} {v}" for k, v in sorted(summary["dominant"].items())) or "none"
-    print(f"{summary['n_images']} images, {summary['positions']} positions attributed ({args.op}, attention frozen "
-          f"by {args.attention}); dominant pathway: {dom}; {summary['decodes']} decodes in {summary['seconds']:.1f} s; "
-          f"results in {run.path}")
-    _print_failed(summary)
-    return 0
+    p = sub.add_parser(spec.name, help=spec.help)
+    _add_io_args(p)
+    spec.add_arguments(p)
+    _add_run_args(p, **(spec.run_help or {}))
+    p.set_defaults(func=command)
 
 
 def cmd_report(args) -> int:
@@ -231,98 +196,6 @@ def _add_metrics(sub) -> None:
     p.add_argument("image_b")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_metrics)
-
-
-def _add_latents(sub) -> None:
-    from vaeprobe.probes.latents import DEFAULT_THRESHOLD
-
-    p = sub.add_parser("latents", help="posterior maps, dataset statistics and spot candidates")
-    _add_io_args(p)
-    _add_image_args(p)
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"norm / median-norm ratio that makes a spot (default {DEFAULT_THRESHOLD:g}; "
-                        f"see docs/latents.md)")
-    p.add_argument("--top-k", type=int, default=3, help="candidates listed per image (default 3)")
-    p.add_argument("--no-maps", action="store_true", help="skip the PNG maps")
-    _add_run_args(p, dtype="fp32, fp16 or bf16")
-    p.set_defaults(func=cmd_latents)
-
-
-def _add_scan(sub) -> None:
-    from vaeprobe.probes.perturb import OPERATORS
-    from vaeprobe.probes.response import ALL_MEASURES, DEFAULT_MEASURES, DEFAULT_RADIUS
-    from vaeprobe.probes.scan import DEFAULT_GLOBAL_THRESHOLD, MODES
-
-    p = sub.add_parser("scan", help="perturb latent positions, decode and measure how far the change spreads")
-    _add_io_args(p)
-    p.add_argument("--op", default="smudge", help=f"perturbation: {', '.join(OPERATORS)}; join with + "
-                                                  f"(e.g. scale:0.5+noise:0.1); default smudge (the cell takes "
-                                                  f"its neighbours' mean, the verdicts' removal)")
-    p.add_argument("--positions", default="all", help="all, grid:S, top:K or list:R,C;R,C (exact mode)")
-    p.add_argument("--mode", choices=MODES, default="exact")
-    _add_image_args(p)
-    p.add_argument("--radius", type=int, default=DEFAULT_RADIUS,
-                   help=f"far-field radius in latent cells (default {DEFAULT_RADIUS}; see docs/scan.md)")
-    p.add_argument("--measures", default=",".join(DEFAULT_MEASURES),
-                   help=f"comma-separated, from {', '.join(ALL_MEASURES)} (default: all but ssim and lpips)")
-    p.add_argument("--batch", type=int, default=8, help="perturbed latents per decoder call")
-    p.add_argument("--position-blocks", type=int, default=1, metavar="B",
-                   help="exact mode: split each image's positions into B work units, so that a sharded run "
-                        "(torchrun) spreads a few large images over its ranks (default 1)")
-    p.add_argument("--probes", type=int, default=32, help="random probes of the linear map (linear mode)")
-    p.add_argument("--patch", type=int, default=1, help="perturb a k x k patch around each position")
-    p.add_argument("--channel", type=int, default=None, help="perturb one channel only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=DEFAULT_GLOBAL_THRESHOLD,
-                   help=f"global_ratio counted in images.parquet's n_ratio_over (default "
-                        f"{DEFAULT_GLOBAL_THRESHOLD:g}); descriptive only: is_global comes from the verdicts")
-    p.add_argument("--no-verdicts", action="store_true",
-                   help="skip the per-cell verdicts (saves the receptive-field and swap decodes)")
-    p.add_argument("--evidence", type=int, default=4,
-                   help="cells per image that get the matched controls and frozen-pathway share (default 4)")
-    p.add_argument("--removal", default="smudge",
-                   help="how the verdicts remove a cell: smudge (default; the same in any latent coordinates) or "
-                        "another operator, e.g. zero")
-    p.add_argument("--visible-levels", type=float, default=1.0,
-                   help="the verdicts' visibility threshold in 8-bit levels: a far plateau whose lower bound "
-                        "reaches it, is over the image's ordinary cells and does not decay is global (default 1, "
-                        "the smallest step an 8-bit image shows; docs/verdicts.md)")
-    p.add_argument("--donors", type=int, default=4,
-                   help="images of --swap-with used as donors by the verdicts' swap test (default 4)")
-    p.add_argument("--swap-with", default="builtin:photos-train",
-                   help="image source whose first image the swap operator takes values from (and whose first "
-                        "--donors images the verdicts' swap test uses)")
-    p.add_argument("--keep-images", type=int, default=8,
-                   help="save the perturbed decode and difference image of the K positions with the largest "
-                        "far-field energy, for reports (default 8; 0: none)")
-    _add_run_args(p, quiet="no progress bars", dtype="fp32 (default), fp16 or bf16: half precision decodes faster "
-                                                     "but adds ~1-2%% rounding noise to every decode, which floors "
-                                                     "the far-field measures")
-    p.set_defaults(func=cmd_scan)
-
-
-def _add_mechanism(sub) -> None:
-    from vaeprobe.probes.mechanism import ATTENTION_MODES
-    from vaeprobe.probes.perturb import OPERATORS
-    from vaeprobe.probes.response import DEFAULT_RADIUS
-
-    p = sub.add_parser("mechanism", help="attribute each position's far-field effect to GroupNorm, attention or "
-                                         "the residual (frozen-pathway decodes)")
-    _add_io_args(p)
-    p.add_argument("--positions", default="top:1",
-                   help="all, grid:S, top:K (largest latent norms) or list:R,C;R,C (default top:1)")
-    p.add_argument("--op", default="zero", help=f"perturbation: {', '.join(OPERATORS)} (default zero)")
-    p.add_argument("--attention", choices=ATTENTION_MODES, default="context",
-                   help="freeze attention by its clean keys and values (context, default) or only its clean "
-                        "probabilities (probs; values still travel)")
-    _add_image_args(p)
-    p.add_argument("--radius", type=int, default=DEFAULT_RADIUS,
-                   help=f"far-field radius in latent cells (default {DEFAULT_RADIUS})")
-    p.add_argument("--batch", type=int, default=8, help="perturbed latents per decoder call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    _add_run_args(p)
-    p.set_defaults(func=cmd_mechanism)
 
 
 def _add_report(sub) -> None:
@@ -417,7 +290,11 @@ def _add_demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaeprobe", description="Diagnose the latent space of image VAEs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_setup, _add_info, _add_metrics, _add_latents, _add_scan, _add_mechanism, _add_report, _add_compare, _add_evaluate, _add_pipeline, _add_demo):
+    from vaeprobe.jobs.spec import image_jobs
+
+    adders = [_add_setup, _add_info, _add_metrics]
+    adders += [lambda sub, m=m: _image_job_command(sub, m) for m in image_jobs()]
+    for add in adders + [_add_report, _add_compare, _add_evaluate, _add_pipeline, _add_demo]:
         add(sub)
     return parser
 

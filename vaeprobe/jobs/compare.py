@@ -34,27 +34,13 @@ import torch
 
 from vaeprobe.errors import VaeprobeError, one_line
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job, vae_config
+from vaeprobe.probes.compatibility import compatibility_row, image_compatibility
 
-ENCODER_TOL = 1e-5        # max |difference| of the latent means below which two encoders count as identical
 SPOT_PRESENT = 0.5        # a VAE "has the spot" when the spot rate or the global rate reaches this share of images
 
 
 class CompareError(VaeprobeError, ValueError):
     """A comparison that cannot run (the message says what to change)."""
-
-
-def _encoder_weights_identical(a, b) -> bool | None:
-    ea, eb = getattr(a.model, "encoder", None), getattr(b.model, "encoder", None)
-    if ea is None or eb is None:
-        return None
-    sa, sb = ea.state_dict(), eb.state_dict()
-    if sa.keys() != sb.keys():
-        return False
-    qa, qb = getattr(a.model, "quant_conv", None), getattr(b.model, "quant_conv", None)
-    pairs = list(zip(sa.values(), sb.values()))
-    if qa is not None and qb is not None:
-        pairs += list(zip(qa.state_dict().values(), qb.state_dict().values()))
-    return all(x.shape == y.shape and torch.equal(x.float().cpu(), y.float().cpu()) for x, y in pairs)
 
 
 def _verdict(ref: dict, cand: dict, compat: dict) -> str:
@@ -84,96 +70,6 @@ def _verdict(ref: dict, cand: dict, compat: dict) -> str:
                f"{compat['max_latent_diff']:.3g} on {compat['differing_positions']:.1%} of positions; the diffusion "
                f"model was trained on the reference's latents)")
     return f"{spot}; {cost}; {lat}."
-
-
-def _compat_image(ref, cand, z_ref: torch.Tensor, z_cand: torch.Tensor) -> dict:
-    """One image's latent-compatibility facts: max |dz|, share of positions that differ and, when the latents agree
-    within ``ENCODER_TOL``, the two decoders compared on the reference's latent."""
-    from vaeprobe.reports.plots import tensor_to_unit
-    from vaeprobe.probes.metrics import compare_images
-
-    row = {"same_shape": tuple(z_ref.shape) == tuple(z_cand.shape), "max_diff": math.nan, "differing": math.nan,
-           "psnr": math.nan, "lpips": math.nan}
-    if row["same_shape"]:
-        d = (z_ref - z_cand).abs()
-        row["max_diff"] = float(d.max())
-        row["differing"] = float((d.amax(1) > ENCODER_TOL).float().mean())
-        if row["max_diff"] <= ENCODER_TOL:
-            pair = compare_images(tensor_to_unit(ref.decode(z_ref)), tensor_to_unit(cand.decode(z_ref)))
-            row["psnr"], row["lpips"] = float(pair["psnr"]), float(pair["lpips"])
-    return row
-
-
-def _compat_row(ref, cand, images: Sequence[dict]) -> dict:
-    """Latent compatibility of ``cand`` with ``ref`` from the per-image facts of :func:`_compat_image` (see
-    :func:`latent_compatibility`)."""
-    same_shape = all(r["same_shape"] for r in images)
-    row = {"model": cand.spec, "reference": ref.spec, "same_factor": cand.factor == ref.factor,
-           "same_channels": cand.latent_channels == ref.latent_channels, "same_latent_shape": same_shape,
-           "shape_note": "" if same_shape else
-           (f"latent {ref.latent_channels} ch x /{ref.factor} vs {cand.latent_channels} ch x /{cand.factor}"),
-           "encoder_weights_identical": _encoder_weights_identical(ref, cand),
-           "encoder_identical": False, "max_latent_diff": math.nan, "differing_positions": math.nan,
-           "decoder_psnr_on_shared_latents": math.nan, "decoder_lpips_on_shared_latents": math.nan}
-    if same_shape and images:
-        row["max_latent_diff"] = float(max(r["max_diff"] for r in images))
-        row["differing_positions"] = float(np.mean([r["differing"] for r in images]))
-        row["encoder_identical"] = row["max_latent_diff"] <= ENCODER_TOL
-    if row["encoder_identical"]:
-        row["decoder_psnr_on_shared_latents"] = float(np.mean([r["psnr"] for r in images]))
-        row["decoder_lpips_on_shared_latents"] = float(np.mean([r["lpips"] for r in images]))
-        row["compatibility"] = "latent-compatible (identical encoder: a drop-in decoder replacement)"
-    elif not same_shape:
-        row["compatibility"] = f"not latent-compatible ({row['shape_note']})"
-    else:
-        row["compatibility"] = (f"not latent-compatible (same latent shape, different encoder output: max |dz| "
-                                f"{row['max_latent_diff']:.3g} on {row['differing_positions']:.1%} of positions)")
-    return row
-
-
-def latent_compatibility(ref, cand, images="builtin:photos-heldout", *, size: int | None = 64) -> dict:
-    """Whether ``cand`` decodes ``ref``'s latent space.
-
-    Both encode the same images, and the encoders count as identical when every latent agrees within
-    ``ENCODER_TOL`` (max |dz|).
-
-    Parameters
-    ----------
-    ref, cand : vaeprobe.models.adapter.VAE
-        The reference and the candidate.
-    images : str, path or sequence, optional
-        What :func:`~vaeprobe.data.images.load_images` reads (default: the builtin held-out photos), at a
-        multiple of both factors.
-    size : int or None, keyword-only
-        Image size in pixels (``None``: as they are).
-
-    Returns
-    -------
-    dict
-        The row of ``compatibility.parquet``: ``encoder_identical`` (the verdict), ``compatibility`` (one
-        sentence), ``max_latent_diff``, ``differing_positions``, shape facts and, for identical encoders, the two
-        decoders compared on the shared latents.
-
-    Raises
-    ------
-    CompareError
-        When no image can be read.
-
-    Examples
-    --------
-    >>> from vaeprobe.models.loading import load_vae
-    >>> row = latent_compatibility(load_vae("builtin:tiny-random"), load_vae("builtin:tiny-random"), size=32)
-    >>> row["encoder_identical"], row["compatibility"].split(" (")[0]
-    (True, 'latent-compatible')
-    """
-    from vaeprobe.data.images import load_images
-
-    factor = int(np.lcm(ref.factor, cand.factor))
-    batch = load_images(images, factor=factor, size=size)
-    if not len(batch):
-        raise CompareError(f"{images}: no readable image for the compatibility check")
-    return _compat_row(ref, cand, [_compat_image(ref, cand, ref.encode(img.tensor()).mean,
-                                                 cand.encode(img.tensor()).mean) for img in batch])
 
 
 # -- the job -------------------------------------------------------------------------------------------------------
@@ -253,7 +149,7 @@ class CompareJob(Job):
                 features[str(k)] = self.fid(rec)[0].tolist()   # by index: two models may share a spec
         if self.fid is not None:
             features["real"] = self.fid(img.tensor())[0].tolist()
-        compat = [_compat_image(self.vaes[0], cand, latents[0], z) for cand, z in zip(self.vaes[1:], latents[1:])]
+        compat = [image_compatibility(self.vaes[0], cand, latents[0], z) for cand, z in zip(self.vaes[1:], latents[1:])]
         run.write_part(key, pd.DataFrame(rows), {"image": img.name, "facts": facts, "compat": compat,
                                                  "features": features})
 
@@ -295,7 +191,7 @@ class CompareJob(Job):
         models = [self._model_row(k, vae, rec[rec.model == vae.spec], metas) for k, vae in enumerate(self.vaes)]
         compat = []
         for k, cand in enumerate(self.vaes[1:], start=1):
-            row = _compat_row(self.vaes[0], cand, [m["compat"][k - 1] for m in metas])
+            row = compatibility_row(self.vaes[0], cand, [m["compat"][k - 1] for m in metas])
             row["verdict"] = _verdict(models[0], models[k], row)
             compat.append(row)
         model_table, compat_table = pd.DataFrame(models), pd.DataFrame(compat)

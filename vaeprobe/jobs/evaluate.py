@@ -15,7 +15,6 @@ sharded under ``torchrun``).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job, vae_config
+from vaeprobe.jobs.spec import JobSpec, Param, image_params
 from vaeprobe.probes.latents import DEFAULT_THRESHOLD, SPOT_COLUMNS, LatentStats, find_spots, image_moments, latent_maps
 
 
@@ -18,21 +19,38 @@ def safe_name(name: str) -> str:
     return keep[:80] or "image"
 
 
+SPEC = JobSpec("latents", "posterior maps, dataset statistics and spot candidates", entry="run_latents", rank=10,
+               run_help={"dtype": "fp32, fp16 or bf16"}, params=(
+    *image_params(),
+    Param("threshold", DEFAULT_THRESHOLD, "norm / median-norm ratio that makes a spot (default {default}; see "
+                                          "docs/latents.md)", type=float),
+    Param("top_k", 3, "candidates listed per image (default {default})", type=int),
+    Param("maps", True, "skip the PNG maps", negate=True),
+    Param("positions_table", True, "skip positions.parquet (one row per latent position)", negate=True),
+))
+"""The latents job's parameters: its CLI options, API defaults and ``config.json`` (:mod:`vaeprobe.jobs.spec`)."""
+
+
+def cli_line(summary: dict, options: dict) -> str:
+    """What ``vaeprobe latents`` prints when it finishes."""
+    return (f"{summary['n_images']} images, spot rate {summary['spot_rate']:.2f} (threshold "
+            f"{options['threshold']:g}x median norm or an isolated logvar clamp hit), {len(summary['skipped'])} "
+            f"skipped")
+
+
 class LatentsJob(Job):
     """Per image: the posterior's maps, spot candidates and moments (see :func:`run_latents`)."""
 
     name = desc = "latents"
 
-    def __init__(self, vae, images, *, size, fit, threshold, top_k, maps, positions_table):
-        self.vae, self.images, self.size, self.fit = vae, images, size, fit
-        self.factor = vae.factor
-        self.threshold, self.top_k, self.maps, self.positions_table = threshold, top_k, maps, positions_table
+    def __init__(self, vae, images, **options):
+        self.options = SPEC.resolve(options)
+        self.__dict__.update(self.options)
+        self.vae, self.images, self.factor = vae, images, vae.factor
         self.stats = LatentStats()
 
     def config(self) -> dict:
-        return {"job": "latents", "vae": vae_config(self.vae), "images": str(self.images), "size": self.size,
-                "fit": self.fit, "threshold": self.threshold, "top_k": self.top_k, "maps": self.maps,
-                "positions_table": self.positions_table}
+        return {**SPEC.config(self.options), "vae": vae_config(self.vae), "images": str(self.images)}
 
     def process(self, run: RunDir, key: str, img) -> None:
         post = self.vae.encode(img.tensor())
@@ -64,11 +82,12 @@ class LatentsJob(Job):
                 "images": str(self.images)}
 
 
-def run_latents(vae, images, out, *, size: int | None = None, fit: str = "crop",
-                threshold: float = DEFAULT_THRESHOLD, top_k: int = 3, resume: bool = False, overwrite: bool = False,
-                maps: bool = True, progress: bool = True, positions_table: bool = True, device=None,
-                dtype=None) -> RunDir:
+def run_latents(vae, images, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                device=None, dtype=None, **options) -> RunDir:
     """Encode ``images`` with ``vae``; write maps, spot candidates and dataset statistics to run directory ``out``.
+
+    The keyword options and their defaults are declared once, in :data:`SPEC`; an unknown keyword is refused in
+    one line.
 
     Parameters
     ----------
@@ -100,7 +119,7 @@ def run_latents(vae, images, out, *, size: int | None = None, fit: str = "crop",
     >>> run.summary["n_images"], sorted(p.name for p in run.path.glob("*.parquet"))
     (7, ['images.parquet', 'positions.parquet', 'spots.parquet'])
     """
+    opts = SPEC.resolve(options)
     vae = coerce_vae(vae, device=device, dtype=dtype)
-    job = LatentsJob(vae, images, size=size, fit=fit, threshold=threshold, top_k=top_k, maps=maps,
-                     positions_table=positions_table)
+    job = LatentsJob(vae, images, **opts)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pandas as pd
 from vaeprobe.jobs.runner import Job, RunDir, check_positions, coerce_vae, run_job, vae_config
+from vaeprobe.jobs.spec import JobSpec, Param, image_params
 from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.perturb import check_operator, parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS
@@ -14,21 +15,50 @@ from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, Mechanism
 
 # -- the `vaeprobe mechanism` job --------------------------------------------------------------------------------
 
+def _mechanism_spec() -> JobSpec:
+    from vaeprobe.probes.perturb import OPERATORS
+
+    return JobSpec("mechanism", "attribute each position's far-field effect to GroupNorm, attention or the residual "
+                                "(frozen-pathway decodes)", entry="run_mechanism", rank=30, params=(
+        Param("positions", "top:1", "all, grid:S, top:K (largest latent norms) or list:R,C;R,C (default {default})"),
+        Param("op", "zero", f"perturbation: {', '.join(o for o in OPERATORS if o != 'swap')} (default {{default}}; "
+                            f"swap needs a second image, which mechanism does not provide)"),
+        Param("attention", "context", "freeze attention by its clean keys and values (context, default) or only "
+                                      "its clean probabilities (probs; values still travel)", choices=ATTENTION_MODES),
+        *image_params(),
+        Param("radius", DEFAULT_RADIUS, "far-field radius in latent cells (default {default})", type=int),
+        Param("batch", DECODE_BATCH, "perturbed latents per decoder call (default {default})", type=int,
+              config=False),
+        Param("seed", 0, "seed of random operators (default 0)", type=int),
+        Param("figures", True, "skip the PNG figures", negate=True, config=False),
+    ))
+
+
+def cli_line(summary: dict, options: dict) -> str:
+    """What ``vaeprobe mechanism`` prints when it finishes."""
+    dom = ", ".join(f"{k} {v}" for k, v in sorted(summary["dominant"].items())) or "none"
+    return (f"{summary['n_images']} images, {summary['positions']} positions attributed ({options['op']}, "
+            f"attention frozen by {options['attention']}); dominant pathway: {dom}; {summary['decodes']} decodes in "
+            f"{summary['seconds']:.1f} s")
+
+
+SPEC = _mechanism_spec()
+"""The mechanism job's parameters: its CLI options, API defaults and ``config.json`` (:mod:`vaeprobe.jobs.spec`)."""
+
+
 class MechanismJob(Job):
     """Per image: pathway attribution, attention mass and GroupNorm droplets (see :func:`run_mechanism`)."""
 
     name = desc = "mechanism"
 
-    def __init__(self, vae, images, *, positions, op, attention, size, fit, radius, batch, seed, figures):
-        self.vae, self.images, self.size, self.fit, self.factor = vae, images, size, fit, vae.factor
-        self.positions, self.op, self.attention, self.radius = positions, op, attention, radius
-        self.batch, self.seed, self.figures = batch, seed, figures
+    def __init__(self, vae, images, **options):
+        self.options = SPEC.resolve(options)
+        self.__dict__.update(self.options)
+        self.vae, self.images, self.factor = vae, images, vae.factor
         self.layers = pathway_layers(vae)
 
     def config(self) -> dict:
-        return {"job": "mechanism", "vae": vae_config(self.vae), "images": str(self.images),
-                "positions": self.positions, "op": self.op, "attention": self.attention, "size": self.size,
-                "fit": self.fit, "radius": self.radius, "seed": self.seed,
+        return {**SPEC.config(self.options), "vae": vae_config(self.vae), "images": str(self.images),
                 "layers": {k: len(v) for k, v in self.layers.items()}}
 
     def _attention_rows(self, run: RunDir, key: str, img, x, z, top) -> list[dict]:
@@ -96,11 +126,12 @@ class MechanismJob(Job):
                 "vae": vae_config(self.vae)}
 
 
-def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero", attention: str = "context",
-                  size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS, batch: int = DECODE_BATCH,
-                  seed: int = 0, figures: bool = True, resume: bool = False, overwrite: bool = False,
-                  progress: bool = True, device=None, dtype=None) -> RunDir:
+def run_mechanism(vae, images, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                  device=None, dtype=None, **options) -> RunDir:
     """Attribute the pathways for the chosen positions of every image and write a run directory ``out``.
+
+    The keyword options and their defaults are declared once, in :data:`SPEC` (which also makes ``vaeprobe
+    mechanism``'s options and ``config.json``); an unknown keyword is refused in one line.
 
     Per image: the pathway attribution of :func:`attribute_pathways`, the attention mass of every attention call
     of decoder and encoder (sink score at the image's largest-norm cell) and the GroupNorm droplet shares of the
@@ -149,13 +180,14 @@ def run_mechanism(vae, images, out, *, positions: str = "top:1", op: str = "zero
     >>> run.summary["n_images"], sorted(run.summary["median_shares"])  # doctest: +SKIP
     (7, ['attention', 'groupnorm', 'residual'])
     """
-    if attention not in ATTENTION_MODES:
-        raise MechanismError(f"unknown attention freezing {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
-    check_positions(positions, MechanismError)
-    check_operator(op, command="mechanism")
+    opts = SPEC.resolve(options)
+    if opts["attention"] not in ATTENTION_MODES:
+        raise MechanismError(f"unknown attention freezing {opts['attention']!r}; use one of "
+                             f"{', '.join(ATTENTION_MODES)}")
+    check_positions(opts["positions"], MechanismError)
+    check_operator(opts["op"], command="mechanism")
     vae = coerce_vae(vae, device=device, dtype=dtype)
-    job = MechanismJob(vae, images, positions=positions, op=op, attention=attention, size=size, fit=fit,
-                       radius=radius, batch=batch, seed=seed, figures=figures)
+    job = MechanismJob(vae, images, **opts)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -18,7 +18,7 @@ and measures three things:
    rebuild what was removed), for the spot and ``step_controls`` random positions.
 3. **VAE swap.** The same generated latents are decoded by the pipeline's own VAE and every VAE given; LPIPS,
    PSNR and colour statistics compare each with the pipeline's decode. A VAE whose latent space is not the
-   pipeline's (:func:`vaeprobe.jobs.compare.latent_compatibility`: identical encoder outputs) gets no numbers, only
+   pipeline's (:func:`vaeprobe.probes.compatibility.latent_compatibility`: identical encoder outputs) gets no numbers, only
    the reason, since decoding latents it was not trained on says nothing about the VAE.
 
 Every decode for a measurement runs in float32 (``vae_dtype``), whatever the pipeline's dtype. Generation uses
@@ -26,144 +26,29 @@ a CPU ``torch.Generator`` seeded per (prompt, seed), so an image is reproducible
 
 Builtin pipelines for tests and demos, built offline from configs (seeded random weights, no download):
 ``builtin:tiny-sd`` (tiny UNet2DConditionModel, tiny CLIP text encoder and tokenizer, DDIM, and the builtin
-``mini-kl-f8`` VAE; its UNet (:class:`vaeprobe.testing.ContentUNet`) steers x0 towards a builtin photo's latent, so samples are
+``mini-kl-f8`` VAE; its UNet (:class:`vaeprobe.models.pipelines.ContentUNet`) steers x0 towards a builtin photo's latent, so samples are
 real images) and ``builtin:tiny-sd-planted``, whose UNet also writes a known spot into its x0 prediction from a
 known timestep on: the ground truth for emergence and interventions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vaeprobe.errors import VaeprobeError
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job
+from vaeprobe.models.pipelines import PIPELINE_BUILTINS, PipelineError, load_pipeline
+from vaeprobe.probes.generation import Generation, emergence_step, emergence_table, generate, generate_batch
 
 __all__ = ["PipelineError", "load_pipeline", "read_prompts", "parse_seeds",
            "generate", "generate_batch", "Generation", "emergence_table", "run_pipeline", "PIPELINE_BUILTINS"]
-
-PIPELINE_BUILTINS = ("tiny-sd", "tiny-sd-planted")
-
-
-class PipelineError(VaeprobeError, ValueError):
-    """A pipeline spec, prompt file or setting that cannot be used (the message says why and what to do).
-
-    Examples
-    --------
-    >>> try:
-    ...     parse_seeds("0,x")
-    ... except PipelineError as exc:
-    ...     print(exc)
-    bad seed 'x' in '0,x'; write e.g. 0,1,2 or 0-7
-    """
-
-
-# -- loading -------------------------------------------------------------------------------------------------------
-
-def load_pipeline(spec: Any, *, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None):
-    """Load a diffusers text-to-image pipeline and move it to ``device``/``dtype``.
-
-    Parameters
-    ----------
-    spec : str, pathlib.Path or pipeline
-        ``builtin:tiny-sd`` or ``builtin:tiny-sd-planted`` (offline, seeded), a local pipeline folder (with
-        ``model_index.json``), a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; needs the hub or its
-        cache), or a pipeline object, which passes through (moved).
-    device : str or torch.device, optional
-        Where to put the pipeline (default: leave it where it is).
-    dtype : str or torch.dtype, optional
-        ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype (default: the pipeline's own).
-
-    Returns
-    -------
-    diffusers.DiffusionPipeline
-        A latent diffusion pipeline with ``unet``, ``scheduler`` and ``vae``; its progress bar is disabled.
-
-    Raises
-    ------
-    PipelineError
-        When ``spec`` names no loadable pipeline, or the pipeline lacks a unet, scheduler or vae.
-
-    Examples
-    --------
-    >>> load_pipeline("builtin:tiny-sd").unet.dtype
-    torch.float32
-    """
-    from vaeprobe.models.adapter import parse_dtype
-    from vaeprobe.models.loading import HUB_ID
-
-    dtype = parse_dtype(dtype)
-    if hasattr(spec, "unet") and hasattr(spec, "scheduler"):
-        pipe = spec
-    elif not isinstance(spec, (str, Path)):
-        raise PipelineError(f"cannot load a pipeline from a {type(spec).__name__}; pass builtin:tiny-sd, a folder "
-                            f"or a hub id")
-    else:
-        s = str(spec)
-        path = Path(s).expanduser()
-        if s.startswith("builtin:"):
-            name = s[len("builtin:"):]
-            if name not in PIPELINE_BUILTINS:
-                raise PipelineError(f"unknown builtin pipeline {name!r}; available: {', '.join(PIPELINE_BUILTINS)}")
-            from vaeprobe.testing import tiny_sd_pipeline
-
-            pipe = tiny_sd_pipeline(planted=name.endswith("planted"))
-        elif path.exists():
-            if not (path / "model_index.json").exists():
-                raise PipelineError(f"{s}: not a diffusers pipeline folder (no model_index.json); save one with "
-                                    f"pipe.save_pretrained(folder) or pass a hub id")
-            pipe = _from_pretrained(str(path), dtype)
-        elif HUB_ID.match(s):
-            pipe = _from_hub(s, dtype)
-        else:
-            raise PipelineError(f"{s!r} is not builtin:NAME, a pipeline folder or a hub id (owner/name)")
-    for part in ("unet", "scheduler", "vae"):
-        if getattr(pipe, part, None) is None:
-            raise PipelineError(f"{type(pipe).__name__} has no {part}; vaeprobe pipeline needs a latent diffusion "
-                                f"pipeline with unet, scheduler and vae (e.g. StableDiffusionPipeline)")
-    if device is not None or dtype is not None:
-        pipe.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _from_hub(repo_id: str, dtype):
-    """From the local hub cache if it is there, else from the hub when reachable; one clear line otherwise."""
-    from vaeprobe.models.loading import _hub_reachable
-
-    online = _hub_reachable()
-    try:
-        return _from_pretrained(repo_id, dtype, local_files_only=not online)
-    except Exception as exc:  # diffusers raises OSError, ValueError or EnvironmentError depending on what is missing
-        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        where = "its local cache" if not online else "the hub"
-        raise PipelineError(f"{repo_id}: could not load the pipeline from {where} ({why}); download it where the "
-                            f"hub is reachable and pass the local folder") from None
-
-
-def _from_pretrained(where: str, dtype, local_files_only: bool = False):
-    from diffusers import DiffusionPipeline
-
-    kwargs: dict = {"low_cpu_mem_usage": False}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if local_files_only:
-        kwargs["local_files_only"] = True
-    index = Path(where) / "model_index.json"
-    if index.exists() and "safety_checker" in json.loads(index.read_text()):
-        kwargs.update(safety_checker=None, requires_safety_checker=False)  # latents only: nothing to check
-    return DiffusionPipeline.from_pretrained(where, **kwargs)
-
 
 # -- inputs --------------------------------------------------------------------------------------------------------
 
@@ -257,235 +142,6 @@ def parse_seeds(spec: str | int | Sequence[int]) -> list[int]:
     if not seeds:
         raise PipelineError(f"no seeds in {spec!r}; write e.g. 0,1,2 or 0-7")
     return list(dict.fromkeys(seeds))
-
-
-# -- generation ----------------------------------------------------------------------------------------------------
-
-def _x0_from_output(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
-    """x0 implied by a model output on a DDPM-type schedule (for schedulers that do not return it)."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise PipelineError(f"{type(scheduler).__name__} neither returns pred_original_sample nor has "
-                            f"alphas_cumprod; use a DDIM, DDPM, Euler or DPM-Solver scheduler")
-    a = float(alphas[int(torch.as_tensor(timestep).flatten()[0])])
-    kind = scheduler.config.get("prediction_type", "epsilon")
-    x, m = sample.double(), model_output.double()
-    if kind == "epsilon":
-        return (x - math.sqrt(1 - a) * m) / math.sqrt(a)
-    if kind == "v_prediction":
-        return math.sqrt(a) * x - math.sqrt(1 - a) * m
-    return m
-
-
-@contextlib.contextmanager
-def _capture_x0(scheduler, store: list) -> Iterator[None]:
-    """Record ``(timestep, x0)`` at every ``scheduler.step`` call; the scheduler is restored afterwards."""
-    had = "step" in vars(scheduler)
-    original = scheduler.step
-
-    def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
-        out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
-        x0 = getattr(out, "pred_original_sample", None)
-        if x0 is None:
-            x0 = _x0_from_output(scheduler, model_output, timestep, sample)
-        store.append((int(torch.as_tensor(timestep).flatten()[0]), x0.detach().float().cpu()))
-        return out if return_dict else (out.prev_sample, x0)
-
-    scheduler.step = step
-    try:
-        yield
-    finally:
-        if had:
-            scheduler.step = original
-        else:
-            del scheduler.step
-
-
-@dataclass
-class Generation:
-    """One generated sample (what :func:`generate` returns).
-
-    Attributes
-    ----------
-    prompt : str
-        The prompt.
-    seed : int
-        The seed of the CPU generator.
-    latents : torch.Tensor
-        The final latents ``[1, C, h, w]``, float32 on the CPU, in the pipeline's diffusion space (what the
-        pipeline would decode).
-    timesteps : list of int
-        The scheduler's timestep at each step.
-    x0 : list of torch.Tensor
-        The predicted clean latent at each step, float32 on the CPU, in the diffusion space.
-    """
-
-    prompt: str
-    seed: int
-    latents: torch.Tensor
-    timesteps: list[int]
-    x0: list[torch.Tensor]
-
-
-def generate(pipe, prompt: str, seed: int, *, steps: int = 30, guidance: float = 7.5, size: int | None = None,
-             edit=None) -> Generation:
-    """Run ``pipe`` once (CPU generator seeded with ``seed``) and return the final latents and every x0 prediction.
-
-    Parameters
-    ----------
-    pipe : diffusers.DiffusionPipeline
-        A latent diffusion pipeline (see :func:`load_pipeline`).
-    prompt : str
-        The prompt.
-    seed : int
-        Seed of the CPU ``torch.Generator`` (the sample is the same on any device and in any batch).
-    steps : int, optional
-        Denoising steps.
-    guidance : float, optional
-        Classifier-free guidance scale.
-    size : int, optional
-        Image side in pixels (default: the pipeline's).
-    edit : callable, optional
-        ``edit(step, latents) -> latents``, applied to the (diffusion-space) latents after each step.
-
-    Returns
-    -------
-    Generation
-        The final latents and, per step, the timestep and the x0 prediction.
-
-    Examples
-    --------
-    >>> from vaeprobe.testing import tiny_sd_pipeline
-    >>> pipe = tiny_sd_pipeline(planted=True)
-    >>> g = generate(pipe, "a lighthouse", seed=0, steps=4)
-    >>> tuple(g.latents.shape), len(g.x0), g.timesteps[0] > g.timesteps[-1]
-    ((1, 4, 8, 8), 4, True)
-    """
-    return generate_batch(pipe, [prompt], [seed], steps=steps, guidance=guidance, size=size, edit=edit)[0]
-
-
-def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 30, guidance: float = 7.5,
-                   size: int | None = None, edit=None) -> list[Generation]:
-    """Run ``pipe`` once for several (prompt, seed) samples at a time: one batched call, one CPU generator per sample.
-
-    Each sample's initial noise comes from its own generator, seeded with its seed, so a sample starts from the
-    same noise in any batch; its result equals the one-sample run's up to the float rounding of batched kernels.
-
-    Parameters
-    ----------
-    pipe : diffusers.DiffusionPipeline
-        A latent diffusion pipeline (see :func:`load_pipeline`).
-    prompts : sequence of str
-        One prompt per sample.
-    seeds : sequence of int
-        One seed per sample (as many as ``prompts``).
-    steps, guidance, size, edit :
-        As for :func:`generate` (``edit`` sees the batch's latents).
-
-    Returns
-    -------
-    list of Generation
-        One per sample, in order.
-
-    Examples
-    --------
-    >>> from vaeprobe.testing import tiny_sd_pipeline
-    >>> pipe = tiny_sd_pipeline(planted=True)
-    >>> two = generate_batch(pipe, ["a lighthouse", "a cat"], [0, 1], steps=4)
-    >>> one = generate(pipe, "a cat", seed=1, steps=4)
-    >>> len(two), bool((two[1].latents - one.latents).abs().max() < 1e-4)
-    (2, True)
-    """
-    if len(prompts) != len(seeds) or not prompts:
-        raise PipelineError(f"generate_batch needs as many prompts as seeds (got {len(prompts)} and {len(seeds)})")
-    store: list = []
-    kwargs: dict = {"prompt": list(prompts), "num_inference_steps": int(steps), "guidance_scale": float(guidance),
-                    "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in seeds], "output_type": "latent"}
-    if size is not None:
-        kwargs.update(height=int(size), width=int(size))
-    if edit is not None:
-        def callback(pipeline, step, timestep, callback_kwargs):
-            return {"latents": edit(step, callback_kwargs["latents"])}
-
-        kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
-    with _capture_x0(pipe.scheduler, store), torch.no_grad():
-        out = pipe(**kwargs)
-    latents = (out.images if hasattr(out, "images") else out[0]).detach().float().cpu()
-    timesteps = [t for t, _ in store]
-    return [Generation(p, int(s), latents[i:i + 1], timesteps, [x[i:i + 1] for _, x in store])
-            for i, (p, s) in enumerate(zip(prompts, seeds))]
-
-
-# -- emergence -----------------------------------------------------------------------------------------------------
-
-def emergence_table(gen: Generation, to_raw, *, threshold: float | None = None) -> pd.DataFrame:
-    """The latent diagnostics of every step's x0 prediction: when the spot appears during denoising.
-
-    Parameters
-    ----------
-    gen : Generation
-        A sample from :func:`generate`.
-    to_raw : callable
-        Maps diffusion latents to the VAE's raw latents (e.g. :meth:`VAE.from_diffusion
-        <vaeprobe.models.adapter.VAE.from_diffusion>`).
-    threshold : float, optional
-        Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per denoising step: ``step``, ``timestep``, the x0 prediction's largest latent norm over the
-        median norm (``norm_ratio``) at cell ``(row, col)``, ``max_norm``, ``median_norm`` and ``spot``: the norm
-        rule of :func:`vaeprobe.probes.latents.find_spots` at ``threshold`` (x0 has no log-variance, so no clamp
-        rule).
-
-    Examples
-    --------
-    >>> from vaeprobe.models.adapter import VAE
-    >>> pipe = load_pipeline("builtin:tiny-sd-planted")
-    >>> table = emergence_table(generate(pipe, "a lighthouse", 0, steps=4), VAE(pipe.vae).from_diffusion)
-    >>> table.spot.tolist(), emergence_step(table)
-    ([False, False, True, True], 2)
-    """
-    from vaeprobe.models.adapter import Posterior
-    from vaeprobe.probes.latents import DEFAULT_THRESHOLD, find_spots, latent_maps
-
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    rows = []
-    for step, (t, x0) in enumerate(zip(gen.timesteps, gen.x0)):
-        maps = latent_maps(Posterior(to_raw(x0).double(), None, None))[0]
-        top = find_spots(maps, threshold=threshold, top_k=1).iloc[0]
-        rows.append({"step": step, "timestep": int(t), "norm_ratio": float(top.norm_ratio), "row": int(top.row),
-                     "col": int(top.col), "max_norm": float(top.norm), "median_norm": float(maps.norm.median()),
-                     "spot": bool(top.by_norm)})
-    return pd.DataFrame(rows)
-
-
-def emergence_step(table: pd.DataFrame) -> int | None:
-    """The emergence step: the first step from which every later step has a spot.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        An :func:`emergence_table` (only its ``spot`` column is read).
-
-    Returns
-    -------
-    int or None
-        The step; ``None`` if the last step has no spot.
-
-    Examples
-    --------
-    >>> emergence_step(pd.DataFrame({"spot": [False, True, False, True, True]}))
-    3
-    """
-    spots = table["spot"].tolist()
-    if not spots or not spots[-1]:
-        return None
-    k = len(spots)
-    while k > 0 and spots[k - 1]:
-        k -= 1
-    return k
 
 
 # -- the job -------------------------------------------------------------------------------------------------------
@@ -843,7 +499,7 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
     >>> run.summary["final_spot_rate"], run.summary["emerged"]
     (1.0, '1/1')
     """
-    from vaeprobe.jobs.compare import latent_compatibility
+    from vaeprobe.probes.compatibility import latent_compatibility
     from vaeprobe.models.adapter import VAE
     from vaeprobe.probes.perturb import check_operator, parse_operator
     from vaeprobe.probes.response import DEFAULT_RADIUS

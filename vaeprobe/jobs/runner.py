@@ -133,8 +133,7 @@ class RunDir:
         self.config = config
         cfg_file = self.path / "config.json"
         if overwrite and self.path.exists():
-            for sub in ("parts",):
-                shutil.rmtree(self.path / sub, ignore_errors=True)
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
             cfg_file.unlink(missing_ok=True)
         if cfg_file.exists():
             try:

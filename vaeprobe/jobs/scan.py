@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
 
 from vaeprobe.jobs.runner import Job, RunDir, check_positions, coerce_vae, run_job, vae_config
+from vaeprobe.jobs.spec import JobSpec, Param, _csv, _joined, image_params
 from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.latents import robust_channel_stats
 from vaeprobe.probes.perturb import check_operator, parse_operator
@@ -45,22 +45,93 @@ def _sum_counts(dicts) -> dict:
     return out
 
 
+def _scan_spec() -> JobSpec:
+    from vaeprobe.probes.perturb import OPERATORS
+    from vaeprobe.probes.response import ALL_MEASURES
+
+    return JobSpec("scan", "perturb latent positions, decode and measure how far the change spreads",
+                   entry="run_scan", rank=20, run_help={
+                       "quiet": "no progress bars",
+                       "dtype": "fp32 (default), fp16 or bf16: half precision decodes faster but adds ~1-2%% "
+                                "rounding noise to every decode, which floors the far-field measures"}, params=(
+        Param("op", "smudge", f"perturbation: {', '.join(OPERATORS)}; join with + (e.g. scale:0.5+noise:0.1); "
+                              f"default smudge (the cell takes its neighbours' mean, the verdicts' removal)"),
+        Param("positions", "all", "all, grid:S, top:K or list:R,C;R,C (exact mode)"),
+        Param("mode", "exact", "exact (decode every position), two-stage or linear (default {default})",
+              choices=MODES),
+        *image_params(),
+        Param("radius", DEFAULT_RADIUS, "far-field radius in latent cells (default {default}; see docs/scan.md)",
+              type=int),
+        Param("measures", tuple(DEFAULT_MEASURES), f"comma-separated, from {', '.join(ALL_MEASURES)} (default: "
+                                                   f"all but ssim and lpips)", parse=_csv, show=_joined),
+        Param("batch", DECODE_BATCH, "perturbed latents per decoder call (default {default})", type=int,
+              config=False),
+        Param("position_blocks", 1, "exact mode: split each image's positions into B work units, so that a "
+                                    "sharded run (torchrun) spreads a few large images over its ranks (default 1)",
+              type=int, metavar="B"),
+        Param("n_probes", 32, "random probes of the linear map (linear mode)", type=int, flag="--probes", metavar="N"),
+        Param("patch", 1, "perturb a k x k patch around each position", type=int),
+        Param("channel", None, "perturb one channel only", type=int),
+        Param("seed", 0, "seed of random operators, probes and reference cells (default 0)", type=int),
+        Param("threshold", DEFAULT_GLOBAL_THRESHOLD, "global_ratio counted in images.parquet's n_ratio_over "
+                                                     "(default {default}); descriptive only: is_global comes from "
+                                                     "the verdicts", type=float),
+        Param("verdicts", True, "skip the per-cell verdicts (saves the receptive-field and swap decodes)",
+              negate=True),
+        Param("evidence", 4, "cells per image that get the matched controls and frozen-pathway share (default "
+                             "{default})", type=int),
+        Param("removal", "smudge", "how the verdicts remove a cell: smudge (default; the same in any latent "
+                                   "coordinates) or another operator, e.g. zero"),
+        Param("visible_levels", 1.0, "the verdicts' visibility threshold in 8-bit levels: a far plateau whose "
+                                     "lower bound reaches it, is over the image's ordinary cells and does not "
+                                     "decay is global (default 1, the smallest step an 8-bit image shows; "
+                                     "docs/verdicts.md)", type=float),
+        Param("n_donors", 4, "images of --swap-with used as donors by the verdicts' swap test (default {default})",
+              type=int, flag="--donors", metavar="N"),
+        Param("swap_with", "builtin:photos-train", "image source whose first image the swap operator takes "
+                                                   "values from (and whose first --donors images the verdicts' "
+                                                   "swap test uses)"),
+        Param("keep_images", 8, "save the perturbed decode and difference image of the K positions with the "
+                                "largest far-field energy, for reports (default {default}; 0: none)", type=int),
+    ))
+
+
+def cli_line(summary: dict, options: dict) -> str:
+    """What ``vaeprobe scan`` prints when it finishes."""
+    from vaeprobe.schema import global_cell_phrase
+
+    counts = summary.get("verdicts") or {}
+    if counts:
+        verdict = (f"{global_cell_phrase()} on {summary['global_rate']:.0%} of them; cell verdicts: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    elif options["mode"] == "linear":
+        verdict = "no verdicts (linear mode has no calibrated rule; use exact or two-stage)"
+    else:
+        verdict = "no verdicts (--no-verdicts)"
+    return (f"{summary['n_images']} images scanned ({options['mode']}, {options['op']}); {verdict}; "
+            f"{summary['decodes']} decodes in {summary['seconds']:.1f} s")
+
+
+SPEC = _scan_spec()
+"""The scan job's parameters: its CLI options, API defaults and ``config.json`` (:mod:`vaeprobe.jobs.spec`)."""
+
+
 class ScanJob(Job):
     """Per image: a perturbation scan with verdicts (see :func:`run_scan`)."""
 
     name = "scan"
 
-    def __init__(self, vae, images, *, op, positions, mode, size, fit, radius, measures, batch, n_probes, seed,
-                 patch, channel, threshold, swap_with, keep_images, verdicts, evidence, n_donors, progress,
-                 position_blocks=1, removal="smudge", visible_levels=1.0):
-        self.vae, self.images, self.size, self.fit, self.factor = vae, images, size, fit, vae.factor
-        self.op, self.positions, self.mode, self.radius, self.measures = op, positions, mode, radius, list(measures)
-        self.batch, self.n_probes, self.seed, self.patch, self.channel = batch, n_probes, seed, patch, channel
-        self.threshold, self.swap_with, self.n_donors = threshold, swap_with, n_donors
-        self.keep_images = keep_images if mode != "linear" else 0
-        self.verdicts, self.evidence, self.progress = bool(verdicts), evidence, progress
-        self.position_blocks = max(1, int(position_blocks))
-        self.removal, self.visible_levels = removal, float(visible_levels)
+    def __init__(self, vae, images, *, progress: bool = True, **options):
+        opts = SPEC.resolve(options)
+        opts["measures"] = list(opts["measures"])
+        opts["keep_images"] = opts["keep_images"] if opts["mode"] != "linear" else 0
+        opts["verdicts"] = bool(opts["verdicts"])
+        opts["position_blocks"] = max(1, int(opts["position_blocks"]))
+        opts["visible_levels"] = float(opts["visible_levels"])
+        self.options = opts
+        self.__dict__.update(opts)
+        self.vae, self.images, self.factor, self.progress = vae, images, vae.factor, progress
+        mode = self.mode
         self.desc = f"scan ({mode})"
         if self.position_blocks > 1:
             self.unit = "block"
@@ -73,13 +144,7 @@ class ScanJob(Job):
         self._donors: dict = {}
 
     def config(self) -> dict:
-        return {"job": "scan", "vae": vae_config(self.vae), "images": str(self.images), "op": self.op,
-                "positions": self.positions, "mode": self.mode, "verdicts": self.verdicts,
-                "evidence": self.evidence, "n_donors": self.n_donors, "size": self.size, "fit": self.fit,
-                "radius": self.radius, "measures": self.measures, "n_probes": self.n_probes, "seed": self.seed,
-                "patch": self.patch, "channel": self.channel, "threshold": self.threshold,
-                "keep_images": self.keep_images, "position_blocks": self.position_blocks, "removal": self.removal,
-                "visible_levels": self.visible_levels}
+        return {**SPEC.config(self.options), "vae": vae_config(self.vae), "images": str(self.images)}
 
     def rules(self):
         from vaeprobe.probes.verdict import VerdictRules
@@ -296,18 +361,13 @@ class ScanJob(Job):
                 "vae": vae_config(self.vae)}
 
 
-def run_scan(vae, images, out, *, op: str = "smudge", positions: str = "all", mode: str = "exact",
-             size: int | None = None, fit: str = "crop", radius: int = DEFAULT_RADIUS,
-             measures: Sequence[str] = DEFAULT_MEASURES, batch: int = DECODE_BATCH, n_probes: int = 32, seed: int = 0,
-             patch: int = 1, channel: int | None = None, threshold: float = DEFAULT_GLOBAL_THRESHOLD,
-             swap_with: str = "builtin:photos-train", keep_images: int = 8, resume: bool = False,
-             overwrite: bool = False, progress: bool = True, verdicts: bool = True, evidence: int = 4,
-             n_donors: int = 4, device=None, dtype=None, position_blocks: int = 1, removal: str = "smudge",
-             visible_levels: float = 1.0) -> RunDir:
+def run_scan(vae, images, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+             device=None, dtype=None, **options) -> RunDir:
     """Scan every image of ``images`` and write a run directory ``out``.
 
     One part per image is written atomically, so ``resume=True`` skips the images a killed run finished. Files: see
-    docs/outputs.md, section scan.
+    docs/outputs.md, section scan. The keyword options and their defaults are declared once, in :data:`SPEC`
+    (which also makes ``vaeprobe scan``'s options and ``config.json``); an unknown keyword is refused in one line.
 
     Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
     ``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
@@ -406,17 +466,21 @@ def run_scan(vae, images, out, *, op: str = "smudge", positions: str = "all", mo
     >>> run.summary["n_images"], run.summary["mode"]  # doctest: +SKIP
     (7, 'exact')
     """
+    opts = SPEC.resolve(options)
+    mode, op, removal = opts["mode"], opts["op"], opts["removal"]
     if mode not in MODES:
         raise ScanError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    check_positions(positions, ScanError)
+    check_positions(opts["positions"], ScanError)
+    position_blocks = opts["position_blocks"]
     if int(position_blocks) < 1 or (int(position_blocks) > 1 and mode != "exact"):
         raise ScanError(f"--position-blocks {position_blocks}: use a positive number, and more than 1 only with "
                         f"--mode exact (a linear map or a two-stage scan is one unit per image)")
     check_operator(op, provides=("other",), command="scan")
     check_operator(removal, command="scan --removal")
+    if not (float(opts["visible_levels"]) > 0):
+        raise ScanError(f"--visible-levels {opts['visible_levels']}: use a positive number of 8-bit levels "
+                        f"(default 1)")
     vae = coerce_vae(vae, device=device, dtype=dtype)
-    if not (float(visible_levels) > 0):
-        raise ScanError(f"--visible-levels {visible_levels}: use a positive number of 8-bit levels (default 1)")
     if mode == "linear":
         from vaeprobe.probes.linear import check_differentiable
 
@@ -425,9 +489,5 @@ def run_scan(vae, images, out, *, op: str = "smudge", positions: str = "all", mo
         if reason:
             raise ScanError(f"{vae.spec}: --mode linear needs a decoder that autograd can go through, but {reason}; "
                             f"use --mode exact or --mode two-stage")
-    job = ScanJob(vae, images, op=op, positions=positions, mode=mode, size=size, fit=fit, radius=radius,
-                  measures=measures, batch=batch, n_probes=n_probes, seed=seed, patch=patch, channel=channel,
-                  threshold=threshold, swap_with=swap_with, keep_images=keep_images, verdicts=verdicts,
-                  evidence=evidence, n_donors=n_donors, progress=progress, position_blocks=position_blocks,
-                  removal=removal, visible_levels=visible_levels)
+    job = ScanJob(vae, images, progress=progress, **opts)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

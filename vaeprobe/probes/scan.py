@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass, field as dataclass_field
 from typing import Sequence
@@ -33,8 +32,9 @@ from vaeprobe.probes.perturb import Operator, Site, parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
 
 DEFAULT_GLOBAL_THRESHOLD = 1000.0
-"""A position has a global effect when its far-field energy is at least this many times the median position's
-(see docs/scan.md for the data behind it)."""
+"""The ``global_ratio`` (far-field energy over the median scanned position's) at which ``n_ratio_over`` counts a
+position in ``images.parquet``: a descriptive count only. Whether a cell is global is the verdict's
+(:mod:`vaeprobe.probes.verdict`), measured in 8-bit levels, never this ratio (docs/scan.md, docs/verdicts.md)."""
 
 MODES = ("exact", "linear", "two-stage")
 

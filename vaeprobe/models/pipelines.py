@@ -1,19 +1,23 @@
-"""Test fixtures shipped with vaeprobe: the tiny offline diffusion pipelines ``builtin:tiny-sd`` and
-``builtin:tiny-sd-planted``.
+"""Diffusion pipelines as models: :func:`load_pipeline` (``builtin:NAME``, a local pipeline folder or a hub id)
+and the builtin tiny offline pipelines ``builtin:tiny-sd`` and ``builtin:tiny-sd-planted``.
 
-These exist so that the pipeline job, its tests and the demo run without downloads: a tiny UNet2DConditionModel
-(:class:`ContentUNet`, which steers its clean-latent prediction towards a builtin photo's latent, so samples are
-real images), a tiny CLIP text encoder and tokenizer, DDIM with SD's noise schedule and the builtin ``mini-kl-f8``
-VAE. ``tiny_sd_pipeline(planted=True)`` also writes a known spot (:data:`PLANTED_CODE`) into the x0 prediction
-from timestep :data:`PLANTED_EMERGE_T` on: the ground truth for the emergence and intervention measurements.
-They are fixtures, not models: their UNet and text encoder are seeded random weights.
+The builtins exist so that the pipeline job, its tests and the demo run without downloads: a tiny
+UNet2DConditionModel (:class:`ContentUNet`, which steers its clean-latent prediction towards a builtin photo's
+latent, so samples are real images), a tiny CLIP text encoder and tokenizer, DDIM with SD's noise schedule and the
+builtin ``mini-kl-f8`` VAE. ``tiny_sd_pipeline(planted=True)`` also writes a known spot (:data:`PLANTED_CODE`) into
+the x0 prediction from timestep :data:`PLANTED_EMERGE_T` on: the ground truth for the emergence and intervention
+measurements. Their UNet and text encoder are seeded random weights.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from vaeprobe.errors import VaeprobeError
+
 import json
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -200,3 +204,113 @@ def tiny_sd_pipeline(planted: bool = False, seed: int = 0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+PIPELINE_BUILTINS = ("tiny-sd", "tiny-sd-planted")
+
+
+class PipelineError(VaeprobeError, ValueError):
+    """A pipeline spec, prompt file or setting that cannot be used (the message says why and what to do).
+
+    Examples
+    --------
+    >>> try:
+    ...     load_pipeline("builtin:nope")
+    ... except PipelineError as exc:
+    ...     print(exc)
+    unknown builtin pipeline 'nope'; available: tiny-sd, tiny-sd-planted
+    """
+
+
+def load_pipeline(spec: Any, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None):
+    """Load a diffusers text-to-image pipeline and move it to ``device``/``dtype``.
+
+    Parameters
+    ----------
+    spec : str, pathlib.Path or pipeline
+        ``builtin:tiny-sd`` or ``builtin:tiny-sd-planted`` (offline, seeded), a local pipeline folder (with
+        ``model_index.json``), a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; needs the hub or its
+        cache), or a pipeline object, which passes through (moved).
+    device : str or torch.device, optional
+        Where to put the pipeline (default: leave it where it is).
+    dtype : str or torch.dtype, optional
+        ``"fp32"``, ``"fp16"``, ``"bf16"`` or a torch dtype (default: the pipeline's own).
+
+    Returns
+    -------
+    diffusers.DiffusionPipeline
+        A latent diffusion pipeline with ``unet``, ``scheduler`` and ``vae``; its progress bar is disabled.
+
+    Raises
+    ------
+    PipelineError
+        When ``spec`` names no loadable pipeline, or the pipeline lacks a unet, scheduler or vae.
+
+    Examples
+    --------
+    >>> load_pipeline("builtin:tiny-sd").unet.dtype
+    torch.float32
+    """
+    from vaeprobe.models.adapter import parse_dtype
+    from vaeprobe.models.loading import HUB_ID
+
+    dtype = parse_dtype(dtype)
+    if hasattr(spec, "unet") and hasattr(spec, "scheduler"):
+        pipe = spec
+    elif not isinstance(spec, (str, Path)):
+        raise PipelineError(f"cannot load a pipeline from a {type(spec).__name__}; pass builtin:tiny-sd, a folder "
+                            f"or a hub id")
+    else:
+        s = str(spec)
+        path = Path(s).expanduser()
+        if s.startswith("builtin:"):
+            name = s[len("builtin:"):]
+            if name not in PIPELINE_BUILTINS:
+                raise PipelineError(f"unknown builtin pipeline {name!r}; available: {', '.join(PIPELINE_BUILTINS)}")
+            pipe = tiny_sd_pipeline(planted=name.endswith("planted"))
+        elif path.exists():
+            if not (path / "model_index.json").exists():
+                raise PipelineError(f"{s}: not a diffusers pipeline folder (no model_index.json); save one with "
+                                    f"pipe.save_pretrained(folder) or pass a hub id")
+            pipe = _from_pretrained(str(path), dtype)
+        elif HUB_ID.match(s):
+            pipe = _from_hub(s, dtype)
+        else:
+            raise PipelineError(f"{s!r} is not builtin:NAME, a pipeline folder or a hub id (owner/name)")
+    for part in ("unet", "scheduler", "vae"):
+        if getattr(pipe, part, None) is None:
+            raise PipelineError(f"{type(pipe).__name__} has no {part}; vaeprobe pipeline needs a latent diffusion "
+                                f"pipeline with unet, scheduler and vae (e.g. StableDiffusionPipeline)")
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_hub(repo_id: str, dtype):
+    """From the local hub cache if it is there, else from the hub when reachable; one clear line otherwise."""
+    from vaeprobe.models.loading import _hub_reachable
+
+    online = _hub_reachable()
+    try:
+        return _from_pretrained(repo_id, dtype, local_files_only=not online)
+    except Exception as exc:  # diffusers raises OSError, ValueError or EnvironmentError depending on what is missing
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        where = "its local cache" if not online else "the hub"
+        raise PipelineError(f"{repo_id}: could not load the pipeline from {where} ({why}); download it where the "
+                            f"hub is reachable and pass the local folder") from None
+
+
+def _from_pretrained(where: str, dtype, local_files_only: bool = False):
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict = {"low_cpu_mem_usage": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if local_files_only:
+        kwargs["local_files_only"] = True
+    index = Path(where) / "model_index.json"
+    if index.exists() and "safety_checker" in json.loads(index.read_text()):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # latents only: nothing to check
+    return DiffusionPipeline.from_pretrained(where, **kwargs)
