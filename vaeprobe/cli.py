@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from vaeprobe.errors import VaeprobeError, one_line
 from vaeprobe.data.images import DEFAULT_FIT, FIT_POLICIES
@@ -87,21 +86,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _image_job_command(sub, module) -> None:
-    """``vaeprobe NAME --vae --images --out`` made from the job module's declaration (:mod:`vaeprobe.jobs.spec`)."""
+def _job_command(sub, module) -> None:
+    """``vaeprobe NAME`` made from the job module's declaration (:mod:`vaeprobe.jobs.spec`)."""
+    from vaeprobe.jobs.spec import IMAGE_INPUTS
+
     spec = module.SPEC
+    inputs = spec.inputs or IMAGE_INPUTS
 
     def command(args) -> int:
         options = spec.from_args(args)
-        run = getattr(module, spec.entry)(args.vae, args.images, args.out, resume=args.resume,
+        run = getattr(module, spec.entry)(*[getattr(args, i.name) for i in inputs], resume=args.resume,
                                           overwrite=args.overwrite, progress=not args.quiet, device=args.device,
                                           dtype=args.dtype, **options)
-        print(f"{module.cli_line(run.summary, options)}; results in {run.path}")
+        print(module.cli_line(run.summary, options, run.path))
         _print_failed(run.summary)
         return 0
 
     p = sub.add_parser(spec.name, help=spec.help)
-    _add_io_args(p)
+    for i in inputs:
+        i.add_to(p)
     spec.add_arguments(p)
     _add_run_args(p, **(spec.run_help or {}))
     p.set_defaults(func=command)
@@ -113,64 +116,6 @@ def cmd_report(args) -> int:
     rep = build_report(args.runs, out=args.out, title=args.title)
     print(f"report: {rep['html']} (Markdown {rep['markdown'].name}, {len(rep['tables'])} tables in "
           f"{rep['html'].parent / 'tables'})")
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from vaeprobe.jobs.compare import compare_vaes
-
-    run = compare_vaes([args.reference, *args.candidates], args.images, args.out, size=args.size, fit=args.fit,
-                       scan=not args.no_scan, mechanism=not args.no_mechanism, rfid=not args.no_rfid,
-                       inception=args.inception, resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.quiet, device=args.device, dtype=args.dtype)
-    summary = run.summary
-    for c in summary["candidates"]:
-        print(f"{c['model']}: {c['verdict']}")
-    print(f"rFID: {summary['rfid']}")
-    print(f"comparison: {Path(args.out) / 'comparison.html'} (and comparison.md, parquet tables)")
-    _print_failed(summary)
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    from vaeprobe.jobs.evaluate import evaluate_vaes
-
-    run = evaluate_vaes(args.vaes, args.images, args.out, size=args.size, fit=args.fit, seed=args.seed,
-                        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, device=args.device,
-                        dtype=args.dtype)
-    summary = run.summary
-    for v in summary["vaes"]:
-        m = {k: x["mean"] for k, x in v["metrics"].items()}
-        print(f"{v['vae']}: PSNR {m['psnr']:.2f} dB, eq_rot90 {m['eq_rot90_psnr']:.2f} dB, eq_scale0.5 "
-              f"{m['eq_scale0.5_psnr']:.2f} dB, latent_hf_share {m['latent_hf_share']:.3f} (image "
-              f"{m['image_hf_share']:.3f}), noise0.1_rms {m['noise0.1_rms']:.4f}, spot rate {m['spot_rate']:.2f}")
-    print(f"{summary['n_images']} images; report: {Path(args.out) / 'evaluate.html'} (and evaluate.md, "
-          f"metrics.parquet, summary.parquet)")
-    _print_failed(summary)
-    return 0
-
-
-def cmd_pipeline(args) -> int:
-    from vaeprobe.jobs.pipeline import run_pipeline
-
-    run = run_pipeline(args.model, args.prompts, args.seeds, args.out, vaes=args.vae or (), steps=args.steps,
-                       guidance=args.guidance, size=args.size, op=args.op, controls=args.controls,
-                       ablate_from=args.ablate_from or (), step_controls=args.step_controls, radius=args.radius,
-                       lpips=not args.no_lpips, device=args.device, dtype=args.dtype, vae_dtype=args.vae_dtype,
-                       resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, batch=args.batch)
-    summary = run.summary
-    step = summary["median_emergence_step"]
-    print(f"{summary['n_samples']} samples ({summary['n_prompts']} prompts x {len(summary['seeds'])} seeds, "
-          f"{summary['steps']} steps): a spot in the final latent of {summary['final_spot_rate']:.0%}; emerged and "
-          f"stayed in {summary['emerged']}" + (f" (median step {step:g})" if step is not None else ""))
-    for v in summary["vaes"]:
-        swap = (f"swap LPIPS {v['mean_swap_lpips']:.4f}" if v["compatible"] else v["compatibility"])
-        print(f"  {v['vae']}: ablating the strongest cell gives a median global-effect ratio "
-              f"{v['median_spot_global_ratio']:.3g} (beats every random control in {v['spot_beats_every_control']}); "
-              f"{swap}")
-    for f in summary.get("failed", []):
-        print(f"  failed: {f['key']} ({f['prompt'][:40]!r}, seed {f['seed']}): {f['error']}")
-    print(f"results in {args.out} (vaeprobe report {args.out} for the report)")
     return 0
 
 
@@ -206,72 +151,6 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="compare replacement VAEs with a reference: reconstruction, the spot, "
-                                       "latent compatibility, a verdict each")
-    p.add_argument("reference", help="the reference VAE spec (e.g. the VAE a diffusion model was trained with)")
-    p.add_argument("candidates", nargs="+", help="candidate VAE specs")
-    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=128, help="square crop size in pixels (default 128)")
-    p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT)
-    p.add_argument("--no-scan", action="store_true", help="skip the two-stage scans and their verdicts (global-cell rate)")
-    p.add_argument("--no-mechanism", action="store_true", help="skip the pathway attribution")
-    p.add_argument("--no-rfid", action="store_true", help="skip rFID even when the FID Inception weights are on disk")
-    p.add_argument("--inception", default=None, metavar="PATH",
-                   help="the standard FID Inception weights (pt_inception-2015-12-05-6726825d.pth; default: "
-                        "$VAEPROBE_INCEPTION, then torch hub's checkpoints folder); nothing is downloaded")
-    _add_run_args(p)
-    p.set_defaults(func=cmd_compare)
-
-
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="latent-space measures for diffusion (equivariance, spectrum, noise "
-                                        "robustness, latent statistics) beside reconstruction, for several VAEs")
-    p.add_argument("vaes", nargs="+", metavar="SPEC", help="VAE specs (hub id, folder, file, builtin:NAME, "
-                                                          "module:factory)")
-    p.add_argument("--images", required=True, help="folder, glob, image file or builtin:photos[-train|-heldout]")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--size", type=int, default=256, help="square crop size in pixels, at least 32 (default 256)")
-    p.add_argument("--fit", choices=FIT_POLICIES, default=DEFAULT_FIT)
-    p.add_argument("--seed", type=int, default=0, help="seed of the latent noise (default 0)")
-    _add_run_args(p)
-    p.set_defaults(func=cmd_evaluate)
-
-
-def _add_pipeline(sub) -> None:
-    from vaeprobe.probes.perturb import OPERATORS
-    from vaeprobe.probes.response import DEFAULT_RADIUS
-
-    p = sub.add_parser("pipeline", help="the spot through a diffusion pipeline: emergence over the denoising "
-                                        "steps, interventions, VAE swap")
-    p.add_argument("--model", required=True, help="pipeline: hub id, local folder (model_index.json) or "
-                                                  "builtin:tiny-sd / builtin:tiny-sd-planted (offline test pipelines)")
-    p.add_argument("--vae", action="append", help="a VAE to decode the same latents with (repeatable); the "
-                                                  "pipeline's own VAE is always included first")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line (# comments), or a JSON list")
-    p.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-7 (default 0)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the pipeline's)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--op", default="zero", help=f"intervention operator: {', '.join(OPERATORS)} (default zero)")
-    p.add_argument("--controls", type=int, default=8, help="random positions ablated in the final latent for "
-                                                           "comparison (default 8)")
-    p.add_argument("--ablate-from", type=int, action="append", metavar="K",
-                   help="also ablate the spot in the noisy latent after every step from step K on (repeatable; "
-                        "each costs 1 + --step-controls extra generations)")
-    p.add_argument("--step-controls", type=int, default=2, help="random positions per --ablate-from step (default 2)")
-    p.add_argument("--radius", type=int, default=DEFAULT_RADIUS,
-                   help=f"far-field radius in latent cells (default {DEFAULT_RADIUS})")
-    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS in the intervention measures")
-    p.add_argument("--vae-dtype", default="fp32", help="dtype of the decodes that are measured (default fp32)")
-    p.add_argument("--batch", type=int, default=1,
-                   help="samples generated per pipeline call, each with its own seeded generator (default 1)")
-    _add_run_args(p, quiet="no progress bar", dtype="pipeline dtype: fp16 or bf16 on a GPU, fp32 (default)")
-    p.set_defaults(func=cmd_pipeline)
-
-
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")
@@ -293,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vaeprobe.jobs.spec import image_jobs
 
     adders = [_add_setup, _add_info, _add_metrics]
-    adders += [lambda sub, m=m: _image_job_command(sub, m) for m in image_jobs()]
-    for add in adders + [_add_report, _add_compare, _add_evaluate, _add_pipeline, _add_demo]:
+    adders += [lambda sub, m=m: _job_command(sub, m) for m in image_jobs()]
+    for add in adders + [_add_report, _add_demo]:
         add(sub)
     return parser
 

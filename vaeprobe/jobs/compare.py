@@ -25,7 +25,6 @@ or not. Like every job it writes a run directory with one part per image, so a k
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch
 
 from vaeprobe.errors import VaeprobeError, one_line
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job, vae_config
+from vaeprobe.jobs.spec import Input, JobSpec, Param, image_params
 from vaeprobe.probes.compatibility import compatibility_row, image_compatibility
 
 SPOT_PRESENT = 0.5        # a VAE "has the spot" when the spot rate or the global rate reaches this share of images
@@ -79,6 +79,34 @@ def _latent_names() -> list[str]:
     from vaeprobe.probes.evaluation import LATENT_METRICS
 
     return [m for m in LATENT_METRICS if m not in ("spot_rate", "norm_ratio_max")]
+
+
+SPEC = JobSpec("compare", "compare replacement VAEs with a reference: reconstruction, the spot, latent "
+                          "compatibility, an assessment each", entry="compare_vaes", rank=40,
+               inputs=(Input("specs", "the reference VAE spec (e.g. the VAE a diffusion model was trained with), "
+                                      "then the candidate VAE specs", positional=True, nargs="+", metavar="SPEC"),
+                       Input("images", "folder, glob, image file or builtin:photos[-train|-heldout]"),
+                       Input("out", "output folder")),
+               params=(Param("size", 128, "square crop size in pixels (default {default})", type=int),
+                       image_params()[1],
+                       Param("scan", True, "skip the two-stage scans and their verdicts (global-cell rate)",
+                             negate=True),
+                       Param("mechanism", True, "skip the pathway attribution", negate=True),
+                       Param("rfid", True, "skip rFID even when the FID Inception weights are on disk", negate=True,
+                             config=False),
+                       Param("inception", None, "the standard FID Inception weights "
+                                                "(pt_inception-2015-12-05-6726825d.pth; default: $VAEPROBE_INCEPTION, "
+                                                "then torch hub's checkpoints folder); nothing is downloaded",
+                             metavar="PATH", config=False)))
+"""The compare job's parameters: its CLI options, API defaults and ``config.json`` (:mod:`vaeprobe.jobs.spec`;
+the weights actually used go to ``config.json`` as ``fid_weights``)."""
+
+
+def cli_line(summary: dict, options: dict, out) -> str:
+    """What ``vaeprobe compare`` prints when it finishes."""
+    lines = [f"{c['model']}: {c['verdict']}" for c in summary["candidates"]]
+    lines += [f"rFID: {summary['rfid']}", f"comparison: {out / 'comparison.html'} (and comparison.md, parquet tables)"]
+    return "\n".join(lines)
 
 
 class CompareJob(Job):
@@ -215,11 +243,12 @@ class CompareJob(Job):
         build_comparison_report(run.path, summary)
 
 
-def compare_vaes(specs: Sequence, images, out, *, size: int | None = 128, fit: str = "crop", scan: bool = True,
-                 mechanism: bool = True, rfid: bool = True, inception: str | Path | None = None,
-                 resume: bool = False, overwrite: bool = False, progress: bool = True, device=None,
-                 dtype=None) -> RunDir:
+def compare_vaes(specs: Sequence, images, out, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, device=None, dtype=None, **options) -> RunDir:
     """Compare ``specs[1:]`` against the reference ``specs[0]`` on ``images`` and write the run directory ``out``.
+
+    The keyword options (``size``, ``fit``, ``scan``, ``mechanism``, ``rfid``, ``inception``) and their defaults
+    are declared once, in :data:`SPEC`.
 
     Parameters
     ----------
@@ -247,6 +276,8 @@ def compare_vaes(specs: Sequence, images, out, *, size: int | None = 128, fit: s
         missing, the spot diagnostics; per candidate the compatibility and the verdict. Files: see
         docs/outputs.md, section compare.
     """
+    opts = SPEC.resolve(options)
+    rfid, inception = opts["rfid"], opts["inception"]
     if len(specs) < 2:
         raise CompareError("give at least two VAEs: the reference first, then the candidates")
     vaes = [coerce_vae(s, device=device, dtype=dtype) for s in specs]
@@ -259,5 +290,6 @@ def compare_vaes(specs: Sequence, images, out, *, size: int | None = 128, fit: s
             reason = missing_fid_weights_reason(inception)
         else:
             fid = FIDFeatures(path, device=vaes[0].device)
-    job = CompareJob(vaes, images, size=size, fit=fit, scan=scan, mechanism=mechanism, fid=fid, fid_reason=reason)
+    job = CompareJob(vaes, images, size=opts["size"], fit=opts["fit"], scan=opts["scan"], mechanism=opts["mechanism"],
+                     fid=fid, fid_reason=reason)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

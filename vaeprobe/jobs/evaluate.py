@@ -22,6 +22,7 @@ import pandas as pd
 
 from vaeprobe.errors import VaeprobeError, one_line
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job, vae_config
+from vaeprobe.jobs.spec import Input, JobSpec, Param, image_params
 
 MIN_SIDE = 32   # pixels: the smallest image side evaluated (a scaled latent of at least 2 cells at factor 8)
 
@@ -30,20 +31,47 @@ class EvaluateError(VaeprobeError, ValueError):
     """An evaluation that cannot run (the message says what to change)."""
 
 
+SPEC = JobSpec("evaluate", "latent-space measures for diffusion (equivariance, spectrum, noise robustness, latent "
+                           "statistics) beside reconstruction, for several VAEs", entry="evaluate_vaes", rank=45,
+               inputs=(Input("vaes", "VAE specs (hub id, folder, file, builtin:NAME, module:factory)", positional=True,
+                             nargs="+", metavar="SPEC"),
+                       Input("images", "folder, glob, image file or builtin:photos[-train|-heldout]"),
+                       Input("out", "run directory")),
+               params=(Param("size", 256, "square crop size in pixels, at least 32 (default {default})", type=int),
+                       image_params()[1],
+                       Param("seed", 0, "seed of the latent noise (default {default})", type=int)))
+"""The evaluate job's parameters: its CLI options, API defaults and ``config.json`` (:mod:`vaeprobe.jobs.spec`)."""
+
+
+def cli_line(summary: dict, options: dict, out) -> str:
+    """What ``vaeprobe evaluate`` prints when it finishes."""
+    lines = []
+    for v in summary["vaes"]:
+        m = {k: x["mean"] for k, x in v["metrics"].items()}
+        lines.append(f"{v['vae']}: PSNR {m['psnr']:.2f} dB, eq_rot90 {m['eq_rot90_psnr']:.2f} dB, eq_scale0.5 "
+                     f"{m['eq_scale0.5_psnr']:.2f} dB, latent_hf_share {m['latent_hf_share']:.3f} (image "
+                     f"{m['image_hf_share']:.3f}), noise0.1_rms {m['noise0.1_rms']:.4f}, spot rate "
+                     f"{m['spot_rate']:.2f}")
+    lines.append(f"{summary['n_images']} images; report: {out / 'evaluate.html'} (and evaluate.md, metrics.parquet, "
+                 f"summary.parquet)")
+    return "\n".join(lines)
+
+
 class EvaluateJob(Job):
     """Per image: every VAE's metrics, radial spectra and (first image) latent PCA maps (see
     :func:`evaluate_vaes`)."""
 
     name = desc = "evaluate"
 
-    def __init__(self, vaes, images, *, size, fit, seed):
-        self.vaes, self.images, self.size, self.fit, self.seed = vaes, images, size, fit, seed
+    def __init__(self, vaes, images, **options):
+        self.options = SPEC.resolve(options)
+        self.__dict__.update(self.options)
+        self.vaes, self.images = vaes, images
         self.device = vaes[0].device
         self.factor = int(np.lcm.reduce(sorted({v.factor for v in vaes})))
 
     def config(self) -> dict:
-        return {"job": "evaluate", "vaes": [vae_config(v) for v in self.vaes], "images": str(self.images),
-                "size": self.size, "fit": self.fit, "seed": self.seed}
+        return {**SPEC.config(self.options), "vaes": [vae_config(v) for v in self.vaes], "images": str(self.images)}
 
     def _one(self, k: int, vae, img, key: str, rows: list, spec_rows: list, figures: dict) -> None:
         from vaeprobe.probes.evaluation import latent_measures
@@ -138,10 +166,11 @@ class EvaluateJob(Job):
         build_evaluation_report(run.path, summary)
 
 
-def evaluate_vaes(specs: Sequence, images, out, *, size: int | None = 256, fit: str = "crop", seed: int = 0,
-                  resume: bool = False, overwrite: bool = False, progress: bool = True, device=None,
-                  dtype=None) -> RunDir:
+def evaluate_vaes(specs: Sequence, images, out, *, resume: bool = False, overwrite: bool = False,
+                  progress: bool = True, device=None, dtype=None, **options) -> RunDir:
     """Evaluate the latent space of each VAE of ``specs`` on ``images`` and write the run directory ``out``.
+
+    The keyword options (``size``, ``fit``, ``seed``) and their defaults are declared once, in :data:`SPEC`.
 
     Parameters
     ----------
@@ -181,10 +210,12 @@ def evaluate_vaes(specs: Sequence, images, out, *, size: int | None = 256, fit: 
     >>> run.summary["n_images"], sorted(p.name for p in run.path.glob("evaluate.*"))
     (7, ['evaluate.html', 'evaluate.md'])
     """
+    opts = SPEC.resolve(options)
+    size = opts["size"]
     if not specs:
         raise EvaluateError("give at least one VAE spec to evaluate")
     if size is not None and size < MIN_SIDE:
         raise EvaluateError(f"--size {size} is too small; evaluate needs at least {MIN_SIDE} px")
     vaes = [coerce_vae(s, device=device, dtype=dtype) for s in specs]
-    job = EvaluateJob(vaes, images, size=size, fit=fit, seed=seed)
+    job = EvaluateJob(vaes, images, **opts)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)

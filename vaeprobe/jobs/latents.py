@@ -31,11 +31,12 @@ SPEC = JobSpec("latents", "posterior maps, dataset statistics and spot candidate
 """The latents job's parameters: its CLI options, API defaults and ``config.json`` (:mod:`vaeprobe.jobs.spec`)."""
 
 
-def cli_line(summary: dict, options: dict) -> str:
+def cli_line(summary: dict, options: dict, out) -> str:
     """What ``vaeprobe latents`` prints when it finishes."""
     return (f"{summary['n_images']} images, spot rate {summary['spot_rate']:.2f} (threshold "
             f"{options['threshold']:g}x median norm or an isolated logvar clamp hit), {len(summary['skipped'])} "
-            f"skipped")
+            f"skipped"
+            f"; results in {out}")
 
 
 class LatentsJob(Job):

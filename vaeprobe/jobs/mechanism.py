@@ -34,12 +34,13 @@ def _mechanism_spec() -> JobSpec:
     ))
 
 
-def cli_line(summary: dict, options: dict) -> str:
+def cli_line(summary: dict, options: dict, out) -> str:
     """What ``vaeprobe mechanism`` prints when it finishes."""
     dom = ", ".join(f"{k} {v}" for k, v in sorted(summary["dominant"].items())) or "none"
     return (f"{summary['n_images']} images, {summary['positions']} positions attributed ({options['op']}, "
             f"attention frozen by {options['attention']}); dominant pathway: {dom}; {summary['decodes']} decodes in "
-            f"{summary['seconds']:.1f} s")
+            f"{summary['seconds']:.1f} s"
+            f"; results in {out}")
 
 
 SPEC = _mechanism_spec()

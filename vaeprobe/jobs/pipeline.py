@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from vaeprobe.jobs.runner import Job, RunDir, coerce_vae, run_job
+from vaeprobe.jobs.spec import Input, JobSpec, Param
 from vaeprobe.models.pipelines import PIPELINE_BUILTINS, PipelineError, load_pipeline
 from vaeprobe.probes.generation import Generation, emergence_step, emergence_table, generate, generate_batch
 
@@ -165,6 +166,62 @@ def _random_cells(h: int, w: int, n: int, avoid: tuple[int, int], radius: int, s
 
     cells = sample_cells(h, w, n, avoid=[avoid], radius=radius, seed=seed)
     return sorted(cells or sample_cells(h, w, n, avoid=[avoid], seed=seed))
+
+
+def _pipeline_spec() -> JobSpec:
+    from vaeprobe.probes.perturb import OPERATORS
+    from vaeprobe.probes.response import DEFAULT_RADIUS
+
+    return JobSpec("pipeline", "the spot through a diffusion pipeline: emergence over the denoising steps, "
+                               "interventions, VAE swap", entry="run_pipeline", rank=60,
+                   run_help={"dtype": "pipeline dtype: fp16 or bf16 on a GPU, fp32 (default)"},
+                   inputs=(Input("model", "pipeline: hub id, local folder (model_index.json) or builtin:tiny-sd / "
+                                          "builtin:tiny-sd-planted (offline test pipelines)"),
+                           Input("prompts", "text file, one prompt per line (# comments), or a JSON list"),
+                           Input("seeds", "e.g. 0,1,2 or 0-7 (default 0)", default="0"),
+                           Input("out", "run directory")),
+                   params=(
+        Param("vaes", (), "a VAE to decode the same latents with (repeatable); the pipeline's own VAE is always "
+                          "included first", flag="--vae", append=True, metavar="VAE"),
+        Param("steps", 30, "denoising steps (default {default})", type=int),
+        Param("guidance", 7.5, "classifier-free guidance scale (default {default})", type=float),
+        Param("size", None, "image side in pixels (default: the pipeline's)", type=int),
+        Param("op", "zero", f"intervention operator: {', '.join(o for o in OPERATORS if o != 'swap')} (default "
+                            f"{{default}}; swap needs a second image, which the pipeline does not provide)"),
+        Param("controls", 8, "random positions ablated in the final latent for comparison (default {default})",
+              type=int),
+        Param("ablate_from", (), "also ablate the spot in the noisy latent after every step from step K on "
+                                 "(repeatable; each costs 1 + --step-controls extra generations)", type=int,
+              append=True, metavar="K"),
+        Param("step_controls", 2, "random positions per --ablate-from step (default {default})", type=int),
+        Param("radius", DEFAULT_RADIUS, "far-field radius in latent cells (default {default})", type=int),
+        Param("lpips", True, "skip LPIPS in the intervention measures", negate=True),
+        Param("vae_dtype", "fp32", "dtype of the decodes that are measured (default {default})"),
+        Param("threshold", None, "norm / median-norm ratio of a spot in the emergence table (default: the spot "
+                                 "detector's)", type=float),
+        Param("batch", 1, "samples generated per pipeline call, each with its own seeded generator (default "
+                          "{default})", type=int),
+    ))
+
+
+SPEC = _pipeline_spec()
+"""The pipeline job's parameters: its CLI options and API defaults (:mod:`vaeprobe.jobs.spec`); ``config.json``
+is :meth:`PipelineJob.config`, which adds the pipeline's classes."""
+
+
+def cli_line(summary: dict, options: dict, out) -> str:
+    """What ``vaeprobe pipeline`` prints when it finishes."""
+    step = summary["median_emergence_step"]
+    lines = [f"{summary['n_samples']} samples ({summary['n_prompts']} prompts x {len(summary['seeds'])} seeds, "
+             f"{summary['steps']} steps): a spot in the final latent of {summary['final_spot_rate']:.0%}; emerged "
+             f"and stayed in {summary['emerged']}" + (f" (median step {step:g})" if step is not None else "")]
+    for v in summary["vaes"]:
+        swap = (f"swap LPIPS {v['mean_swap_lpips']:.4f}" if v["compatible"] else v["compatibility"])
+        lines.append(f"  {v['vae']}: ablating the strongest cell gives a median global-effect ratio "
+                     f"{v['median_spot_global_ratio']:.3g} (beats every random control in "
+                     f"{v['spot_beats_every_control']}); {swap}")
+    lines.append(f"results in {out} (vaeprobe report {out} for the report)")
+    return "\n".join(lines)
 
 
 class PipelineJob(Job):
@@ -419,12 +476,12 @@ class PipelineJob(Job):
         return summary
 
 
-def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int = 30, guidance: float = 7.5,
-                 size: int | None = None, op: str = "zero", controls: int = 8, ablate_from: Sequence[int] = (),
-                 step_controls: int = 2, radius: int | None = None, lpips: bool = True, device=None, dtype=None,
-                 vae_dtype: str = "fp32", resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 threshold: float | None = None, batch: int = 1) -> RunDir:
+def run_pipeline(model, prompts, seeds, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 device=None, dtype=None, **options) -> RunDir:
     """Emergence, interventions and VAE swap for every (prompt, seed); writes the run directory ``out``.
+
+    The keyword options and their defaults are declared once, in :data:`SPEC`; an unknown keyword is refused in
+    one line.
 
     Files: see docs/outputs.md, section pipeline. One part per (prompt, seed) is written atomically, so
     ``resume=True`` continues a killed run; a sample that fails (out of memory, non-finite latents) is reported and
@@ -504,12 +561,14 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
     from vaeprobe.probes.perturb import check_operator, parse_operator
     from vaeprobe.probes.response import DEFAULT_RADIUS
 
+    opts = SPEC.resolve(options)
+    vaes, steps, op, batch, size, vae_dtype = (opts[k] for k in ("vaes", "steps", "op", "batch", "size", "vae_dtype"))
     prompts, seeds = read_prompts(prompts), parse_seeds(seeds)
-    radius = DEFAULT_RADIUS if radius is None else int(radius)
+    radius = DEFAULT_RADIUS if opts["radius"] is None else int(opts["radius"])
     steps = int(steps)
     if steps < 1:
         raise PipelineError(f"steps must be at least 1; got {steps}")
-    ablate_from = sorted({int(k) for k in ablate_from})
+    ablate_from = sorted({int(k) for k in opts["ablate_from"] or ()})
     for k in ablate_from:
         if not 0 <= k < steps:
             raise PipelineError(f"ablate-from step {k} is outside 0..{steps - 1}")
@@ -532,9 +591,9 @@ def run_pipeline(model, prompts, seeds, out, *, vaes: Sequence = (), steps: int 
         compat_rows.append({k: row[k] for k in ("model", "encoder_identical", "compatibility", "max_latent_diff",
                                                 "differing_positions")})
     job = PipelineJob(pipe, model_spec, tested, compat_rows, prompts=prompts, seeds=seeds, steps=steps,
-                      guidance=guidance, size=size, operator=operator, controls=controls, ablate_from=ablate_from,
-                      step_controls=step_controls, radius=radius, lpips=lpips, vae_dtype=vae_dtype,
-                      threshold=threshold, batch=batch)
+                      guidance=opts["guidance"], size=size, operator=operator, controls=opts["controls"],
+                      ablate_from=ablate_from, step_controls=opts["step_controls"], radius=radius,
+                      lpips=opts["lpips"], vae_dtype=vae_dtype, threshold=opts["threshold"], batch=batch)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
 
 

@@ -96,7 +96,7 @@ def _scan_spec() -> JobSpec:
     ))
 
 
-def cli_line(summary: dict, options: dict) -> str:
+def cli_line(summary: dict, options: dict, out) -> str:
     """What ``vaeprobe scan`` prints when it finishes."""
     from vaeprobe.schema import global_cell_phrase
 
@@ -109,7 +109,8 @@ def cli_line(summary: dict, options: dict) -> str:
     else:
         verdict = "no verdicts (--no-verdicts)"
     return (f"{summary['n_images']} images scanned ({options['mode']}, {options['op']}); {verdict}; "
-            f"{summary['decodes']} decodes in {summary['seconds']:.1f} s")
+            f"{summary['decodes']} decodes in {summary['seconds']:.1f} s"
+            f"; results in {out}")
 
 
 SPEC = _scan_spec()

@@ -63,6 +63,8 @@ class Param:
         Turns the API's value into the CLI's default text (the inverse of ``parse``).
     metavar : str, optional
         The CLI's placeholder.
+    append : bool, optional
+        A repeatable CLI option whose values make a tuple (the default when it is not given).
     """
 
     name: str
@@ -77,6 +79,7 @@ class Param:
     parse: Callable | None = None
     show: Callable | None = None
     metavar: str | None = None
+    append: bool = False
 
     @property
     def option(self) -> str:
@@ -90,6 +93,9 @@ class Param:
         text = self.help.replace("{default}", str(self.show(self.default) if self.show else self.default))
         if self.negate:
             parser.add_argument(self.option, dest=self.name, action="store_false", default=self.default, help=text)
+        elif self.append:
+            parser.add_argument(self.option, dest=self.name, action="append", type=self.type, default=None,
+                                metavar=self.metavar, help=text)
         elif self.switch:
             parser.add_argument(self.option, dest=self.name, action="store_true", default=self.default, help=text)
         else:
@@ -103,6 +109,37 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Input:
+    """A leading argument of a job's entry: a CLI positional (``nargs``) or a required option (``--name``)."""
+
+    name: str
+    help: str
+    positional: bool = False
+    nargs: str | None = None
+    metavar: str | None = None
+    default: str | None = None
+    """An optional CLI option's default (then not required)."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this argument to ``parser``."""
+        kw = {k: v for k, v in (("nargs", self.nargs), ("metavar", self.metavar)) if v}
+        if self.positional:
+            parser.add_argument(self.name, help=self.help, **kw)
+        else:
+            if self.default is None:
+                kw["required"] = True
+            else:
+                kw["default"] = self.default
+            parser.add_argument("--" + self.name.replace("_", "-"), dest=self.name, help=self.help, **kw)
+
+
+IMAGE_INPUTS = (Input("vae", "VAE spec (hub id, folder, file, builtin:NAME, module:factory)"),
+                Input("images", "folder, glob, image file or builtin:photos[-train|-heldout]"),
+                Input("out", "run directory"))
+"""``--vae --images --out``: the inputs of the jobs that run one VAE over images."""
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A job's name, one-line help and parameters (see the module docstring)."""
 
@@ -110,9 +147,11 @@ class JobSpec:
     help: str
     params: tuple
     entry: str | None = None
-    """The module's function that runs the job as ``entry(vae, images, out, *, resume, overwrite, progress,
-    device, dtype, **options)``; a spec with one gets its ``vaeprobe NAME --vae --images --out`` command made
-    from this declaration alone (the module's ``cli_line(summary, options)`` says what it prints)."""
+    """The module's function that runs the job as ``entry(*inputs, resume, overwrite, progress, device, dtype,
+    **options)``; a spec with one gets its ``vaeprobe NAME`` command made from this declaration alone (the
+    module's ``cli_line(summary, options, out)`` says what it prints)."""
+    inputs: tuple = ()
+    """The leading arguments of ``entry``, as CLI arguments (:class:`Input`); default :data:`IMAGE_INPUTS`."""
     rank: int = 50
     """Where the command stands in ``vaeprobe --help`` (smaller first)."""
     run_help: dict | None = None
@@ -155,6 +194,8 @@ class JobSpec:
         out = {}
         for p in self.params:
             value = getattr(args, p.name)
+            if p.append:
+                value = tuple(value) if value else p.default
             out[p.name] = p.parse(value) if p.parse and value is not None else value
         return out
 
