@@ -1,4 +1,4 @@
-"""load_images: conversions, size policy, sources, and a generated corpus of bad inputs."""
+"""load_images: conversions, fit, sources, and a generated corpus of bad inputs."""
 
 import io
 
@@ -101,9 +101,9 @@ def test_read_image_raises_with_reason(corpus):
 
 def test_size_policies():
     a = np.random.default_rng(0).random((37, 50, 3)).astype(np.float32)
-    crop = fit_to_factor(a, 8, policy="crop")
+    crop = fit_to_factor(a, 8, fit="crop")
     assert crop.shape == (32, 48, 3) and np.array_equal(crop, a[2:34, 1:49])
-    assert fit_to_factor(a, 8, policy="resize").shape == (40, 48, 3)
+    assert fit_to_factor(a, 8, fit="resize").shape == (40, 48, 3)
     assert fit_to_factor(a, 8, size=16).shape == (16, 16, 3)
     with pytest.raises(ValueError, match="multiple"):
         fit_to_factor(a, 8, size=20)

@@ -9,7 +9,8 @@ again. Words with one meaning each:
 - **far field**: the pixels beyond the image's receptive field (``erf`` cells from the cell); the measures of
   :mod:`vaeprobe.probes.response` that use a fixed ``radius`` instead say so in their name (``far_l2``,
   ``far_fraction``: beyond ``radius`` cells).
-- **fit**: how image sides become multiples of the VAE's factor (``--fit``; the images loader's ``policy``).
+- **fit**: how image sides become multiples of the VAE's factor (``--fit`` and the ``fit`` keyword of every
+  loader and job; the loaders called it ``policy`` before).
 
 >>> GLOBAL_INFORMATION in GLOBAL_VERDICTS and ORDINARY not in GLOBAL_VERDICTS
 True

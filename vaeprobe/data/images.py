@@ -32,7 +32,7 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 FIT_POLICIES = ("crop", "resize")
 DEFAULT_FIT = "crop"
-"""Default size policy: center-crop to the largest multiple of the factor (drops at most factor-1 px a side)."""
+"""Default fit: center-crop to the largest multiple of the factor (drops at most factor-1 px a side)."""
 
 
 @dataclass
@@ -235,7 +235,7 @@ def to_rgb(img: Image.Image, *, background: tuple[int, int, int] = (255, 255, 25
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
-def fit_to_factor(arr: np.ndarray, factor: int, *, policy: str = DEFAULT_FIT, size: int | None = None) -> np.ndarray:
+def fit_to_factor(arr: np.ndarray, factor: int, *, fit: str = DEFAULT_FIT, size: int | None = None) -> np.ndarray:
     """Bring HxWx3 ``arr`` to sides that are multiples of ``factor``.
 
     Parameters
@@ -244,11 +244,11 @@ def fit_to_factor(arr: np.ndarray, factor: int, *, policy: str = DEFAULT_FIT, si
         float32 HxWx3 in [0, 1].
     factor : int
         The VAE's downsampling factor.
-    policy : {"crop", "resize"}, keyword-only
+    fit : {"crop", "resize"}, keyword-only
         ``"crop"`` center-crops the remainder (at most ``factor - 1`` pixels); ``"resize"`` resizes to the nearest
         multiples (at least ``factor``).
     size : int, keyword-only
-        Instead of ``policy``: resize so the shorter side is ``size`` and center-crop a ``size`` x ``size`` square
+        Instead of ``fit``: resize so the shorter side is ``size`` and center-crop a ``size`` x ``size`` square
         (``size`` must be a multiple of ``factor``).
 
     Returns
@@ -259,20 +259,20 @@ def fit_to_factor(arr: np.ndarray, factor: int, *, policy: str = DEFAULT_FIT, si
     Raises
     ------
     ValueError
-        For an unknown policy, or a ``size`` that is not a multiple of ``factor``.
+        For an unknown fit, or a ``size`` that is not a multiple of ``factor``.
 
     Examples
     --------
     >>> import numpy as np
     >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8).shape
     (32, 48, 3)
-    >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8, policy="resize").shape
+    >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8, fit="resize").shape
     (40, 48, 3)
     >>> fit_to_factor(np.zeros((37, 50, 3), np.float32), 8, size=16).shape
     (16, 16, 3)
     """
-    if policy not in FIT_POLICIES:
-        raise ValueError(f"unknown fit policy {policy!r}; use one of {FIT_POLICIES}")
+    if fit not in FIT_POLICIES:
+        raise ValueError(f"unknown fit {fit!r}; use one of {FIT_POLICIES}")
     if size is not None:
         if size % factor:
             raise ValueError(f"size {size} is not a multiple of the VAE factor {factor}")
@@ -283,7 +283,7 @@ def fit_to_factor(arr: np.ndarray, factor: int, *, policy: str = DEFAULT_FIT, si
         top, left = (nh - size) // 2, (nw - size) // 2
         return np.ascontiguousarray(arr[top:top + size, left:left + size])
     h, w = arr.shape[:2]
-    if policy == "crop":
+    if fit == "crop":
         nh, nw = h - h % factor, w - w % factor
         top, left = (h - nh) // 2, (w - nw) // 2
         return np.ascontiguousarray(arr[top:top + nh, left:left + nw])
@@ -318,7 +318,7 @@ def resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.asarray(img.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
 
 
-def read_image(path: str | os.PathLike, *, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+def read_image(path: str | os.PathLike, *, factor: int = 8, fit: str = DEFAULT_FIT, size: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read one image file; raise :class:`ImageLoadError` with the reason if it cannot be used.
 
@@ -331,7 +331,7 @@ def read_image(path: str | os.PathLike, *, factor: int = 8, policy: str = DEFAUL
         The image file.
     factor : int, keyword-only
         The VAE's downsampling factor; the sides become multiples of it.
-    policy : {"crop", "resize"}, keyword-only
+    fit : {"crop", "resize"}, keyword-only
         How the sides become multiples of ``factor`` (:func:`fit_to_factor`).
     size : int, keyword-only
         Resize the shorter side to ``size`` and center-crop a square instead.
@@ -357,7 +357,7 @@ def read_image(path: str | os.PathLike, *, factor: int = 8, policy: str = DEFAUL
     >>> img = read_image(path)
     >>> img.name, img.array.shape, img.original_size, img.array[0, 0].tolist()
     ('red', (32, 48, 3), (50, 37), [1.0, 0.0, 0.0])
-    >>> read_image(path, factor=16, policy="resize").array.shape
+    >>> read_image(path, factor=16, fit="resize").array.shape
     (32, 48, 3)
     >>> read_image(path, max_pixels=100)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -395,14 +395,14 @@ def read_image(path: str | os.PathLike, *, factor: int = 8, policy: str = DEFAUL
         if "truncated" in msg.lower() or "broken data" in msg.lower() or "unrecognized data" in msg.lower():
             raise ImageLoadError(f"truncated or corrupt image data ({msg})") from None
         raise ImageLoadError(f"unreadable image ({msg})") from None
-    return _finish(path.stem, arr, str(path), factor, policy, size)
+    return _finish(path.stem, arr, str(path), factor, fit, size)
 
 
-def _finish(name: str, arr: np.ndarray, source: str, factor: int, policy: str, size: int | None) -> LoadedImage:
+def _finish(name: str, arr: np.ndarray, source: str, factor: int, fit: str, size: int | None) -> LoadedImage:
     h, w = arr.shape[:2]
     if h < factor or w < factor:
         raise ImageLoadError(f"{w}x{h} is smaller than one latent cell ({factor}x{factor} pixels)")
-    out = fit_to_factor(arr, factor, policy=policy, size=size)
+    out = fit_to_factor(arr, factor, fit=fit, size=size)
     return LoadedImage(name=name, array=out.astype(np.float32, copy=False), source=source, original_size=(w, h))
 
 
@@ -422,7 +422,42 @@ def _expand_source(source: Any) -> list[str] | None:
     return None
 
 
-def iter_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+def _iter_paths(paths, max_pixels, skip, factor, fit, size):
+    """The readable files of ``paths``; a repeated name gets ``~1``, ``~2``, ...; unreadable ones go to ``skip``."""
+    seen: dict[str, int] = {}
+    for p in paths:
+        try:
+            img = read_image(p, factor=factor, fit=fit, size=size, max_pixels=max_pixels)
+        except ImageLoadError as exc:
+            skip(p, str(exc))
+            continue
+        n = seen.get(img.name, 0)
+        seen[img.name] = n + 1
+        if n:
+            img.name = f"{img.name}~{n}"
+        yield img
+
+
+def _iter_records(source, image_column, max_pixels, skip, factor, fit, size):
+    """The images of a dataset's records (``record[image_column]``, a PIL image); bad records go to ``skip``."""
+    for i, record in enumerate(source):
+        src = f"record {i}"
+        try:
+            img = record[image_column] if isinstance(record, dict) else record
+            if not isinstance(img, Image.Image):
+                raise ImageLoadError(f"column {image_column!r} holds {type(img).__name__}, not a PIL image")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(f"{w}x{h} exceeds the pixel limit {max_pixels}")
+            arr = to_rgb(ImageOps.exif_transpose(img))
+            yield _finish(f"{i:06d}", arr, src, factor, fit, size)
+        except ImageLoadError as exc:
+            skip(src, str(exc))
+        except (KeyError, TypeError) as exc:
+            skip(src, f"record has no image column {image_column!r} ({exc})")
+
+
+def iter_images(source: Any, *, factor: int = 8, fit: str = DEFAULT_FIT, size: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str = "image",
                 skipped: list[Skipped] | None = None, report=None) -> Iterator[LoadedImage]:
     """Stream images one at a time (memory flat in the number of images); see :func:`load_images`.
@@ -434,7 +469,7 @@ def iter_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size
     source : str, os.PathLike, sequence of paths or iterable of records
         A folder, a glob, an image file, a list of files, a Hugging Face ``datasets`` dataset (or any iterable of
         dicts or PIL images) or ``builtin:photos`` (``builtin:NAME`` for the other builtin sets).
-    factor, policy, size, max_pixels : keyword-only
+    factor, fit, size, max_pixels : keyword-only
         As for :func:`read_image`.
     image_column : str, keyword-only
         The column holding the PIL image in dataset records.
@@ -479,7 +514,7 @@ def iter_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size
 
         for name, arr in builtin_photos(source):
             try:
-                yield _finish(name, arr, f"{source}/{name}", factor, policy, size)
+                yield _finish(name, arr, f"{source}/{name}", factor, fit, size)
             except ImageLoadError as exc:
                 skip(f"{source}/{name}", str(exc))
         return
@@ -489,42 +524,17 @@ def iter_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size
             raise ImageLoadError(f"no images found at {source!r}; give a folder, a glob, or image files")
         if len(paths) == 1 and not Path(paths[0]).exists() and isinstance(source, str):
             raise ImageLoadError(f"{source!r} is neither a file, a folder, a glob nor builtin:photos")
-        seen: dict[str, int] = {}
-        for p in paths:
-            try:
-                img = read_image(p, factor=factor, policy=policy, size=size, max_pixels=max_pixels)
-            except ImageLoadError as exc:
-                skip(p, str(exc))
-                continue
-            n = seen.get(img.name, 0)
-            seen[img.name] = n + 1
-            if n:
-                img.name = f"{img.name}~{n}"
-            yield img
+        yield from _iter_paths(paths, max_pixels, skip, factor, fit, size)
         return
     # A Hugging Face ``datasets`` dataset (or any iterable of records holding a PIL image).
-    for i, record in enumerate(source):
-        src = f"record {i}"
-        try:
-            img = record[image_column] if isinstance(record, dict) else record
-            if not isinstance(img, Image.Image):
-                raise ImageLoadError(f"column {image_column!r} holds {type(img).__name__}, not a PIL image")
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageLoadError(f"{w}x{h} exceeds the pixel limit {max_pixels}")
-            arr = to_rgb(ImageOps.exif_transpose(img))
-            yield _finish(f"{i:06d}", arr, src, factor, policy, size)
-        except ImageLoadError as exc:
-            skip(src, str(exc))
-        except (KeyError, TypeError) as exc:
-            skip(src, f"record has no image column {image_column!r} ({exc})")
+    yield from _iter_records(source, image_column, max_pixels, skip, factor, fit, size)
 
 
-def load_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size: int | None = None,
+def load_images(source: Any, *, factor: int = 8, fit: str = DEFAULT_FIT, size: int | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, image_column: str = "image", report=None) -> ImageBatch:
     """Load images from a folder, a glob, a list of files, a HF ``datasets`` dataset or ``builtin:photos``.
 
-    Sizes become multiples of ``factor`` by ``policy`` (default ``"crop"``: center-crop the remainder;
+    Sizes become multiples of ``factor`` by ``fit`` (default ``"crop"``: center-crop the remainder;
     ``"resize"``: resize to the nearest multiples); ``size=N`` instead resizes the shorter side to N and
     center-crops N x N. Bad items are skipped with one line each; see :attr:`ImageBatch.skipped`.
 
@@ -534,7 +544,7 @@ def load_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size
         As for :func:`iter_images`.
     factor : int, keyword-only
         The VAE's downsampling factor.
-    policy : {"crop", "resize"}, keyword-only
+    fit : {"crop", "resize"}, keyword-only
         How the sides become multiples of ``factor``.
     size : int, keyword-only
         Resize the shorter side to ``size`` and center-crop a square instead.
@@ -562,7 +572,7 @@ def load_images(source: Any, *, factor: int = 8, policy: str = DEFAULT_FIT, size
     (['000000'], (12, 20, 3), ["record 1: column 'image' holds str, not a PIL image"])
     """
     batch = ImageBatch()
-    for img in iter_images(source, factor=factor, policy=policy, size=size, max_pixels=max_pixels,
+    for img in iter_images(source, factor=factor, fit=fit, size=size, max_pixels=max_pixels,
                            image_column=image_column, skipped=batch.skipped, report=report):
         batch.images.append(img)
     return batch

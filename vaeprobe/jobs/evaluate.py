@@ -64,8 +64,7 @@ class EvaluateJob(Job):
     name = desc = "evaluate"
 
     def __init__(self, vaes, images, **options):
-        self.options = SPEC.resolve(options)
-        self.__dict__.update(self.options)
+        self.set_options(SPEC, options)
         self.vaes, self.images = vaes, images
         self.device = vaes[0].device
         self.factor = int(np.lcm.reduce(sorted({v.factor for v in vaes})))

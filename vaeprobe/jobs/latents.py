@@ -45,8 +45,7 @@ class LatentsJob(Job):
     name = desc = "latents"
 
     def __init__(self, vae, images, **options):
-        self.options = SPEC.resolve(options)
-        self.__dict__.update(self.options)
+        self.set_options(SPEC, options)
         self.vae, self.images, self.factor = vae, images, vae.factor
         self.stats = LatentStats()
 

@@ -53,8 +53,7 @@ class MechanismJob(Job):
     name = desc = "mechanism"
 
     def __init__(self, vae, images, **options):
-        self.options = SPEC.resolve(options)
-        self.__dict__.update(self.options)
+        self.set_options(SPEC, options)
         self.vae, self.images, self.factor = vae, images, vae.factor
         self.layers = pathway_layers(vae)
 

@@ -497,46 +497,14 @@ def run_pipeline(model, prompts, seeds, out, *, resume: bool = False, overwrite:
         The seeds (see :func:`parse_seeds`).
     out : str or pathlib.Path
         The run directory.
-    vaes : sequence, optional
-        VAEs (specs or :class:`~vaeprobe.models.adapter.VAE`) that decode the same latents beside the pipeline's
-        own; only those whose latent space is the pipeline's get numbers.
-    steps : int, optional
-        Denoising steps.
-    guidance : float, optional
-        Classifier-free guidance scale.
-    size : int, optional
-        Image side in pixels, a multiple of the VAE factor and at least 3 cells (default: the pipeline's).
-    op : str, optional
-        The intervention operator (see :func:`vaeprobe.probes.perturb.parse_operator`).
-    controls : int, optional
-        Random positions ablated in the final latent for comparison.
-    ablate_from : sequence of int, optional
-        Steps ``k``: also ablate in the noisy latent after every step from ``k`` on (each costs
-        ``1 + step_controls`` extra generations).
-    step_controls : int, optional
-        Random positions per ``ablate_from`` step.
-    radius : int, optional
-        Far-field radius in latent cells (default :data:`vaeprobe.probes.response.DEFAULT_RADIUS`); controls lie
-        outside it around the spot.
-    lpips : bool, optional
-        Include LPIPS in the intervention measures.
-    device : str or torch.device, optional
-        Where the pipeline runs (see :func:`load_pipeline`).
-    dtype : str or torch.dtype, optional
-        The pipeline's dtype (see :func:`load_pipeline`).
-    vae_dtype : str, optional
-        Dtype of the decodes that are measured.
-    resume, overwrite : bool, optional
-        Continue the run in ``out`` / discard it first.
-    progress : bool, optional
-        Show a progress bar.
-    threshold : float, optional
-        Norm / median-norm ratio of a spot (default :data:`vaeprobe.probes.latents.DEFAULT_THRESHOLD`).
-    batch : int, optional
-        Samples generated in one pipeline call (:func:`generate_batch`; each keeps its own seeded generator, so
-        a sample's noise does not depend on the batch, and its latents match the one-sample run's up to float
-        rounding). Not part of the run's config: a run resumed with another batch size goes on. The
-        measurements after generation run one sample at a time.
+    resume, overwrite, progress : bool, keyword-only
+        As for :func:`~vaeprobe.jobs.runner.run_job`.
+    device, dtype : keyword-only
+        Where the pipeline runs and its dtype (a bare ``cuda`` under a launcher is ``cuda:LOCAL_RANK``).
+    **options
+        Declared in :data:`SPEC` with their defaults and meanings (``vaeprobe pipeline --help``): ``vaes``,
+        ``steps``, ``guidance``, ``size``, ``op``, ``controls``, ``ablate_from``, ``step_controls``, ``radius``,
+        ``lpips``, ``vae_dtype``, ``threshold``, ``batch``.
 
     Returns
     -------
@@ -556,7 +524,6 @@ def run_pipeline(model, prompts, seeds, out, *, resume: bool = False, overwrite:
     >>> run.summary["final_spot_rate"], run.summary["emerged"]
     (1.0, '1/1')
     """
-    from vaeprobe.probes.compatibility import latent_compatibility
     from vaeprobe.models.adapter import VAE
     from vaeprobe.probes.perturb import check_operator, parse_operator
     from vaeprobe.probes.response import DEFAULT_RADIUS
@@ -565,13 +532,7 @@ def run_pipeline(model, prompts, seeds, out, *, resume: bool = False, overwrite:
     vaes, steps, op, batch, size, vae_dtype = (opts[k] for k in ("vaes", "steps", "op", "batch", "size", "vae_dtype"))
     prompts, seeds = read_prompts(prompts), parse_seeds(seeds)
     radius = DEFAULT_RADIUS if opts["radius"] is None else int(opts["radius"])
-    steps = int(steps)
-    if steps < 1:
-        raise PipelineError(f"steps must be at least 1; got {steps}")
-    ablate_from = sorted({int(k) for k in opts["ablate_from"] or ()})
-    for k in ablate_from:
-        if not 0 <= k < steps:
-            raise PipelineError(f"ablate-from step {k} is outside 0..{steps - 1}")
+    steps, ablate_from = _checked_steps(steps, opts["ablate_from"])
     check_operator(op, command="pipeline")  # fails early, in one line, on a spec the pipeline cannot use
     operator = parse_operator(op)
     model_spec = model if isinstance(model, str) else type(model).__name__
@@ -585,16 +546,35 @@ def run_pipeline(model, prompts, seeds, out, *, resume: bool = False, overwrite:
         raise PipelineError(f"size {size} must be a multiple of the VAE factor {factor} and at least {3 * factor}")
     own = VAE(pipe.vae, spec=f"{model_spec} (pipeline VAE)", dtype=vae_dtype)
     tested = [own] + [v if isinstance(v, VAE) else coerce_vae(v, device=own.device, dtype=vae_dtype) for v in vaes]
-    compat_rows = [{"model": own.spec, "encoder_identical": True, "compatibility": "the pipeline's own VAE"}]
-    for vae in tested[1:]:
-        row = latent_compatibility(own, vae)
-        compat_rows.append({k: row[k] for k in ("model", "encoder_identical", "compatibility", "max_latent_diff",
-                                                "differing_positions")})
-    job = PipelineJob(pipe, model_spec, tested, compat_rows, prompts=prompts, seeds=seeds, steps=steps,
-                      guidance=opts["guidance"], size=size, operator=operator, controls=opts["controls"],
+    job = PipelineJob(pipe, model_spec, tested, _compatibility_rows(own, tested[1:]), prompts=prompts, seeds=seeds,
+                      steps=steps, guidance=opts["guidance"], size=size, operator=operator, controls=opts["controls"],
                       ablate_from=ablate_from, step_controls=opts["step_controls"], radius=radius,
                       lpips=opts["lpips"], vae_dtype=vae_dtype, threshold=opts["threshold"], batch=batch)
     return run_job(job, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _checked_steps(steps, ablate_from) -> tuple[int, list[int]]:
+    """The number of steps and the sorted ``--ablate-from`` steps, or a one-line :class:`PipelineError`."""
+    steps = int(steps)
+    if steps < 1:
+        raise PipelineError(f"steps must be at least 1; got {steps}")
+    ablate = sorted({int(k) for k in ablate_from or ()})
+    for k in ablate:
+        if not 0 <= k < steps:
+            raise PipelineError(f"ablate-from step {k} is outside 0..{steps - 1}")
+    return steps, ablate
+
+
+def _compatibility_rows(own, others) -> list[dict]:
+    """Each tested VAE's latent compatibility with the pipeline's own (:func:`latent_compatibility`), own first."""
+    from vaeprobe.probes.compatibility import latent_compatibility
+
+    rows = [{"model": own.spec, "encoder_identical": True, "compatibility": "the pipeline's own VAE"}]
+    for vae in others:
+        row = latent_compatibility(own, vae)
+        rows.append({k: row[k] for k in ("model", "encoder_identical", "compatibility", "max_latent_diff",
+                                         "differing_positions")})
+    return rows
 
 
 def _summary(config: dict, metas: list[dict], emergence, interventions, swap, compat_rows) -> dict:

@@ -459,7 +459,7 @@ def image_units(images, *, factor: int, fit: str, size: int | None,
     factor : int, keyword-only
         Image sides become multiples of this.
     fit : str, keyword-only
-        How (``iter_images``' ``policy``).
+        How (``iter_images``' ``fit``).
     size : int or None, keyword-only
         Resize to this many pixels (``None``: as they are).
     skipped : list, keyword-only
@@ -478,7 +478,7 @@ def image_units(images, *, factor: int, fit: str, size: int | None,
     """
     from vaeprobe.data.images import iter_images
 
-    for i, img in enumerate(iter_images(images, factor=factor, policy=fit, size=size, skipped=skipped)):
+    for i, img in enumerate(iter_images(images, factor=factor, fit=fit, size=size, skipped=skipped)):
         yield f"{i:06d}", img.name, img
 
 
@@ -512,6 +512,14 @@ class Job:
     fit = "crop"
     size: int | None = None
 
+    def set_options(self, spec, options: dict) -> dict:
+        """Resolve ``options`` against the job's declaration ``spec`` (:class:`~vaeprobe.jobs.spec.JobSpec`: its
+        defaults filled, an unknown keyword refused), keep them as ``self.options`` and as attributes; returns
+        them."""
+        self.options = spec.resolve(options)
+        self.__dict__.update(self.options)
+        return self.options
+
     def config(self) -> dict:
         """What decides the results (``config.json``; a resumed run must have the same)."""
         raise NotImplementedError
@@ -533,6 +541,66 @@ class Job:
 
     def after(self, run: "RunDir", summary: dict) -> None:
         """Called once ``summary.json`` and ``run.json`` are written (a report, for instance)."""
+
+
+def _process_units(ctx, job: Job, run: RunDir, units, progress: bool) -> dict:
+    """Process this rank's units (finished ones skipped; each in :meth:`RunDir.guard`); returns its work record
+    (``rank``, ``units`` computed, ``done_before``, busy ``seconds``)."""
+    import time
+
+    desc = job.desc if ctx.world == 1 else f"{job.desc} [rank {ctx.rank}/{ctx.world}]"
+    work = {"rank": ctx.rank, "units": 0, "done_before": 0, "seconds": 0.0}
+    for key, name, item, done in run.iterate(units, desc, unit=job.unit, progress=progress and ctx.is_main):
+        if done:
+            work["done_before"] += 1
+        else:
+            t0 = time.perf_counter()
+            with run.guard(key, name):
+                job.process(run, key, item)
+            work["units"] += 1
+            work["seconds"] = round(work["seconds"] + time.perf_counter() - t0, 3)
+        if ctx.world == 1 and run.is_done(key):
+            job.collect(run, key, run.meta(key))
+    return work
+
+
+def _merge_ranks(ctx, job: Job, run: RunDir, keys: list[str], work: dict) -> list | None:
+    """In a sharded run, wait for every rank, gather their failures and work records, and let rank 0 collect
+    every finished part; returns the work records (``None`` in a single process)."""
+    if ctx.world == 1:
+        return None
+    ctx.barrier()  # every rank's parts are written before rank 0 reads them
+    gathered = ctx.gather((run.failed, work))
+    run.failed = [f for failed, _ in gathered for f in failed]
+    if ctx.is_main:
+        for key in keys:
+            if run.is_done(key):
+                job.collect(run, key, run.meta(key))
+    return [w for _, w in gathered]
+
+
+def _summarise(ctx, job: Job, run: RunDir, keys: list[str], skipped: list, ranks, started: float) -> dict | None:
+    """On rank 0, the job's summary (with skipped inputs, failed items and, sharded, the load balance) written to
+    ``summary.json`` and ``run.json`` (the run's seconds since ``started``): ``{"summary": ...}`` or
+    ``{"error": ...}``; ``None`` on other ranks."""
+    import time
+
+    if not ctx.is_main:
+        return None
+    try:
+        summary = job.summarise(run, run.finished(keys))
+        summary.setdefault("skipped", [str(s) for s in skipped])
+        summary.setdefault("failed", run.failed)
+        if ranks is not None:  # the load balance: units each rank computed (and found done), busy seconds
+            summary.setdefault("world_size", ctx.world)
+            summary.setdefault("ranks", ranks)
+        run.write_json("summary.json", summary)
+        run.finish(time.perf_counter() - started)
+        return {"summary": summary}
+    except VaeprobeError as exc:
+        if ctx.world == 1:
+            raise
+        return {"error": exc}
 
 
 def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> "RunDir":
@@ -599,44 +667,9 @@ def run_job(job: Job, out, *, resume: bool = False, overwrite: bool = False, pro
             if ctx.owns(index):
                 yield unit
 
-    desc = job.desc if ctx.world == 1 else f"{job.desc} [rank {ctx.rank}/{ctx.world}]"
-    work = {"rank": ctx.rank, "units": 0, "done_before": 0, "seconds": 0.0}
-    for key, name, item, done in run.iterate(owned(), desc, unit=job.unit, progress=progress and ctx.is_main):
-        if done:
-            work["done_before"] += 1
-        else:
-            t0 = time.perf_counter()
-            with run.guard(key, name):
-                job.process(run, key, item)
-            work["units"] += 1
-            work["seconds"] = round(work["seconds"] + time.perf_counter() - t0, 3)
-        if ctx.world == 1 and run.is_done(key):
-            job.collect(run, key, run.meta(key))
-    if ctx.world > 1:  # every rank's parts are written before rank 0 reads them
-        ctx.barrier()
-        gathered = ctx.gather((run.failed, work))
-        run.failed = [f for failed, _ in gathered for f in failed]
-        ranks = [w for _, w in gathered]
-        if ctx.is_main:
-            for key in keys:
-                if run.is_done(key):
-                    job.collect(run, key, run.meta(key))
-    outcome = None
-    if ctx.is_main:
-        try:
-            summary = job.summarise(run, run.finished(keys))
-            summary.setdefault("skipped", [str(s) for s in skipped])
-            summary.setdefault("failed", run.failed)
-            if ctx.world > 1:  # the load balance: units each rank computed (and found done), busy seconds
-                summary.setdefault("world_size", ctx.world)
-                summary.setdefault("ranks", ranks)
-            run.write_json("summary.json", summary)
-            run.finish(time.perf_counter() - started)
-            outcome = {"summary": summary}
-        except VaeprobeError as exc:
-            outcome = {"error": exc}
-            if ctx.world == 1:
-                raise
+    work = _process_units(ctx, job, run, owned(), progress)
+    ranks = _merge_ranks(ctx, job, run, keys, work)
+    outcome = _summarise(ctx, job, run, keys, skipped, ranks, started)
     outcome = ctx.share(outcome)
     if "error" in outcome:
         raise outcome["error"]

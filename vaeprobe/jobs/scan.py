@@ -1,4 +1,34 @@
-"""The ``vaeprobe scan`` job: a perturbation scan per image, with verdicts, kept decodes and a summary."""
+"""The ``vaeprobe scan`` job: a perturbation scan per image, with verdicts, kept decodes and a summary.
+
+Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
+``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
+last two) from :mod:`vaeprobe.probes.verdict`, with its measures (the far-field plateau in 8-bit levels and
+its decay) and evidence: per image, a few ordinary cells are removed first to measure the decoder's kernel;
+the swap test uses the first ``n_donors`` images of ``swap_with`` as donors; the ``evidence`` most unusual
+cells get the matched controls and the frozen-pathway share. The verdict of a cell depends on that image's
+ordinary cells, not on which positions were scanned. Cells are removed by ``removal`` (default ``smudge``,
+which does not depend on the latent's coordinates; ``zero`` is available): with another ``op``, patches or
+one channel, the verdict columns are those of removing the cell ``(row, col)`` (one more decode per
+position). ``visible_levels`` is the verdicts' visibility threshold in 8-bit levels. ``linear`` mode gives
+no verdict (``verdict`` is empty and ``is_global`` False).
+``global_ratio`` (far-field energy over the median scanned position's, or the controls' in two-stage mode)
+stays as a descriptive column; ``threshold`` only sets ``n_ratio_over`` in ``images.parquet``.
+
+The ``swap`` operator takes the values of another image's latent at the same place: the first image of
+``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
+``mean`` operator and ``noise`` sigma use each image's own robust per-channel latent centre and std.
+
+``keep_images`` (exact and two-stage modes): per image, the input, its clean decode and, for the
+``keep_images`` positions with the largest far-field energy, the perturbed decode and the signed difference
+(amplified by the ``gain`` recorded in the image's metadata under ``kept``) are saved as PNG files; reports
+show them.
+
+``position_blocks`` B > 1 (exact mode) cuts each image's positions into B blocks, each a work unit of its own,
+so that a sharded run (README, "Many GPUs") spreads a few large images over many ranks. Every block repeats the
+image's encode, clean decode and receptive field (13 decodes with verdicts) and its own evidence; the blocks are
+merged into the image's part when all are done. Blocks are whole decoder batches, so the merged table equals an
+unsplit scan's (tested bitwise on CPU); ``decodes`` counts the repeated work.
+"""
 
 from __future__ import annotations
 
@@ -129,8 +159,7 @@ class ScanJob(Job):
         opts["verdicts"] = bool(opts["verdicts"])
         opts["position_blocks"] = max(1, int(opts["position_blocks"]))
         opts["visible_levels"] = float(opts["visible_levels"])
-        self.options = opts
-        self.__dict__.update(opts)
+        self.set_options(SPEC, opts)
         self.vae, self.images, self.factor, self.progress = vae, images, vae.factor, progress
         mode = self.mode
         self.desc = f"scan ({mode})"
@@ -370,29 +399,6 @@ def run_scan(vae, images, out, *, resume: bool = False, overwrite: bool = False,
     docs/outputs.md, section scan. The keyword options and their defaults are declared once, in :data:`SPEC`
     (which also makes ``vaeprobe scan``'s options and ``config.json``); an unknown keyword is refused in one line.
 
-    Verdicts (``verdicts=True``, exact and two-stage modes): each scanned cell gets ``verdict`` (``ordinary``,
-    ``high-norm``, ``wide-local``, ``global`` or ``global-information``) and ``is_global`` (True exactly for the
-    last two) from :mod:`vaeprobe.probes.verdict`, with its measures (the far-field plateau in 8-bit levels and
-    its decay) and evidence: per image, a few ordinary cells are removed first to measure the decoder's kernel;
-    the swap test uses the first ``n_donors`` images of ``swap_with`` as donors; the ``evidence`` most unusual
-    cells get the matched controls and the frozen-pathway share. The verdict of a cell depends on that image's
-    ordinary cells, not on which positions were scanned. Cells are removed by ``removal`` (default ``smudge``,
-    which does not depend on the latent's coordinates; ``zero`` is available): with another ``op``, patches or
-    one channel, the verdict columns are those of removing the cell ``(row, col)`` (one more decode per
-    position). ``visible_levels`` is the verdicts' visibility threshold in 8-bit levels. ``linear`` mode gives
-    no verdict (``verdict`` is empty and ``is_global`` False).
-    ``global_ratio`` (far-field energy over the median scanned position's, or the controls' in two-stage mode)
-    stays as a descriptive column; ``threshold`` only sets ``n_ratio_over`` in ``images.parquet``.
-
-    The ``swap`` operator takes the values of another image's latent at the same place: the first image of
-    ``swap_with``, resized to each scanned image's size (so a resumed run swaps with the same latent). The
-    ``mean`` operator and ``noise`` sigma use each image's own per-channel latent mean and std.
-
-    ``keep_images`` (exact and two-stage modes): per image, the input, its clean decode and, for the
-    ``keep_images`` positions with the largest far-field energy, the perturbed decode and the signed difference
-    (amplified by the ``gain`` recorded in the image's metadata under ``kept``) are saved as PNG files; reports
-    show them.
-
     Parameters
     ----------
     vae : VAE, str or torch.nn.Module
@@ -401,53 +407,15 @@ def run_scan(vae, images, out, *, resume: bool = False, overwrite: bool = False,
         What :func:`~vaeprobe.data.images.iter_images` reads.
     out : str or Path
         The run directory.
-    op : str, keyword-only
-        The perturbation (:func:`~vaeprobe.probes.perturb.parse_operator`).
-    positions : str, keyword-only
-        Which cells: ``all``, ``grid:S``, ``top:K`` (largest latent norm) or ``list:R,C;R,C`` (exact mode).
-    mode : {"exact", "two-stage", "linear"}, keyword-only
-        Decode every position, rank them with the linearised map first and decode the top ones and controls, or
-        only the linearised map (:mod:`vaeprobe.probes.scan`).
-    size, fit : int or None, str, keyword-only
-        Image size in pixels and how sides become multiples of the VAE's factor.
-    radius : int, keyword-only
-        The far field starts more than ``radius`` latent cells from the site.
-    measures : sequence of str, keyword-only
-        The response measures (:func:`~vaeprobe.probes.response.measure`).
-    batch : int, keyword-only
-        Perturbed latents decoded at once.
-    n_probes : int, keyword-only
-        Random probes of the linearised map (linear and two-stage modes).
-    seed : int, keyword-only
-        Seed of random operators, probes and control cells.
-    patch, channel : int, int or None, keyword-only
-        Perturb ``patch`` x ``patch`` cells, in one channel or all (``None``).
-    threshold : float, keyword-only
-        ``global_ratio`` threshold of ``n_ratio_over``.
-    swap_with : str, keyword-only
-        The images of the ``swap`` operator's partner and of the swap test's donors.
-    keep_images : int, keyword-only
-        Perturbed decodes saved per image.
     resume, overwrite, progress : bool, keyword-only
         As for :func:`~vaeprobe.jobs.runner.run_job`.
-    verdicts : bool, keyword-only
-        Add the verdict columns (exact and two-stage modes).
-    evidence : int, keyword-only
-        Cells per image that get the matched controls and the frozen-pathway share.
-    n_donors : int, keyword-only
-        Donor images of the swap test.
     device, dtype : keyword-only
         Where and in what precision the VAE runs.
-    position_blocks : int, keyword-only
-        Exact mode: cut each image's positions into this many blocks, each a work unit of its own, so that a
-        sharded run (README, "Many GPUs") spreads a few large images over many ranks. Every block repeats the
-        image's encode, clean decode and receptive field (13 decodes with verdicts) and its own evidence; the
-        blocks are merged into the image's part when all are done. Blocks are whole decoder batches, so the
-        merged table equals an unsplit scan's (tested bitwise on CPU); ``decodes`` counts the repeated work.
-    removal : str, keyword-only
-        How the verdicts remove a cell (``smudge``, the default, or another operator such as ``zero``).
-    visible_levels : float, keyword-only
-        The verdicts' visibility threshold in 8-bit levels (:class:`~vaeprobe.probes.verdict.VerdictRules`).
+    **options
+        The scan's options, declared in :data:`SPEC` with their defaults and meanings (``vaeprobe scan --help``
+        prints them): ``op``, ``positions``, ``mode``, ``size``, ``fit``, ``radius``, ``measures``, ``batch``,
+        ``position_blocks``, ``n_probes``, ``patch``, ``channel``, ``seed``, ``threshold``, ``verdicts``,
+        ``evidence``, ``removal``, ``visible_levels``, ``n_donors``, ``swap_with``, ``keep_images``.
 
     Returns
     -------

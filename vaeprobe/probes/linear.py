@@ -23,6 +23,19 @@ far field of ``p`` (pixels whose latent cell is more than ``radius`` cells away,
   large isolated deviations such as a spot move by at most one standard error.
 - :func:`agreement` compares an estimate with the exact values (Spearman rank correlation, top-k overlap).
 
+Far fields by blocks. :func:`sensitivity_map` with ``radius`` cuts the latent grid into ``blocks = (rows, cols)``
+rectangles (an int means the same number both ways). For each block the probes are zero outside the pixels more than ``radius`` cells from *every* cell
+of the block (:func:`vaeprobe.probes.geometry.far_mask` of a :class:`~vaeprobe.probes.geometry.Block`). For a
+cell ``p`` of the block this estimates, without bias, the energy in the block's far field, a smaller region
+inside ``p``'s own far field: it lacks the cells within ``radius`` of the rest of the block, so it starts
+``radius + 1`` cells from ``p`` only on the sides where ``p`` touches the block's edge. As an estimate of
+``F_p`` it is therefore biased low, most for cells inside the block, and since far-field energy is usually
+concentrated just beyond the radius the shortfall is not small (about 1/3 of ``F_p`` kept with quadrants on an
+8x8 grid at radius 1 in the tests, ranks still agreeing at Spearman ~0.87). More blocks shrink the bias
+(``blocks = (h, w)``, one block per cell, is unbiased) but cost ``n_probes x n_blocks`` backward passes; the
+default quadrants cost 4x the plain map, a fixed factor whatever the grid size. A block whose far field is empty
+(radius too large for the grid) gets NaN, with a warning, and uses no backward passes.
+
 The functions that decode take ``vae``, the model (a :class:`~vaeprobe.models.adapter.VAE`), and ``z``, one latent
 ``[1, C, h, w]`` (or ``[C, h, w]``).
 """
@@ -180,6 +193,16 @@ def _blocks(blocks, h: int, w: int) -> tuple[int, int]:
 
 
 # -- exact reference -------------------------------------------------------------------------------------------
+def _jvps(decode, z: torch.Tensor, tangents: torch.Tensor, use_vmap: bool):
+    """``J t`` for each tangent, vmapped when it can be (then ``use_vmap`` stays true), else one at a time."""
+    if use_vmap and len(tangents) > 1:
+        try:
+            return torch.func.vmap(lambda t: torch.func.jvp(decode, (z,), (t,))[1])(tangents), True
+        except (RuntimeError, NotImplementedError):
+            pass  # data-dependent control flow or an op without a batching rule
+    return [torch.func.jvp(decode, (z,), (t,))[1] for t in tangents], use_vmap and len(tangents) <= 1
+
+
 def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | None = None, *,
                    radius: int | None = None, batch: int = DECODE_BATCH) -> torch.Tensor:
     """Exact sensitivity ``S_p`` (or far-field sensitivity ``F_p`` when ``radius`` is given) of each position.
@@ -252,14 +275,7 @@ def jacobian_norms(vae, z: torch.Tensor, positions: Iterable[Sequence[int]] | No
             tangents = torch.zeros(len(chunk), *z.shape, dtype=z.dtype, device=z.device)
             for k, (i, ch) in enumerate(chunk):
                 tangents[k, 0, ch, pos[i][0], pos[i][1]] = 1.0
-            outs = None
-            if use_vmap and len(chunk) > 1:
-                try:
-                    outs = torch.func.vmap(lambda t: torch.func.jvp(decode, (z,), (t,))[1])(tangents)
-                except (RuntimeError, NotImplementedError):
-                    use_vmap = False  # data-dependent control flow or an op without a batching rule
-            if outs is None:
-                outs = [torch.func.jvp(decode, (z,), (t,))[1] for t in tangents]
+            outs, use_vmap = _jvps(decode, z, tangents, use_vmap)
             push(chunk, outs)
     return totals.float()
 
@@ -349,6 +365,76 @@ class SensitivityMap:
                    n_backward=k if n_backward is None else n_backward, n_forward=1, rel_se=rel_se.float())
 
 
+def _decode_with_graph(vae, zz: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(zz)`` with its autograd graph, or :class:`NotDifferentiableError` saying why there is none."""
+    try:
+        out = vae.decode(zz, grad=True)
+    except RuntimeError as exc:  # e.g. an in-place write into the leaf latent
+        raise NotDifferentiableError(_autograd_reason(exc)) from None
+    if not out.requires_grad:
+        raise NotDifferentiableError("its output is cut off from the latent's graph (it runs under no_grad, "
+                                     "detaches or casts to integers)")
+    return out
+
+
+def _block_masks(cells, out: torch.Tensor, factor: int, radius, est: torch.Tensor) -> list:
+    """Each block's far-field mask of the output (``[None]`` for the whole image); a block with an empty far field
+    is warned about and its cells of ``est`` set to NaN."""
+    if radius is None:
+        return [None]
+    h, w = est.shape
+    masks = [far_mask(Block(rs, cs), tuple(out.shape[-2:]), factor, radius).to(out.device) for rs, cs in cells]
+    for b, m in enumerate(masks):
+        if not bool(m.any()):
+            (r0, r1), (c0, c1) = cells[b]
+            warnings.warn(f"radius={radius}: the block rows {r0}..{r1 - 1}, columns {c0}..{c1 - 1} has an "
+                          f"empty far field on this {h}x{w} grid; its cells are NaN", RuntimeWarning, stacklevel=3)
+            est[r0:r1, c0:c1] = float("nan")
+    return masks
+
+
+def _vjp(out: torch.Tensor, zz: torch.Tensor, v: torch.Tensor, *, retain: bool, first: bool) -> torch.Tensor:
+    """``v^T J`` through the graph of ``out``; the first product is checked to be finite and not all zero."""
+    try:
+        (g,) = torch.autograd.grad(out, zz, v, retain_graph=retain, allow_unused=True)
+    except RuntimeError as exc:
+        raise NotDifferentiableError(_autograd_reason(exc)) from None
+    if first and (g is None or not bool(g.any()) or not bool(torch.isfinite(g).all())):
+        raise NotDifferentiableError(
+            "its gradient with respect to the latent is " + ("not finite" if g is not None and bool(
+                g.any()) else "zero everywhere (rounding, quantisation or integer ops)"))
+    return g
+
+
+def _probe_blocks(vae, z, cells, radius, n_probes: int, gen, est, est_sq, kept) -> int:
+    """The probes of :func:`sensitivity_map`: one decode with its graph, then per block ``n_probes`` backward passes
+    of seeded Gaussian images masked to the block's far field, accumulated into ``est`` and ``est_sq`` (and each
+    probe's map into ``kept`` unless it is ``None``); returns the number of backward passes."""
+    zz = z.clone().requires_grad_(True)
+    out, n_backward = None, 0
+    with _frozen_parameters(vae.model):
+        try:
+            out = _decode_with_graph(vae, zz)
+            masks = _block_masks(cells, out, vae.factor, radius, est)
+            work = [(b, k) for b in range(len(cells)) if masks[b] is None or bool(masks[b].any())
+                    for k in range(n_probes)]
+            for j, (b, _) in enumerate(work):
+                v = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+                if masks[b] is not None:
+                    v = v * masks[b]
+                g = _vjp(out, zz, v, retain=j < len(work) - 1, first=j == 0)
+                n_backward += 1
+                (r0, r1), (c0, c1) = cells[b]
+                energy = g[0].detach().double().pow(2).sum(0).cpu()
+                est[r0:r1, c0:c1] += energy[r0:r1, c0:c1] / n_probes
+                est_sq[r0:r1, c0:c1] += energy[r0:r1, c0:c1] ** 2 / n_probes
+                if kept is not None:
+                    kept.append(energy.float())
+        finally:
+            del out  # releases the graph if a backward pass raised before the last one
+    return n_backward
+
+
 def sensitivity_map(vae, z: torch.Tensor, *, n_probes: int = 8, radius: int | None = None,
                     blocks: int | tuple[int, int] = (2, 2), seed: int = 0,
                     keep_probes: bool = False) -> SensitivityMap:
@@ -360,18 +446,9 @@ def sensitivity_map(vae, z: torch.Tensor, *, n_probes: int = 8, radius: int | No
     error falls like ``1 / sqrt(n_probes)`` (at most ``sqrt(2 / n_probes)``), and the cost does not depend on the
     number of positions.
 
-    With ``radius`` the latent grid is cut into ``blocks = (rows, cols)`` rectangles (an int means the same number
-    both ways). For each block the probes are zero outside the pixels more than ``radius`` cells from *every* cell
-    of the block (:func:`vaeprobe.probes.geometry.far_mask` of a :class:`~vaeprobe.probes.geometry.Block`). For a
-    cell ``p`` of the block this estimates, without bias, the energy in the block's far field, a smaller region
-    inside ``p``'s own far field: it lacks the cells within ``radius`` of the rest of the block, so it starts
-    ``radius + 1`` cells from ``p`` only on the sides where ``p`` touches the block's edge. As an estimate of
-    ``F_p`` it is therefore biased low, most for cells inside the block, and since far-field energy is usually
-    concentrated just beyond the radius the shortfall is not small (about 1/3 of ``F_p`` kept with quadrants on an
-    8x8 grid at radius 1 in the tests, ranks still agreeing at Spearman ~0.87). More blocks shrink the bias
-    (``blocks = (h, w)``, one block per cell, is unbiased) but cost ``n_probes x n_blocks`` backward passes; the
-    default quadrants cost 4x the plain map, a fixed factor whatever the grid size. A block whose far field is empty
-    (radius too large for the grid) gets NaN, with a warning, and uses no backward passes.
+    With ``radius``: the blocked far-field estimate of the module docstring (section "Far fields by blocks":
+    biased low as an estimate of ``F_p``, ``n_probes x n_blocks`` backward passes, NaN for a block with an empty
+    far field).
 
     Parameters
     ----------
@@ -420,63 +497,15 @@ def sensitivity_map(vae, z: torch.Tensor, *, n_probes: int = 8, radius: int | No
     est = torch.zeros(h, w, dtype=torch.float64)
     est_sq = torch.zeros(h, w, dtype=torch.float64)  # mean over probes of the squared per-probe value
     kept: list[torch.Tensor] = []
-    n_backward = 0
     if keep_probes and radius is not None:
         raise ValueError("keep_probes is for the whole-image map (radius=None)")
 
     if radius is None:
-        grid = None
-        cells = [((0, h), (0, w))]
+        grid, cells = None, [((0, h), (0, w))]
     else:
         grid = _blocks(blocks, h, w)
         cells = [(rs, cs) for rs in _split(h, grid[0]) for cs in _split(w, grid[1])]
-
-    zz = z.clone().requires_grad_(True)
-    out = None
-    with _frozen_parameters(vae.model):
-        try:
-            try:
-                out = vae.decode(zz, grad=True)
-            except RuntimeError as exc:  # e.g. an in-place write into the leaf latent
-                raise NotDifferentiableError(_autograd_reason(exc)) from None
-            if not out.requires_grad:
-                raise NotDifferentiableError("its output is cut off from the latent's graph (it runs under no_grad, "
-                                             "detaches or casts to integers)")
-            if radius is None:
-                masks = [None]
-            else:
-                masks = [far_mask(Block(rs, cs), tuple(out.shape[-2:]), vae.factor, radius).to(out.device)
-                         for rs, cs in cells]
-            work = [(b, k) for b in range(len(cells)) if masks[b] is None or bool(masks[b].any())
-                    for k in range(n_probes)]
-            for b, m in enumerate(masks):
-                if m is not None and not bool(m.any()):
-                    (r0, r1), (c0, c1) = cells[b]
-                    warnings.warn(f"radius={radius}: the block rows {r0}..{r1 - 1}, columns {c0}..{c1 - 1} has an "
-                                  f"empty far field on this {h}x{w} grid; its cells are NaN", RuntimeWarning,
-                                  stacklevel=2)
-                    est[r0:r1, c0:c1] = float("nan")
-            for j, (b, _) in enumerate(work):
-                v = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
-                if masks[b] is not None:
-                    v = v * masks[b]
-                try:
-                    (g,) = torch.autograd.grad(out, zz, v, retain_graph=j < len(work) - 1, allow_unused=True)
-                except RuntimeError as exc:
-                    raise NotDifferentiableError(_autograd_reason(exc)) from None
-                if j == 0 and (g is None or not bool(g.any()) or not bool(torch.isfinite(g).all())):
-                    raise NotDifferentiableError(
-                        "its gradient with respect to the latent is " + ("not finite" if g is not None and bool(
-                            g.any()) else "zero everywhere (rounding, quantisation or integer ops)"))
-                n_backward += 1
-                (r0, r1), (c0, c1) = cells[b]
-                energy = g[0].detach().double().pow(2).sum(0).cpu()
-                est[r0:r1, c0:c1] += energy[r0:r1, c0:c1] / n_probes
-                est_sq[r0:r1, c0:c1] += energy[r0:r1, c0:c1] ** 2 / n_probes
-                if keep_probes:
-                    kept.append(energy.float())
-        finally:
-            del out  # releases the graph if a backward pass raised before the last one
+    n_backward = _probe_blocks(vae, z, cells, radius, n_probes, gen, est, est_sq, kept if keep_probes else None)
     rel_se = _rel_se(est, est_sq, n_probes)
     return SensitivityMap(map=est.float(), n_probes=n_probes, radius=radius, blocks=grid,
                           n_backward=n_backward, n_forward=1, rel_se=rel_se.float(),

@@ -412,6 +412,28 @@ class Attribution:
     seconds: float = 0.0
 
 
+def _frozen_variants(vae, rec, ref, b, *, attention: str, radius: int, has_gn: bool, has_att: bool) -> list[dict]:
+    """Each site of an engine batch ``b`` decoded live (``b.decodes``) and with GroupNorm, attention and both frozen
+    to the clean decode's record ``rec``; the far-field measures of each variant, one dict per site."""
+    zz, live = b.latents, b.decodes
+    gn = decode_frozen(vae, zz, rec, groupnorm=True, attention=None) if has_gn else live
+    att = decode_frozen(vae, zz, rec, groupnorm=False, attention=attention) if has_att else live
+    both = (decode_frozen(vae, zz, rec, groupnorm=True, attention=attention) if has_gn and has_att
+            else (gn if has_gn else att))
+    per = {name: measure(ref, img, b.sites, vae.factor, radius=radius, measures=("l2", "far_l2", "far_fraction"))
+           for name, img in zip(VARIANTS, (live, gn, att, both))}
+    out = []
+    for i in range(len(b.sites)):
+        row = {}
+        for name in VARIANTS:
+            row[f"far_l2_{name}"] = per[name][i]["far_l2"]
+            row[f"far_fraction_{name}"] = per[name][i]["far_fraction"]
+        row["l2_live"] = per["live"][i]["l2"]
+        row["l2_both_frozen"] = per["both_frozen"][i]["l2"]
+        out.append(row)
+    return out
+
+
 def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
                        radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = DECODE_BATCH) -> Attribution:
     """Attribute the far-field effect of perturbing each site of ``z`` ``[1, C, h, w]`` to the decoder's pathways.
@@ -470,26 +492,8 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
     has_gn, has_att = bool(rec.groupnorm), bool(rec.qkv)
     engine = Engine(vae, batch=batch)
 
-    def variants(b) -> list[dict]:
-        zz, live = b.latents, b.decodes
-        gn = decode_frozen(vae, zz, rec, groupnorm=True, attention=None) if has_gn else live
-        att = decode_frozen(vae, zz, rec, groupnorm=False, attention=attention) if has_att else live
-        both = (decode_frozen(vae, zz, rec, groupnorm=True, attention=attention) if has_gn and has_att
-                else (gn if has_gn else att))
-        per = {name: measure(ref, img, b.sites, vae.factor, radius=radius, measures=("l2", "far_l2", "far_fraction"))
-               for name, img in zip(VARIANTS, (live, gn, att, both))}
-        out = []
-        for i in range(len(b.sites)):
-            row = {}
-            for name in VARIANTS:
-                row[f"far_l2_{name}"] = per[name][i]["far_l2"]
-                row[f"far_fraction_{name}"] = per[name][i]["far_fraction"]
-            row["l2_live"] = per["live"][i]["l2"]
-            row["l2_both_frozen"] = per["both_frozen"][i]["l2"]
-            out.append(row)
-        return out
-
-    df = engine.table(z, sites, op, variants)
+    df = engine.table(z, sites, op, lambda b: _frozen_variants(vae, rec, ref, b, attention=attention,
+                                                               radius=radius, has_gn=has_gn, has_att=has_att))
     n_dec = 1 + len(df) * (1 + has_gn + has_att + (has_gn and has_att))
     if len(df):
         shares = shapley_shares(df.far_l2_live, df.far_l2_groupnorm_frozen, df.far_l2_attention_frozen,

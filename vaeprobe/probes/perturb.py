@@ -566,10 +566,10 @@ class Scale(Operator):
     [1.0, 2.0]
     """
 
-    factor: float
     word = "scale"
     argument = "F"
     example = "scale:2"
+    factor: float
 
     def __post_init__(self):
         object.__setattr__(self, "factor", _finite(self.factor, "Scale factor"))
@@ -875,12 +875,8 @@ def check_operator(spec: str, *, provides: Sequence[str] = (), command: str = "t
     Returns
     -------
     str
-        The canonical name of the operator (``parse_operator(spec).name``).
-
-    Raises
-    ------
-    PerturbError
-        With one line that says what is wrong and what to use instead.
+        The canonical name of the operator (``parse_operator(spec).name``). A spec the command cannot use raises
+        :class:`PerturbError` with one line that says what is wrong and what to use instead.
 
     Examples
     --------

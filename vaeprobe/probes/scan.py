@@ -350,6 +350,33 @@ def linear_scan(vae, z: torch.Tensor, *, n_probes: int = 32, radius: int | None 
 
 # -- two-stage ---------------------------------------------------------------------------------------------------
 
+def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, blocks, n_probes, seed):
+    """Stage one of :func:`two_stage_scan`: ``{flat index: stage}`` of the candidates (largest norms, largest
+    linearised far field) and the random controls, the linear scan (or ``None``) and the reason it fell back to
+    norms only (or ``None``)."""
+    from vaeprobe.probes.linear import NotDifferentiableError
+
+    h, w = z.shape[-2:]
+    by_lin: list[int] = []
+    fallback, lin = None, None
+    if n_linear:
+        try:
+            lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed)
+            by_lin = lin.table["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
+        except NotDifferentiableError as exc:
+            fallback = str(exc)
+            n_norm, n_control = n_norm + n_linear, 2 * n_control
+    by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
+    stage = {}
+    for i in by_norm:
+        stage[i] = "norm"
+    for i in by_lin:
+        stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
+    for r, c in sample_cells(h, w, n_control, avoid=[divmod(i, w) for i in stage], seed=seed):
+        stage[r * w + c] = "control"
+    return stage, lin, fallback
+
+
 def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: torch.Tensor | None = None,
                    n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
@@ -409,28 +436,10 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
     >>> sorted(set(res.table.stage) - {"norm", "linear", "norm+linear"}), res.decodes == len(res.table) <= 8
     (['control'], True)
     """
-    from vaeprobe.probes.linear import NotDifferentiableError
-
     h, w = z.shape[-2:]
-    if norm is None:
-        norm = z[0].norm(dim=0)
-    by_lin: list[int] = []
-    fallback, lin = None, None
-    if n_linear:
-        try:
-            lin = linear_scan(vae, z, n_probes=0, radius=radius, blocks=blocks, far_probes=n_probes, seed=seed)
-            by_lin = lin.table["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
-        except NotDifferentiableError as exc:
-            fallback = str(exc)
-            n_norm, n_control = n_norm + n_linear, 2 * n_control
-    by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
-    stage = {}
-    for i in by_norm:
-        stage[i] = "norm"
-    for i in by_lin:
-        stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
-    for r, c in sample_cells(h, w, n_control, avoid=[divmod(i, w) for i in stage], seed=seed):
-        stage[r * w + c] = "control"
+    stage, lin, fallback = _two_stage_candidates(vae, z, z[0].norm(dim=0) if norm is None else norm,
+                                                 n_norm=n_norm, n_linear=n_linear, n_control=n_control,
+                                                 radius=radius, blocks=blocks, n_probes=n_probes, seed=seed)
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
     result = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,

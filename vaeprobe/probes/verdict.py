@@ -548,6 +548,24 @@ def removal_columns(z: torch.Tensor, batch: DecodedBatch, ref: torch.Tensor, fac
     return profile_columns(batch.decodes - ref.float(), batch.sites, factor, field, dz2, ratio)
 
 
+def _median_kernel(energies, dists, erf: float) -> np.ndarray:
+    """The reference cells' median change energy at each exact squared distance 0, 1, 2, ... (up to
+    ``(4 erf + 4)^2``), each cell's divided by its near field (distance <= 1)."""
+    kmax = int(round((4 * (erf if math.isfinite(erf) else 1.0) + 4) ** 2))
+    exact = []
+    for e, d in zip(energies, dists):
+        idx = torch.round(d.double() ** 2).long().flatten()
+        keep = idx <= kmax
+        sums = torch.bincount(idx[keep], weights=e.flatten()[keep], minlength=kmax + 1)
+        counts = torch.bincount(idx[keep], minlength=kmax + 1).double()
+        near = float(e[d <= 1].mean())
+        exact.append(torch.where(counts > 0, sums / counts.clamp(min=1) / near if near > 0 else counts * math.nan,
+                                 torch.full_like(sums, math.nan)).numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(np.stack(exact), axis=0) if exact else np.array([])
+
+
 def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n: int = 12, seed: int = 0,
                     share: float = ERF_SHARE, exclude: Sequence[tuple[int, int]] = (),
                     removal: Operator | str = REMOVAL) -> ReceptiveField:
@@ -617,19 +635,7 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
         profile = np.nanmedian(pad(profiles), axis=0).tolist()
         shape_profile = np.nanmedian(pad(shapes), axis=0).tolist()
     good = [f for f in floors if math.isfinite(f)]
-    kmax = int(round((4 * (erf if math.isfinite(erf) else 1.0) + 4) ** 2))
-    exact = []
-    for e, d in zip(energies, dists):
-        idx = torch.round(d.double() ** 2).long().flatten()
-        keep = idx <= kmax
-        sums = torch.bincount(idx[keep], weights=e.flatten()[keep], minlength=kmax + 1)
-        counts = torch.bincount(idx[keep], minlength=kmax + 1).double()
-        near = float(e[d <= 1].mean())
-        exact.append(torch.where(counts > 0, sums / counts.clamp(min=1) / near if near > 0 else counts * math.nan,
-                                 torch.full_like(sums, math.nan)).numpy())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        kernel = np.nanmedian(np.stack(exact), axis=0) if exact else np.array([])
+    kernel = _median_kernel(energies, dists, erf)
     rf = ReceptiveField(erf=erf, tail0=_nanmedian(tails), variance=float(ref.float()[0].var(dim=(1, 2)).sum()),
                         cells=cells, profile=profile, dz2=_nanmedian(dz2), shape=shape_profile,
                         floor=float(np.median(good)) if good else 0.0,

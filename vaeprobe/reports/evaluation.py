@@ -75,6 +75,21 @@ def _save(fig, plt, path: Path) -> str:
     return _uri(buf.getvalue())
 
 
+def _finish(fig, plt, path: Path, axes, *, title: str | None = None, xlabel: str | None = None,
+            ylabels=()) -> str:
+    """Label every axis of ``axes`` in the report's small type (``ylabels`` one per axis), lay out and save."""
+    for ax, ylabel in zip(axes, ylabels):
+        if xlabel:
+            ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    if title:
+        axes[0].set_title(title, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def _mean(vae: dict, metric: str) -> float:
     m = vae["metrics"].get(metric)
     return float(m["mean"]) if m is not None and m["mean"] is not None else math.nan
@@ -93,13 +108,8 @@ def _spectra_figure(summary: dict, path: Path) -> str:
                         label=f"{v['vae']}: {'latent' if source == 'latent' else 'image at latent size'}")
     ax.axvline(0.25, color="grey", lw=0.8, ls=":", label="half the Nyquist frequency")
     ax.set_yscale("log")
-    ax.set_xlabel("radial frequency (cycles per latent cell)", fontsize=8)
-    ax.set_ylabel("relative power density (white noise: 1)", fontsize=8)
-    ax.set_title("radial spectra (mean over images)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    return _save(fig, plt, path)
+    return _finish(fig, plt, path, [ax], title="radial spectra (mean over images)",
+                   xlabel="radial frequency (cycles per latent cell)", ylabels=["relative power density (white noise: 1)"])
 
 
 def _equivariance_figure(summary: dict, path: Path) -> str:
@@ -115,12 +125,8 @@ def _equivariance_figure(summary: dict, path: Path) -> str:
         ax.bar(x + (k - (len(vaes) - 1) / 2) * width, np.where(np.isfinite(vals), vals, 0), width, label=v["vae"])
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=30, fontsize=7)
-    ax.set_ylabel("PSNR (dB), mean over images", fontsize=8)
-    ax.set_title("equivariance: decode(τ(z)) vs τ(x), beside the reconstruction", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    return _save(fig, plt, path)
+    return _finish(fig, plt, path, [ax], title="equivariance: decode(τ(z)) vs τ(x), beside the reconstruction",
+                   ylabels=["PSNR (dB), mean over images"])
 
 
 def _noise_figure(summary: dict, path: Path) -> str:
@@ -131,16 +137,12 @@ def _noise_figure(summary: dict, path: Path) -> str:
         for ax, what in zip(axes, ("rms", "lpips")):
             ax.plot(stds, [_mean(v, f"noise{s:g}_{what}") for s in summary["noise_stds"]], marker="o",
                     color=f"C{k % 10}", label=v["vae"])
-    for ax, what in zip(axes, ("RMS change of the decode ([-1, 1] units)", "LPIPS against the clean decode")):
+    for ax in axes:
         ax.set_xscale("log")
         ax.set_xticks(stds, [f"{s:g}" for s in stds])
         ax.minorticks_off()
-        ax.set_xlabel("latent noise std S (diffusion units)", fontsize=8)
-        ax.set_ylabel(what, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    return _save(fig, plt, path)
+    return _finish(fig, plt, path, list(axes), xlabel="latent noise std S (diffusion units)",
+                   ylabels=["RMS change of the decode ([-1, 1] units)", "LPIPS against the clean decode"])
 
 
 def build_evaluation_report(out: str | Path, summary: dict, *, title: str = "vaeprobe evaluate") -> dict:

@@ -808,6 +808,32 @@ def _pm(m: dict, key: str, digits: int = 3) -> str:
     return f"{_fmt(m[key + '_mean'], digits)} ± {_fmt(m[key + '_std'], digits)}"
 
 
+def _model_row(m: dict) -> dict:
+    """One VAE's row of the comparison report, formatted."""
+    return {"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
+            "lpips": _pm(m, "lpips"),
+            "rfid": _fmt(m["rfid"]) if m.get("rfid") is not None and np.isfinite(m["rfid"]) else "—",
+            "spot_rate": _fmt(m["spot_rate"]),
+            "norm_ratio": f"{_fmt(m['median_norm_ratio'])} / {_fmt(m['max_norm_ratio'])}",
+            "clamp": _fmt(m["clamp_hits_per_image"]), "global_rate": _fmt(m["global_rate"]),
+            "top_ratio": _fmt(m["median_top_global_ratio"]), "dominant": m["dominant"],
+            "latent_mean": _fmt(m["latent_mean"]), "latent_std": _fmt(m["latent_std"]),
+            "shift": _fmt(m["suggested_shift_factor"]), "scale": _fmt(m["suggested_scaling_factor"]),
+            "configured": _fmt(m["configured_scaling_factor"])}
+
+
+def _candidate_row(c: dict) -> dict:
+    """One candidate's assessment and compatibility row of the comparison report, formatted."""
+    return {"model": c["model"], "verdict": c["verdict"],
+            "shape": "same" if c["same_latent_shape"] else f"differs: {c['shape_note']}",
+            "encoder_identical": _fmt(c["encoder_identical"]),
+            "encoder_weights_identical": _fmt(c["encoder_weights_identical"]) if c["encoder_weights_identical"]
+            is not None else "not comparable", "max_latent_diff": _fmt(c["max_latent_diff"]),
+            "decoder_change": (f"{_fmt(c['decoder_psnr_on_shared_latents'], 2)} dB / "
+                               f"{_fmt(c['decoder_lpips_on_shared_latents'])}" if c["encoder_identical"]
+                               else "— (encoders differ)")}
+
+
 def build_comparison_report(out: str | Path, summary: dict, *, title: str = "vaeprobe comparison") -> dict:
     """Write the comparison report of ``vaeprobe compare``, HTML and Markdown.
 
@@ -845,23 +871,8 @@ def build_comparison_report(out: str | Path, summary: dict, *, title: str = "vae
     ('comparison.html', '# tiny')
     """
     out = Path(out)
-    models = [{"model": m["model"], "role": m["role"], "psnr": _pm(m, "psnr", 2), "ssim": _pm(m, "ssim"),
-               "lpips": _pm(m, "lpips"),
-               "rfid": _fmt(m["rfid"]) if m.get("rfid") is not None and np.isfinite(m["rfid"]) else "—", "spot_rate": _fmt(m["spot_rate"]),
-               "norm_ratio": f"{_fmt(m['median_norm_ratio'])} / {_fmt(m['max_norm_ratio'])}",
-               "clamp": _fmt(m["clamp_hits_per_image"]), "global_rate": _fmt(m["global_rate"]),
-               "top_ratio": _fmt(m["median_top_global_ratio"]), "dominant": m["dominant"],
-               "latent_mean": _fmt(m["latent_mean"]), "latent_std": _fmt(m["latent_std"]),
-               "shift": _fmt(m["suggested_shift_factor"]), "scale": _fmt(m["suggested_scaling_factor"]),
-               "configured": _fmt(m["configured_scaling_factor"])} for m in summary["models"]]
-    cands = [{"model": c["model"], "verdict": c["verdict"],
-              "shape": "same" if c["same_latent_shape"] else f"differs: {c['shape_note']}",
-              "encoder_identical": _fmt(c["encoder_identical"]),
-              "encoder_weights_identical": _fmt(c["encoder_weights_identical"]) if c["encoder_weights_identical"]
-              is not None else "not comparable", "max_latent_diff": _fmt(c["max_latent_diff"]),
-              "decoder_change": (f"{_fmt(c['decoder_psnr_on_shared_latents'], 2)} dB / "
-                                 f"{_fmt(c['decoder_lpips_on_shared_latents'])}" if c["encoder_identical"]
-                                 else "— (encoders differ)")} for c in summary["candidates"]]
+    models = [_model_row(m) for m in summary["models"]]
+    cands = [_candidate_row(c) for c in summary["candidates"]]
     latent = [(name, [_fmt(m.get(name)) for m in summary["models"]]) for name in summary.get("latent_measures", [])]
     generated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     page = _environment().get_template("compare.html.j2").render(
