@@ -239,11 +239,20 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+_OWN_STATS: list = []   # [(latent, its version, its statistics)]: the last latent's, held so it is not reused
+
+
 def _own_stats(z: torch.Tensor) -> dict:
-    """The robust per-channel centre and std of latent ``z`` (what ``mean`` and ``noise`` use by default)."""
+    """The robust per-channel centre and std of latent ``z`` (what ``mean`` and ``noise`` use by default).
+
+    :func:`apply_batch` edits one site after another of the same latent, so the last latent's statistics are
+    kept; the cache holds that tensor itself (so its identity cannot pass to another) and its version (so an
+    in-place change recomputes them)."""
     from vaeprobe.probes.stats import robust_channel_stats
 
-    return robust_channel_stats(z)
+    if not (_OWN_STATS and _OWN_STATS[0][0] is z and _OWN_STATS[0][1] == z._version):
+        _OWN_STATS[:] = [(z, z._version, robust_channel_stats(z))]
+    return _OWN_STATS[0][2]
 
 
 # -- operators ------------------------------------------------------------------------------------------------
