@@ -16,6 +16,7 @@ from typing import Any
 
 from vaeprobe.errors import VaeprobeError
 
+import functools
 import json
 import math
 from typing import Sequence
@@ -69,14 +70,11 @@ def _tiny_tokenizer():
                              model_max_length=TINY_TEXT["max_position_embeddings"])
 
 
-def _unet_class():
-    from diffusers import UNet2DConditionModel
+class _ContentSteering:
+    """What :class:`ContentUNet` adds to diffusers' UNet2DConditionModel (a mixin, so that importing this module
+    does not import diffusers' UNets; the class itself is made on first use).
 
-    return UNet2DConditionModel
-
-
-class ContentUNet(_unet_class()):
-    """A UNet2DConditionModel for offline tests whose x0 prediction is a real image's latent, optionally with a
+    ContentUNet: a UNet2DConditionModel for offline tests whose x0 prediction is a real image's latent, optionally with a
     planted spot.
 
     A random UNet denoises nothing: its samples are amplified noise, useless for latent diagnostics. This one
@@ -174,6 +172,22 @@ class ContentUNet(_unet_class()):
         return (pred,) + tuple(out[1:])
 
 
+@functools.lru_cache(maxsize=None)
+def _content_unet() -> type:
+    """:class:`ContentUNet`, made once: :class:`_ContentSteering` over diffusers' UNet2DConditionModel."""
+    from diffusers import UNet2DConditionModel
+
+    cls = type("ContentUNet", (_ContentSteering, UNet2DConditionModel), {"__module__": __name__})
+    cls.__doc__ = _ContentSteering.__doc__
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "ContentUNet":
+        return _content_unet()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def tiny_sd_pipeline(planted: bool = False, seed: int = 0):
     """A tiny StableDiffusionPipeline built offline: 64x64 px images (8x8 latents) by default, seeded random
     :class:`ContentUNet` and CLIP text encoder, DDIM with SD's noise schedule and the trained builtin ``mini-kl-f8``
@@ -195,7 +209,7 @@ def tiny_sd_pipeline(planted: bool = False, seed: int = 0):
                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                         **TINY_TEXT)).eval()
     torch.manual_seed(seed + 1)
-    unet = ContentUNet(**TINY_UNET).eval()
+    unet = _content_unet()(**TINY_UNET).eval()
     scheduler = DDIMScheduler(**SD_SCHEDULER)
     vae = load_builtin("mini-kl-f8")
     code = [v * float(vae.config.scaling_factor) for v in PLANTED_CODE] if planted else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -102,6 +102,20 @@ class Engine:
         self.calls += 1
         return self.vae.decode(zz).float()
 
+    def _decode_missing(self, zz: torch.Tensor, sites: list, known: Mapping | None) -> torch.Tensor:
+        """Decodes of the perturbed latents ``zz``, taking those of sites in ``known`` from there."""
+        have = [k for k, s in enumerate(sites) if known and s in known]
+        if not have:
+            return self._decode(zz)
+        missing = [k for k in range(len(sites)) if k not in have]
+        first = known[sites[have[0]]]
+        out = torch.empty((len(sites), *first.shape), dtype=torch.float32, device=first.device)
+        for k in have:
+            out[k] = known[sites[k]]
+        if missing:
+            out[missing] = self._decode(zz[missing]).to(out.device)
+        return out
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a stack of latents ``[n, C, h, w]``, ``batch`` per call, as float32.
 
@@ -115,7 +129,8 @@ class Engine:
         return torch.cat([self._decode(latents[s:s + self.batch]) for s in range(0, len(latents), self.batch)])
 
     def batches(self, z: torch.Tensor | Sequence[torch.Tensor], sites: Sequence[Site], op: Operator | str, *,
-                index: int | Sequence[int] = 0) -> Iterator[DecodedBatch]:
+                index: int | Sequence[int] = 0, known: Mapping[Site, torch.Tensor] | None = None
+                ) -> Iterator[DecodedBatch]:
         """Perturb ``z`` at each site with ``op`` and decode, one :class:`DecodedBatch` per decoder call.
 
         Parameters
@@ -128,10 +143,27 @@ class Engine:
             The perturbation (a text form is parsed with :func:`~vaeprobe.probes.perturb.parse_operator`).
         index : int or sequence of int, keyword-only
             The draw number of random operators, one for all or one per site.
+        known : mapping of Site to torch.Tensor, keyword-only
+            Decodes ``[3, H, W]`` already made of ``z`` perturbed by ``op`` at some of the sites (e.g. the verdicts'
+            reference cells, :attr:`vaeprobe.probes.verdict.ReceptiveField.decodes`): those sites are not decoded
+            again and do not count in :attr:`decodes`. The caller vouches that they are this latent's and this
+            operator's (with the same ``index`` for a random operator).
 
         Yields
         ------
         DecodedBatch
+
+        Examples
+        --------
+        >>> from vaeprobe.models.loading import load_vae
+        >>> from vaeprobe.probes.perturb import Zero
+        >>> vae = load_vae("builtin:tiny-random")
+        >>> z = vae.encode(torch.zeros(1, 3, 32, 32)).mean
+        >>> engine = Engine(vae)
+        >>> first = next(engine.batches(z, [Site(1, 1)], Zero())).decodes[0]
+        >>> again = next(engine.batches(z, [Site(0, 0), Site(1, 1)], Zero(), known={Site(1, 1): first}))
+        >>> engine.decodes, bool(torch.equal(again.decodes[1], first))
+        (2, True)
         """
         op = parse_operator(op) if isinstance(op, str) else op
         sites = list(sites)
@@ -152,13 +184,14 @@ class Engine:
                                     for k, (s, i) in enumerate(zip(chunk, idx))])
                 else:
                     zz = apply_batch(z, chunk, op, index=idx)
-                yield DecodedBatch(chunk, zz, self._decode(zz), start)
+                yield DecodedBatch(chunk, zz, self._decode_missing(zz, chunk, known), start)
                 bar.update(len(chunk))
         finally:
             bar.close()
 
     def table(self, z: torch.Tensor, sites: Sequence[Site], op: Operator | str,
-              measure: Callable[[DecodedBatch], list[dict]], *, on_batch: Callable | None = None) -> pd.DataFrame:
+              measure: Callable[[DecodedBatch], list[dict]], *, on_batch: Callable | None = None,
+              known: Mapping[Site, torch.Tensor] | None = None) -> pd.DataFrame:
         """One row per site: :func:`site_columns` and what ``measure`` returns for it.
 
         Parameters
@@ -169,6 +202,8 @@ class Engine:
             ``measure(batch) -> list of dict``, one dict of measures per site of the batch.
         on_batch : callable, keyword-only
             Called as ``on_batch(batch, values)`` after each batch (e.g. to keep some decodes).
+        known : mapping of Site to torch.Tensor, keyword-only
+            Decodes already made, as for :meth:`batches`.
 
         Returns
         -------
@@ -187,7 +222,7 @@ class Engine:
         """
         op = parse_operator(op) if isinstance(op, str) else op
         rows = []
-        for b in self.batches(z, sites, op):
+        for b in self.batches(z, sites, op, known=known):
             values = measure(b)
             if on_batch is not None:
                 on_batch(b, values)

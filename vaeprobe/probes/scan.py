@@ -194,7 +194,7 @@ class ScanResult:
 def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
                measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = DECODE_BATCH,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False, keep: int = 0,
-               field=None) -> ScanResult:
+               field=None, known=None) -> ScanResult:
     """Perturb each site of latent ``z`` with ``op``, decode ``batch`` at a time, measure.
 
     Decoding runs in the VAE's dtype; differences are taken in float32.
@@ -226,6 +226,9 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     field : vaeprobe.probes.verdict.ReceptiveField, keyword-only
         The receptive field of this latent: with its removal operator (``field.removal``) on single whole cells, the rows also get the
         verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
+    known : mapping of Site to torch.Tensor, keyword-only
+        Decodes of ``z`` perturbed by ``op`` already made at some sites, which are then not decoded again
+        (:meth:`vaeprobe.probes.engine.Engine.batches`); ``decodes`` counts only the new ones.
 
     Returns
     -------
@@ -266,7 +269,7 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
             kept.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), b.decodes[k])
 
     engine = Engine(vae, batch=batch, progress=progress)
-    df = engine.table(z, sites, op, values, on_batch=keep_some)
+    df = engine.table(z, sites, op, values, on_batch=keep_some, known=known)
     if "far_l2" in df and len(df):
         df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
     return ScanResult(table=df, decodes=engine.decodes, decode_calls=engine.calls, kept=kept.items(),
@@ -350,10 +353,12 @@ def linear_scan(vae, z: torch.Tensor, *, n_probes: int = 32, radius: int | None 
 
 # -- two-stage ---------------------------------------------------------------------------------------------------
 
-def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, blocks, n_probes, seed):
+def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, blocks, n_probes, seed,
+                          reference=()):
     """Stage one of :func:`two_stage_scan`: ``{flat index: stage}`` of the candidates (largest norms, largest
-    linearised far field) and the random controls, the linear scan (or ``None``) and the reason it fell back to
-    norms only (or ``None``)."""
+    linearised far field) and the controls (the ``reference`` cells that are not candidates, or ``n_control``
+    random cells without them), the linear scan (or ``None``) and the reason it fell back to norms only (or
+    ``None``). On the fallback with ``reference`` cells, ``n_control`` random cells join them."""
     from vaeprobe.probes.linear import NotDifferentiableError
 
     h, w = z.shape[-2:]
@@ -365,14 +370,17 @@ def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, 
             by_lin = lin.table["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
         except NotDifferentiableError as exc:
             fallback = str(exc)
-            n_norm, n_control = n_norm + n_linear, 2 * n_control
+            n_norm, n_control = n_norm + n_linear, (n_control if reference else 2 * n_control)
     by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
     stage = {}
     for i in by_norm:
         stage[i] = "norm"
     for i in by_lin:
         stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
-    for r, c in sample_cells(h, w, n_control, avoid=[divmod(i, w) for i in stage], seed=seed):
+    controls = [rc for rc in reference if rc[0] * w + rc[1] not in stage]
+    if not reference or fallback is not None:
+        controls += sample_cells(h, w, n_control, avoid=[divmod(i, w) for i in stage] + list(reference), seed=seed)
+    for r, c in controls:
         stage[r * w + c] = "control"
     return stage, lin, fallback
 
@@ -382,16 +390,19 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
                    measures: Sequence[str] = DEFAULT_MEASURES, batch: int = DECODE_BATCH, ref: torch.Tensor | None = None,
                    lpips_model=None, keep: int = 0, field=None) -> ScanResult:
-    """Exact ablation of a few candidates and a random control sample.
+    """Exact ablation of a few candidates and a control sample.
 
     Candidates: the ``n_norm`` largest latent norms and the ``n_linear`` largest linearised far-field
-    sensitivities. Controls: ``n_control`` other positions drawn at random (seeded;
-    :func:`vaeprobe.probes.geometry.sample_cells`). ``global_ratio`` is each position's far-field energy over the
-    median of the controls.
+    sensitivities. Controls: with a ``field`` whose removal is ``op`` (the scan job's default), the field's
+    reference cells that are not candidates, whose decodes the field already made
+    (:attr:`~vaeprobe.probes.verdict.ReceptiveField.decodes`; no new decode); otherwise ``n_control`` other
+    positions drawn at random (seeded; :func:`vaeprobe.probes.geometry.sample_cells`). ``global_ratio`` is each
+    position's far-field energy over the median of the controls.
 
     A decoder that autograd cannot go through (:class:`~vaeprobe.probes.linear.NotDifferentiableError`) has no
-    linear map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls,
-    and the table's ``attrs["linear_fallback"]`` holds the reason (absent otherwise).
+    linear map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` random
+    controls (with a shared field: its cells and ``n_control`` random ones), and the table's
+    ``attrs["linear_fallback"]`` holds the reason (absent otherwise).
 
     Parameters
     ----------
@@ -408,7 +419,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
     n_linear : int, keyword-only
         Candidates by linearised far-field sensitivity; 0 skips the linear map.
     n_control : int, keyword-only
-        Random control positions.
+        Random control positions (when the field's reference cells are not the controls).
     n_probes : int, keyword-only
         Probes per block for the linear map.
     radius : int, keyword-only
@@ -437,13 +448,16 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
     (['control'], True)
     """
     h, w = z.shape[-2:]
+    op = parse_operator(op) if isinstance(op, str) else op
+    known = dict(field.decodes) if field is not None and op.name == field.removal else {}
     stage, lin, fallback = _two_stage_candidates(vae, z, z[0].norm(dim=0) if norm is None else norm,
                                                  n_norm=n_norm, n_linear=n_linear, n_control=n_control,
-                                                 radius=radius, blocks=blocks, n_probes=n_probes, seed=seed)
+                                                 radius=radius, blocks=blocks, n_probes=n_probes, seed=seed,
+                                                 reference=[(s.row, s.col) for s in known])
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
     result = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
-                        lpips_model=lpips_model, keep=keep, field=field)
+                        lpips_model=lpips_model, keep=keep, field=field, known=known)
     if lin is not None:
         result.backward += lin.backward
         result.seconds += lin.seconds

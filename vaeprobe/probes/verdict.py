@@ -78,6 +78,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
 from typing import Sequence
 
 import numpy as np
@@ -260,6 +261,10 @@ class ReceptiveField:
         Each reference cell's own ``far_plateau`` in 8-bit levels.
     removal : str
         The removal operator's name.
+    decodes : dict of Site to torch.Tensor
+        The reference cells' removed decodes ``[3, H, W]`` (float32), which a scan of the same latent with the same
+        removal reuses instead of decoding them again (:func:`vaeprobe.probes.scan.two_stage_scan`); not a field:
+        :meth:`to_dict` leaves it out, and a field made otherwise has none (empty).
 
     Examples
     --------
@@ -329,8 +334,10 @@ class ReceptiveField:
         vals = [v for v in self.plateaus if math.isfinite(v)]
         return max([0.0] + vals)
 
+    decodes = MappingProxyType({})  # none by default; receptive_field sets the instance's own
+
     def to_dict(self) -> dict:
-        """The fields as a plain dict (for JSON and ``DataFrame.attrs``)."""
+        """The fields as a plain dict (for JSON and ``DataFrame.attrs``; the decodes are left out)."""
         return asdict(self)
 
 
@@ -644,6 +651,7 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
     own = [o for b in batches for o in removal_columns(z, b, ref, vae.factor, rf)]
     rf.excess = [float(o["far_excess"]) for o in own]
     rf.plateaus = [float(o["far_plateau"]) for o in own]
+    rf.decodes = dict(zip(sites, dec))
     return rf
 
 
@@ -779,12 +787,17 @@ class Donors:
     decodes : torch.Tensor or None
         ``[K, 3, H, W]``: the clean decodes (the swap test's structure target; to find each donor's counterpart
         cell, :func:`counterpart_cells`).
+    removed : dict
+        ``{(donor, (row, col), operator name): change energy map [H, W]}``: the donors' cells removed so far by
+        :func:`counterpart_cells`, which a later swap test of the same scan reuses instead of decoding the same
+        removal again (a global code at a fixed place is asked for on every image).
     """
 
     latents: torch.Tensor
     colours: torch.Tensor
     names: list[str] = field(default_factory=list)
     decodes: torch.Tensor | None = None
+    removed: dict = field(default_factory=dict, repr=False)
 
 
 def make_donors(vae, images: Sequence[torch.Tensor], *, names: Sequence[str] = ()) -> Donors:
@@ -870,9 +883,10 @@ def counterpart_cells(vae, z: torch.Tensor, site: Site, donors: Donors, far: flo
     """Each donor's counterpart of the cell at ``site`` of latent ``z``.
 
     Of the donor's cell at the same position and its most similar vector (:func:`donor_cell`, both latents
-    standardised with the recipient's per-channel centre and scale, :func:`channel_centre_scale`), the counterpart is the one whose removal changes the donor's decode more beyond ``far`` cells
-    (a global code may sit at a fixed place, or wherever its vector is). Costs up to two decodes per donor (none
-    where both cells coincide or the donors have no decodes).
+    standardised with the recipient's per-channel centre and scale, :func:`channel_centre_scale`), the counterpart
+    is the one whose removal changes the donor's decode more beyond ``far`` cells (a global code may sit at a fixed
+    place, or wherever its vector is). Costs up to two decodes per donor (none where both cells coincide, where
+    the donors have no decodes, or for a removal already in :attr:`Donors.removed`).
 
     Parameters
     ----------
@@ -904,13 +918,15 @@ def counterpart_cells(vae, z: torch.Tensor, site: Site, donors: Donors, far: flo
             continue
         out.append(None)
         cands += [(j, same), (j, alike)]
+    new = list(dict.fromkeys((j, rc) for j, rc in cands if (j, rc, op.name) not in donors.removed))
+    for b in Engine(vae).batches([donors.latents[j][None] for j, _ in new], [Site(*rc) for _, rc in new], op):
+        for i, (j, rc) in enumerate(new[b.start:b.start + len(b.sites)]):
+            donors.removed[(j, rc, op.name)] = _energy(b.decodes[i] - donors.decodes[j].float())
     energies = []
-    latents = [donors.latents[j][None] for j, _ in cands]
-    for b in Engine(vae).batches(latents, [Site(*rc) for _, rc in cands], op):
-        for i, (j, rc) in enumerate(cands[b.start:b.start + len(b.sites)]):
-            e = _energy(b.decodes[i] - donors.decodes[j].float())
-            mask = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean") > far
-            energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
+    for j, rc in cands:
+        e = donors.removed[(j, rc, op.name)]
+        mask = cell_distance(rc, tuple(e.shape), vae.factor, metric="euclidean") > far
+        energies.append(float(e[mask].mean()) if bool(mask.any()) else float(e.mean()))
     for k in range(0, len(cands), 2):
         out[cands[k][0]] = cands[k][1] if energies[k] >= energies[k + 1] else cands[k + 1][1]
     return out
