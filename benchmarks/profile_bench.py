@@ -146,10 +146,12 @@ def table(ledger: Ledger, units: dict[str, float], wall: dict[tuple[str, str], f
 
 
 def split_ablations(rows: list[dict], model: str, candidates: int, controls: int) -> None:
-    """Split a model's scan ablations row into the candidates' own and the controls' (one decode each)."""
+    """Split a model's scan ablations row into the candidates' own and the controls' (one decode each, none for
+    the controls that are the reference cells, whose decodes are reused)."""
     for r in list(rows):
         if r["model"] == model and r["part"] == "scan: ablations" and r["decodes"]:
             n = r["decodes"]
+            controls = min(controls, n - candidates)
             for part, k in (("scan: ablations: candidates", candidates), ("scan: ablations: controls", controls)):
                 rows.append({**r, "part": part, "decodes": k, "seconds": round(r["seconds"] * k / n, 3),
                              "decode_equivalents": (round(r["decode_equivalents"] * k / n, 1)

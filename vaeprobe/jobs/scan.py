@@ -294,8 +294,9 @@ class ScanJob(Job):
         if field is not None:
             from vaeprobe.probes.verdict import attach_verdicts
 
+            known = res.removed if operator.name == field.removal else None
             df = attach_verdicts(vae, z, ref, df, field, donors=self.donors(tuple(img.array.shape[:2])),
-                                 evidence=self.evidence, rules=self.rules())
+                                 evidence=self.evidence, rules=self.rules(), known=known)
             profiles = df.attrs.get("profiles")
             decodes += df.attrs["decodes"]
         else:

@@ -181,6 +181,9 @@ class ScanResult:
     kept : list of ((int, int), torch.Tensor)
         The ``keep`` perturbed decodes ``[3, H, W]`` with the largest far-field energy, largest first, with their
         cells (exact and two-stage scans with ``keep > 0``).
+    removed : dict of Site to torch.Tensor
+        Every perturbed decode, when the scan was asked to keep them (``keep_all=True``; two-stage scans do): the
+        verdicts' evidence reuses them (:func:`vaeprobe.probes.verdict.attach_verdicts`, ``known``).
     """
 
     table: pd.DataFrame
@@ -189,12 +192,13 @@ class ScanResult:
     backward: int = 0
     seconds: float = 0.0
     kept: list = dataclass_field(default_factory=list)
+    removed: dict = dataclass_field(default_factory=dict, repr=False)
 
 
 def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
                measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = DECODE_BATCH,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False, keep: int = 0,
-               field=None, known=None) -> ScanResult:
+               field=None, known=None, keep_all: bool = False) -> ScanResult:
     """Perturb each site of latent ``z`` with ``op``, decode ``batch`` at a time, measure.
 
     Decoding runs in the VAE's dtype; differences are taken in float32.
@@ -229,6 +233,8 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     known : mapping of Site to torch.Tensor, keyword-only
         Decodes of ``z`` perturbed by ``op`` already made at some sites, which are then not decoded again
         (:meth:`vaeprobe.probes.engine.Engine.batches`); ``decodes`` counts only the new ones.
+    keep_all : bool, keyword-only
+        Keep every perturbed decode in :attr:`ScanResult.removed` (for a few sites: each is ``3 x H x W`` floats).
 
     Returns
     -------
@@ -264,16 +270,20 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
             out = [{**v, **x} for v, x in zip(out, removal_columns(z, b, ref, vae.factor, field))]
         return out
 
+    removed = {}
+
     def keep_some(b, vals):
         for k, (site, v) in enumerate(zip(b.sites, vals)):
             kept.offer(v.get("far_l2", v.get("l2", 0.0)), (site.row, site.col), b.decodes[k])
+            if keep_all:
+                removed[site] = b.decodes[k]
 
     engine = Engine(vae, batch=batch, progress=progress)
     df = engine.table(z, sites, op, values, on_batch=keep_some, known=known)
     if "far_l2" in df and len(df):
         df["global_ratio"] = global_effect_ratio(df["far_l2"].to_numpy())
     return ScanResult(table=df, decodes=engine.decodes, decode_calls=engine.calls, kept=kept.items(),
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, removed=removed)
 
 
 # -- linearised --------------------------------------------------------------------------------------------------
@@ -457,7 +467,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
     order = list(stage)
     sites = [Site(i // w, i % w) for i in order]
     result = exact_scan(vae, z, sites, op, measures=measures, radius=radius, batch=batch, ref=ref,
-                        lpips_model=lpips_model, keep=keep, field=field, known=known)
+                        lpips_model=lpips_model, keep=keep, field=field, known=known, keep_all=True)
     if lin is not None:
         result.backward += lin.backward
         result.seconds += lin.seconds

@@ -1009,13 +1009,14 @@ def swap_information(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, donors
 
 
 def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field: ReceptiveField, *,
-                     k: int = 3, removal: Operator | str = REMOVAL) -> dict[str, float]:
+                     k: int = 3, removal: Operator | str = REMOVAL, known=None) -> dict[str, float]:
     """Is the far effect of removing the cell its own, or the change's size?
 
     The far-field energy of removing the cell over the median far-field energy of (1) ``matched_ratio``: the
     same change ``dz`` added at ``k`` ordinary cells, and (2) ``transplant_ratio``: the cell's vector written at
     those cells. Near 1: the same change anywhere does the same; far above 1: the effect belongs to this cell.
-    Both controls are the same in any latent coordinates. Costs ``1 + 2 k`` decodes.
+    Both controls are the same in any latent coordinates. Costs ``1 + 2 k`` decodes (``2 k`` when the removal's
+    decode is in ``known``); :func:`matched_controls_many` measures several cells in shared decoder batches.
 
     Parameters
     ----------
@@ -1027,6 +1028,8 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
         How many control cells.
     removal : Operator or str, keyword-only
         How a cell is removed.
+    known : mapping of Site to torch.Tensor, keyword-only
+        Removal decodes already made (:meth:`vaeprobe.probes.engine.Engine.batches`).
 
     Returns
     -------
@@ -1034,35 +1037,70 @@ def matched_controls(vae, z: torch.Tensor, ref: torch.Tensor, site: Site, field:
         ``matched_ratio``, ``transplant_ratio`` (nan without control cells) and ``profile``, the removed cell's
         mean change energy per pixel at distance 0, 1, ... cells.
     """
-    r, c = site.row, site.col
-    removed = apply_batch(z, [site], _removal(removal))
-    v = z[0, :, r, c].clone()
-    dz = removed[0, :, r, c] - v
-    cells = [rc for rc in field.cells if rc != (r, c)][:k]
-    if not cells:
-        return {"matched_ratio": math.nan, "transplant_ratio": math.nan, "profile": []}
-    zz = z.repeat(1 + 2 * len(cells), 1, 1, 1)
-    zz[0] = removed[0]
-    for i, (rr, cc) in enumerate(cells):
-        zz[1 + i, :, rr, cc] = z[0, :, rr, cc] + dz
-        zz[1 + len(cells) + i, :, rr, cc] = v
-    diff = Engine(vae).decode(zz) - ref.float()
+    return matched_controls_many(vae, z, ref, [site], field, k=k, removal=removal, known=known)[0]
+
+
+def matched_controls_many(vae, z: torch.Tensor, ref: torch.Tensor, sites: Sequence[Site], field: ReceptiveField,
+                          *, k: int = 3, removal: Operator | str = REMOVAL, known=None) -> list[dict[str, float]]:
+    """:func:`matched_controls` of each of ``sites``, their decodes made in shared batches.
+
+    Returns
+    -------
+    list of dict
+        One :func:`matched_controls` result per site, in order.
+    """
+    op = _removal(removal)
+    known = known or {}
     shape = tuple(ref.shape[-2:])
+    latents, plans = [], []
+    for site in sites:
+        r, c = site.row, site.col
+        removed = apply_batch(z, [site], op)
+        v = z[0, :, r, c].clone()
+        dz = removed[0, :, r, c] - v
+        cells = [rc for rc in field.cells if rc != (r, c)][:k]
+        start = len(latents)
+        if site not in known:
+            latents.append(removed[0])
+        for rr, cc in cells:
+            zz = z[0].clone()
+            zz[:, rr, cc] = z[0, :, rr, cc] + dz
+            latents.append(zz)
+        for rr, cc in cells:
+            zz = z[0].clone()
+            zz[:, rr, cc] = v
+            latents.append(zz)
+        plans.append((site, cells, start))
+    dec = Engine(vae).decode(torch.stack(latents)) if latents else None
+    ref = ref.float()
 
-    def far_energy(i: int, rc: tuple[int, int]) -> float:
+    def far_energy(d: torch.Tensor, rc: tuple[int, int]) -> float:
         far = cell_distance(rc, shape, vae.factor, metric="euclidean") > field.erf
-        return float(_energy(diff[i])[far].mean()) if bool(far.any()) else math.nan
+        return float(_energy(d - ref[0])[far].mean()) if bool(far.any()) else math.nan
 
-    own = far_energy(0, (r, c))
-    own_profile = ring_profile(_energy(diff[0]), cell_distance((r, c), shape, vae.factor, metric="euclidean"))
+    out = []
+    for site, cells, start in plans:
+        if not cells:
+            out.append({"matched_ratio": math.nan, "transplant_ratio": math.nan, "profile": []})
+            continue
+        rc = (site.row, site.col)
+        if site in known:
+            own_dec, first = known[site].to(ref.device).float(), start
+        else:
+            own_dec, first = dec[start], start + 1
+        own = far_energy(own_dec, rc)
+        own_profile = ring_profile(_energy(own_dec - ref[0]), cell_distance(rc, shape, vae.factor,
+                                                                             metric="euclidean"))
 
-    def ratio(values):
-        m = _nanmedian(values)
-        return own / m if m and m > 0 else math.nan
+        def ratio(values):
+            m = _nanmedian(values)
+            return own / m if m and m > 0 else math.nan
 
-    return {"matched_ratio": ratio([far_energy(1 + i, rc) for i, rc in enumerate(cells)]),
-            "transplant_ratio": ratio([far_energy(1 + len(cells) + i, rc) for i, rc in enumerate(cells)]),
-            "profile": own_profile}
+        n = len(cells)
+        out.append({"matched_ratio": ratio([far_energy(dec[first + i], cc) for i, cc in enumerate(cells)]),
+                    "transplant_ratio": ratio([far_energy(dec[first + n + i], cc) for i, cc in enumerate(cells)]),
+                    "profile": own_profile})
+    return out
 
 
 def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField, *,
@@ -1092,27 +1130,40 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField, *,
     """
     from vaeprobe.probes.mechanism import attribute_pathways, pathway_layers
 
+    return frozen_removed_many(vae, z, [site], field, removal=removal)[0]
+
+
+def frozen_removed_many(vae, z: torch.Tensor, sites: Sequence[Site], field: ReceptiveField, *,
+                        removal: Operator | str = REMOVAL) -> list[float]:
+    """:func:`frozen_removed` of each of ``sites`` from one attribution (one clean recorded decode for all, the
+    frozen variants in shared batches)."""
+    from vaeprobe.probes.mechanism import attribute_pathways, pathway_layers
+
     layers = pathway_layers(vae)
-    if not (layers.get("groupnorm") or layers.get("attention")):
-        return math.nan
+    if not sites or not (layers.get("groupnorm") or layers.get("attention")):
+        return [math.nan] * len(sites)
     radius = max(0, int(math.floor(field.erf))) if math.isfinite(field.erf) else 1
-    df = attribute_pathways(vae, z, [site], _removal(removal), radius=radius).table
-    if "share_residual" not in df or df["share_residual"].isna().all():
-        return math.nan
-    return float(1.0 - df["share_residual"].iloc[0])
+    df = attribute_pathways(vae, z, list(sites), _removal(removal), radius=radius).table
+    if "share_residual" not in df:
+        return [math.nan] * len(sites)
+    return [float(1.0 - v) if math.isfinite(v) else math.nan for v in df["share_residual"].astype(float)]
 
 
 # -- the estimator ------------------------------------------------------------------------------------------------
 
-def _evidence(vae, z, ref, site: Site, field: ReceptiveField, removal: Operator) -> dict:
-    """The matched controls (with the cell's profile) and the frozen share of one cell."""
+def _evidence(vae, z, ref, sites: Sequence[Site], field: ReceptiveField, removal: Operator,
+              known=None) -> list[dict]:
+    """The matched controls (with the cell's profile) and the frozen share of each of ``sites``, in shared
+    decoder batches."""
     from vaeprobe.probes.mechanism import MechanismError
 
-    got = matched_controls(vae, z, ref, site, field, removal=removal)
+    got = matched_controls_many(vae, z, ref, sites, field, removal=removal, known=known)
     try:
-        got["frozen_removed"] = frozen_removed(vae, z, site, field, removal=removal)
+        frozen = frozen_removed_many(vae, z, sites, field, removal=removal)
     except MechanismError:  # a decoder the hooks cannot freeze has no frozen share
-        got["frozen_removed"] = math.nan
+        frozen = [math.nan] * len(sites)
+    for g, f in zip(got, frozen):
+        g["frozen_removed"] = f
     return got
 
 
@@ -1256,7 +1307,7 @@ class CellVerdict:
             if (self.rules.shape(row) == GLOBAL or self.swap == "always") and self.donors is not None:
                 row.update(swap_information(self.vae, z, ref, site, self.donors, field, removal=self.removal))
             if self.evidence and evidence_rows([row], self.rules, 1):
-                row.update({k: v for k, v in _evidence(self.vae, z, ref, site, field, self.removal).items()
+                row.update({k: v for k, v in _evidence(self.vae, z, ref, [site], field, self.removal)[0].items()
                             if k != "profile"})
             out.append(row)
         df = pd.DataFrame(out)
@@ -1266,7 +1317,7 @@ class CellVerdict:
 
 def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, field: ReceptiveField, *,
                     rules: VerdictRules | None = None, donors: Donors | None = None,
-                    evidence: int = 4) -> pd.DataFrame:
+                    evidence: int = 4, known=None) -> pd.DataFrame:
     """Add the verdict columns to a scan table ``df`` of latent ``z``.
 
     Rows that lack the profile measures (a scan with another operator than the field's removal, patches or one
@@ -1289,6 +1340,9 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
         Donors for the swap test; without them no row can be ``global-information``.
     evidence : int, keyword-only
         How many unusual rows get the matched controls and the frozen-pathway share.
+    known : mapping of Site to torch.Tensor, keyword-only
+        Decodes of ``z`` with single cells removed by the field's removal that the scan already made
+        (:attr:`vaeprobe.probes.scan.ScanResult.removed`): the matched controls do not decode them again.
 
     Returns
     -------
@@ -1329,9 +1383,9 @@ def attach_verdicts(vae, z: torch.Tensor, ref: torch.Tensor, df: pd.DataFrame, f
                 for k, v in swap_information(vae, z, ref, site, donors, field, removal=removal).items():
                     df.iloc[i, df.columns.get_loc(k)] = v
     profiles = {"reference": field.profile, "cells": {}}
-    for i in evidence_rows(records, rules, evidence):
-        site = Site(int(df.row.iloc[i]), int(df.col.iloc[i]))
-        got = _evidence(vae, z, ref, site, field, removal)
+    chosen = evidence_rows(records, rules, evidence)
+    sites = [Site(int(df.row.iloc[i]), int(df.col.iloc[i])) for i in chosen]
+    for i, site, got in zip(chosen, sites, _evidence(vae, z, ref, sites, field, removal, known=known)):
         profiles["cells"][f"{site.row},{site.col}"] = got.pop("profile")
         for k, v in got.items():
             df.iloc[i, df.columns.get_loc(k)] = v
