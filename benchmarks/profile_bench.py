@@ -41,8 +41,8 @@ PARTS = {
     "make_donors": "swap donors",
     "counterpart_cells": "swap test: counterpart search",
     "swap_information": "swap test: swapped decodes",
-    "matched_controls": "evidence: matched controls",
-    "frozen_removed": "evidence: frozen pathways",
+    "matched_controls_many": "evidence: matched controls",
+    "frozen_removed_many": "evidence: frozen pathways",
     "measure": "verdict profiles (another operator)",
     "swap_latent": "swap partner",
     "linear_scan": "linear map",
@@ -151,6 +151,7 @@ def split_ablations(rows: list[dict], model: str, candidates: int, controls: int
     for r in list(rows):
         if r["model"] == model and r["part"] == "scan: ablations" and r["decodes"]:
             n = r["decodes"]
+            candidates = min(candidates, n)  # a candidate that is a reference cell reuses its decode
             controls = min(controls, n - candidates)
             for part, k in (("scan: ablations: candidates", candidates), ("scan: ablations: controls", controls)):
                 rows.append({**r, "part": part, "decodes": k, "seconds": round(r["seconds"] * k / n, 3),
@@ -236,7 +237,10 @@ def profile_two_stage(args) -> dict:
 
     vae = load_vae(args.vae)
     unit = unit_decode(vae, args.size)
-    images = [img.array for img in load_images("builtin:photos-heldout", size=args.size)[:args.images]]
+    from PIL import Image
+
+    images = [Image.fromarray((img.array * 255 + 0.5).clip(0, 255).astype("uint8"))
+              for img in load_images("builtin:photos-heldout", size=args.size)[:args.images]]
     ledger = Ledger()
     install(ledger)
     ledger._job = f"{args.vae}|"

@@ -10,7 +10,9 @@ from vaeprobe.jobs.spec import JobSpec, Param, image_params
 from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.perturb import check_operator, parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS
-from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, MechanismError, PATHWAYS, attention_mass, attribute_pathways, droplet_layers, groupnorm_droplets, pathway_layers)
+from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, MechanismError, PATHWAYS, attention_mass,
+                                       attribute_pathways, droplet_layers, groupnorm_droplets, pathway_layers,
+                                       record_pathways)
 
 
 # -- the `vaeprobe mechanism` job --------------------------------------------------------------------------------
@@ -61,10 +63,10 @@ class MechanismJob(Job):
         return {**SPEC.config(self.options), "vae": vae_config(self.vae), "images": str(self.images),
                 "layers": {k: len(v) for k, v in self.layers.items()}}
 
-    def _attention_rows(self, run: RunDir, key: str, img, x, z, top) -> list[dict]:
+    def _attention_rows(self, run: RunDir, key: str, img, x, z, top, record) -> list[dict]:
         rows = []
         for part, arg in (("decoder", z), ("encoder", x)):
-            for m in attention_mass(self.vae, arg, part=part):
+            for m in attention_mass(self.vae, arg, part=part, record=record if part == "decoder" else None):
                 h, w = m.mass.shape
                 cell = (min(h - 1, top[0] * h // z.shape[-2]), min(w - 1, top[1] * w // z.shape[-1]))
                 am = m.argmax()
@@ -86,17 +88,18 @@ class MechanismJob(Job):
         top = divmod(int(norm.argmax()), z.shape[-1])
         operator = parse_operator(self.op, seed=self.seed)
         sites = select_sites(self.positions, z.shape[-2:], norm=norm)
+        recorded = record_pathways(self.vae, z, droplets=True)  # one clean decode for all three measurements
         res = attribute_pathways(self.vae, z, sites, operator, radius=self.radius, attention=self.attention,
-                                 batch=self.batch)
+                                 batch=self.batch, recorded=recorded)
         df = res.table
         df.insert(0, "image", img.name)
-        att_rows = self._attention_rows(run, key, img, x, z, top)
-        drops = droplet_layers(groupnorm_droplets(self.vae, z))
+        att_rows = self._attention_rows(run, key, img, x, z, top, recorded[1])
+        drops = droplet_layers(groupnorm_droplets(self.vae, z, record=recorded[1]))
         if self.figures:
             _save_shares(run.path / "figures" / f"{key}_shares.png", df, img.name)
             _save_droplets(run.path / "figures" / f"{key}_groupnorm.png", drops, img.name)
         meta = {"image": img.name, "source": img.source, "h": int(z.shape[-2]), "w": int(z.shape[-1]),
-                "top_norm": list(top), "positions": len(df), "decodes": res.decodes,
+                "top_norm": list(top), "positions": len(df), "decodes": res.decodes + 1,
                 "dominant": df.dominant.value_counts().to_dict() if len(df) else {},
                 "attention": att_rows, "groupnorm": drops.to_dict("records"),
                 "seconds": round(time.perf_counter() - t0, 3)}

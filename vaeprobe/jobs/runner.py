@@ -253,10 +253,10 @@ class RunDir:
         """
         if table is not None:
             with atomic_path(self.parts_dir / f"{key}.parquet") as tmp:
-                table.to_parquet(tmp, index=False)
+                _to_parquet(table, tmp)
         for name, df in (extra or {}).items():
             with atomic_path(self.parts_dir / f"{key}.{name}.parquet") as tmp:
-                df.to_parquet(tmp, index=False)
+                _to_parquet(df, tmp)
         write_text_atomic(self.parts_dir / f"{key}.json", json.dumps(meta, default=_json_default))
 
     def keys(self) -> list[str]:
@@ -346,13 +346,24 @@ class RunDir:
     def write_table(self, name: str, table: pd.DataFrame) -> Path:
         """Write ``table`` to ``path / name`` as parquet, atomically; returns the path."""
         with atomic_path(self.path / name) as tmp:
-            table.to_parquet(tmp, index=False)
+            _to_parquet(table, tmp)
         return self.path / name
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` to ``path / name`` as indented JSON, atomically; returns the path."""
         write_text_atomic(self.path / name, json.dumps(obj, indent=1, default=_json_default))
         return self.path / name
+
+
+def _to_parquet(table: pd.DataFrame, path) -> None:
+    """Write ``table`` without its ``attrs``: pandas would store them in the file's metadata, and every operation
+    on the table read back would deep-copy them (the verdicts' attrs made the report's loops over a scan table take
+    seconds); what a table's attrs held goes to the part's JSON metadata instead."""
+    attrs, table.attrs = table.attrs, {}
+    try:
+        table.to_parquet(path, index=False)
+    finally:
+        table.attrs = attrs
 
 
 def _json_default(obj):

@@ -435,7 +435,8 @@ def _frozen_variants(vae, rec, ref, b, *, attention: str, radius: int, has_gn: b
 
 
 def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
-                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = DECODE_BATCH) -> Attribution:
+                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = DECODE_BATCH,
+                       recorded: tuple[torch.Tensor, PathwayRecord] | None = None) -> Attribution:
     """Attribute the far-field effect of perturbing each site of ``z`` ``[1, C, h, w]`` to the decoder's pathways.
 
     One clean decode (recorded) plus, per batch of sites, the four variants (a model without attention or
@@ -455,6 +456,9 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
         How attention is frozen (see the module docstring).
     batch : int, keyword-only
         Sites decoded at once.
+    recorded : (torch.Tensor, PathwayRecord), keyword-only
+        What :func:`record_pathways` returned for ``z``, if already made (the clean decode is then not made
+        again, and ``decodes`` does not count it).
 
     Returns
     -------
@@ -487,14 +491,13 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
     if z.dim() != 4 or z.shape[0] != 1:
         raise MechanismError(f"attribute one latent [1, C, h, w] at a time; got shape {tuple(z.shape)}")
     t0 = time.perf_counter()
-    ref, rec = record_pathways(vae, z)
-    n_dec = 1
+    ref, rec = record_pathways(vae, z) if recorded is None else recorded
     has_gn, has_att = bool(rec.groupnorm), bool(rec.qkv)
     engine = Engine(vae, batch=batch)
 
     df = engine.table(z, sites, op, lambda b: _frozen_variants(vae, rec, ref, b, attention=attention,
                                                                radius=radius, has_gn=has_gn, has_att=has_att))
-    n_dec = 1 + len(df) * (1 + has_gn + has_att + (has_gn and has_att))
+    n_dec = (recorded is None) + len(df) * (1 + has_gn + has_att + (has_gn and has_att))
     if len(df):
         shares = shapley_shares(df.far_l2_live, df.far_l2_groupnorm_frozen, df.far_l2_attention_frozen,
                                 df.far_l2_both_frozen)
@@ -575,7 +578,8 @@ def _attention_probs_mass(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, chu
     return total / (n * heads)
 
 
-def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder") -> list[AttentionMass]:
+def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder",
+                   record: PathwayRecord | None = None) -> list[AttentionMass]:
     """Attention mass maps of every attention layer that runs in one decode or encode.
 
     Parameters
@@ -587,6 +591,8 @@ def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder")
         (``part="encoder"``).
     part : {"decoder", "encoder"}, keyword-only
         Which half of the model runs.
+    record : PathwayRecord, keyword-only
+        A record of this latent's decode (:func:`record_pathways`), used instead of decoding again (decoder only).
 
     Returns
     -------
@@ -603,12 +609,13 @@ def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder")
     """
     if part not in ("decoder", "encoder"):
         raise MechanismError(f"part must be 'decoder' or 'encoder', got {part!r}")
-    rec = PathwayRecord()
-    with _hooks(vae, record=rec):
-        if part == "decoder":
-            vae.decode(latent_or_image)
-        else:
-            vae.encode(latent_or_image)
+    rec = record if record is not None and part == "decoder" else PathwayRecord()
+    if rec is not record:
+        with _hooks(vae, record=rec):
+            if part == "decoder":
+                vae.decode(latent_or_image)
+            else:
+                vae.encode(latent_or_image)
     modules = dict(_module(vae).named_modules())
     out = []
     for (name, idx), parts in rec.qkv.items():
@@ -618,7 +625,7 @@ def attention_mass(vae, latent_or_image: torch.Tensor, *, part: str = "decoder")
     return out
 
 
-def groupnorm_droplets(vae, z: torch.Tensor) -> pd.DataFrame:
+def groupnorm_droplets(vae, z: torch.Tensor, *, record: PathwayRecord | None = None) -> pd.DataFrame:
     """The StyleGAN2 "droplet" signature of every GroupNorm group in the decode of ``z``.
 
     Per GroupNorm call and per group: ``share``, the fraction of the group's variance (sum of squared deviations
@@ -630,6 +637,9 @@ def groupnorm_droplets(vae, z: torch.Tensor) -> pd.DataFrame:
     ----------
     vae, z
         As in the module docstring, with ``B = 1``.
+    record : PathwayRecord, keyword-only
+        A record of this latent's decode made with ``droplets=True`` (:func:`record_pathways`), used instead of
+        decoding again.
 
     Returns
     -------
@@ -644,9 +654,10 @@ def groupnorm_droplets(vae, z: torch.Tensor) -> pd.DataFrame:
     >>> sorted(df.columns)[:4], bool(((df.share > 0) & (df.share <= 1)).all())
     (['call', 'col', 'group', 'height'], True)
     """
-    rec = PathwayRecord()
-    with _hooks(vae, record=rec, droplets=True):
-        vae.decode(z)
+    rec = record if record is not None and record.droplets else PathwayRecord()
+    if rec is not record:
+        with _hooks(vae, record=rec, droplets=True):
+            vae.decode(z)
     h, w = z.shape[-2:]
     rows = []
     for order, ((name, idx), (share, pos, spatial)) in enumerate(rec.droplets.items()):
