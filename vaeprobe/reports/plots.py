@@ -58,7 +58,7 @@ def save_latent_maps(path: str | Path, image: np.ndarray, maps, spots: Sequence[
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(maps.name, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.96, bottom=0.03, top=0.84, wspace=0.35)  # fixed margins: faster than tight_layout
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)

@@ -552,7 +552,7 @@ def _profile_uri(profiles: dict, erf: float, verdicts: dict) -> str | None:
     ax.set_ylabel("energy / energy at the cell", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.17, right=0.97, bottom=0.16, top=0.96)  # fixed: tight_layout took half the figure's time
     return _fig_uri(fig, plt)
 
 
