@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-DEMO_EVIDENCE = 1
+DEMO_EVIDENCE = 2
 """Cells per image that get the verdicts' matched controls and frozen-pathway share in the demo's scans (the scan's
 default is 4). Those are evidence shown beside a verdict, not read by its rule (``vaeprobe.schema.DECIDING_COLUMNS``),
 so the verdicts are the same; it keeps ``vaeprobe demo`` under a minute on 2 cores (benchmarks/profile_bench.py)."""

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from vaeprobe.jobs.runner import Job, RunDir, check_positions, coerce_vae, run_job, vae_config
 from vaeprobe.jobs.spec import JobSpec, Param, image_params
+from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.perturb import check_operator, parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS
 from vaeprobe.probes.mechanism import (ATTENTION_MODES, AttentionMass, MechanismError, PATHWAYS, attention_mass,
@@ -28,7 +29,7 @@ def _mechanism_spec() -> JobSpec:
                                       "its clean probabilities (probs; values still travel)", choices=ATTENTION_MODES),
         *image_params(),
         Param("radius", DEFAULT_RADIUS, "far-field radius in latent cells (default {default})", type=int),
-        Param("batch", None, "perturbed latents per decoder call (default: 8 on a GPU; on a CPU as many as hold 65 536 output pixels, 1 to 8)", type=int,
+        Param("batch", DECODE_BATCH, "perturbed latents per decoder call (default {default})", type=int,
               config=False),
         Param("seed", 0, "seed of random operators (default 0)", type=int),
         Param("figures", True, "skip the PNG figures", negate=True, config=False),

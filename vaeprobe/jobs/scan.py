@@ -41,6 +41,7 @@ import torch
 
 from vaeprobe.jobs.runner import Job, RunDir, check_positions, coerce_vae, run_job, vae_config
 from vaeprobe.jobs.spec import JobSpec, Param, _csv, _joined, image_params
+from vaeprobe.probes.engine import DECODE_BATCH
 from vaeprobe.probes.latents import robust_channel_stats
 from vaeprobe.probes.perturb import check_operator, parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS
@@ -93,7 +94,7 @@ def _scan_spec() -> JobSpec:
               type=int),
         Param("measures", tuple(DEFAULT_MEASURES), f"comma-separated, from {', '.join(ALL_MEASURES)} (default: "
                                                    f"all but ssim and lpips)", parse=_csv, show=_joined),
-        Param("batch", None, "perturbed latents per decoder call (default: 8 on a GPU; on a CPU as many as hold 65 536 output pixels, 1 to 8)", type=int,
+        Param("batch", DECODE_BATCH, "perturbed latents per decoder call (default {default})", type=int,
               config=False),
         Param("position_blocks", 1, "exact mode: split each image's positions into B work units, so that a "
                                     "sharded run (torchrun) spreads a few large images over its ranks (default 1)",
@@ -190,11 +191,11 @@ class ScanJob(Job):
             for b in range(self.position_blocks):
                 yield f"{key}-b{b:02d}", name, (key, img, b)
 
-    def block_sites(self, sites: list, block: int, batch: int) -> list:
+    def block_sites(self, sites: list, block: int) -> list:
         """Block ``block`` of ``sites``: contiguous, each a whole number of ``batch``-sized decoder calls, so every
         decoder call holds the same latents as in an unsplit scan (blocks past the end are empty)."""
         per = -(-len(sites) // self.position_blocks)
-        per = -(-per // batch) * batch
+        per = -(-per // self.batch) * self.batch
         return sites[block * per:(block + 1) * per]
 
     def _swap_images(self, n: int, shape: tuple[int, int]) -> list:
@@ -235,9 +236,7 @@ class ScanJob(Job):
         if mode == "exact":
             sites = select_sites(self.positions, z.shape[-2:], norm=norm, size=self.patch, channel=self.channel)
             if block is not None:
-                from vaeprobe.probes.engine import Engine
-
-                sites = self.block_sites(sites, block, Engine(vae, batch=self.batch).batch_for(z.shape[-2:]))
+                sites = self.block_sites(sites, block)
                 if not sites:
                     return ScanResult(table=pd.DataFrame())
             return exact_scan(vae, z, sites, operator, progress=self.progress, **common)

@@ -2,8 +2,7 @@
 perturbations go through it (scans, the verdicts' reference cells, swap donors and evidence, mechanism,
 pipeline interventions, compare).
 
-One rule, :func:`auto_batch`, says how many perturbed latents go to the decoder at once (:data:`DECODE_BATCH` on an
-accelerator; on a CPU fewer for large images, :data:`CPU_PIXELS_PER_CALL`); decodes are
+One named default, :data:`DECODE_BATCH`, says how many perturbed latents go to the decoder at once; decodes are
 returned in float32, so every difference downstream is taken in float32 whatever the VAE's dtype. The engine
 counts what it decodes (:attr:`Engine.decodes`, :attr:`Engine.calls`), which the jobs report.
 
@@ -30,33 +29,7 @@ import torch
 from vaeprobe.probes.perturb import Operator, PerturbError, Site, apply_batch, parse_operator
 
 DECODE_BATCH = 8
-"""Perturbed latents per decoder call on an accelerator, and the most on a CPU (:func:`auto_batch`)."""
-
-CPU_PIXELS_PER_CALL = 65536
-"""On a CPU, the default batch holds at most this many output pixels (4 images at 128 px, 1 at 256 px and over).
-Measured on 2 cores (benchmarks/profile_bench.py, ``batch-sizes``): per image, batches of 8 decoded 15-35 % slower
-than batches of 1-4 at 128-512 px on both builtin decoders (the activations of a large batch leave the cache)."""
-
-
-def auto_batch(vae, shape: Sequence[int]) -> int:
-    """The default number of latents per decoder call for latents of spatial ``shape`` ``(h, w)``.
-
-    :data:`DECODE_BATCH` on an accelerator; on a CPU as many as hold :data:`CPU_PIXELS_PER_CALL` output pixels,
-    from 1 to :data:`DECODE_BATCH`.
-
-    Examples
-    --------
-    >>> from vaeprobe.models.loading import load_vae
-    >>> vae = load_vae("builtin:tiny-random")   # factor 8, on the CPU
-    >>> auto_batch(vae, (16, 16)), auto_batch(vae, (32, 32)), auto_batch(vae, (4, 4))
-    (4, 1, 8)
-    """
-    device = torch.device(getattr(vae, "device", "cpu"))
-    if device.type != "cpu":
-        return DECODE_BATCH
-    h, w = (int(v) for v in shape[-2:])
-    pixels = h * w * int(getattr(vae, "factor", 8)) ** 2
-    return max(1, min(DECODE_BATCH, CPU_PIXELS_PER_CALL // max(1, pixels)))
+"""Perturbed latents per decoder call, the default of every command's ``--batch`` and of every internal loop."""
 
 
 @dataclass
@@ -95,14 +68,14 @@ def site_columns(site: Site, op: Operator) -> dict:
 
 
 class Engine:
-    """Perturb, decode and measure, a batch of latents per decoder call (:func:`auto_batch` by default).
+    """Perturb, decode and measure, :data:`DECODE_BATCH` latents per decoder call.
 
     Parameters
     ----------
     vae : vaeprobe.models.adapter.VAE
         The model (anything with ``decode(z)``).
-    batch : int or None, keyword-only
-        Latents per decoder call (at least 1); ``None``: :func:`auto_batch` for each latent's size.
+    batch : int, keyword-only
+        Latents per decoder call (at least 1).
     progress : bool or str, keyword-only
         Show a progress bar over sites on stderr (a string is its label).
 
@@ -117,10 +90,10 @@ class Engine:
         When ``batch`` is below 1.
     """
 
-    def __init__(self, vae, *, batch: int | None = None, progress: bool | str = False):
-        if batch is not None and int(batch) < 1:
+    def __init__(self, vae, *, batch: int = DECODE_BATCH, progress: bool | str = False):
+        if int(batch) < 1:
             raise PerturbError(f"batch {batch}: give the number of latents per decoder call, 1 or more")
-        self.vae, self.batch, self.progress = vae, None if batch is None else int(batch), progress
+        self.vae, self.batch, self.progress = vae, int(batch), progress
         self.decodes = 0
         self.calls = 0
 
@@ -153,12 +126,7 @@ class Engine:
         >>> tuple(engine.decode(torch.zeros(3, 4, 2, 2)).shape), engine.calls
         ((3, 3, 16, 16), 2)
         """
-        n = self.batch_for(latents.shape[-2:])
-        return torch.cat([self._decode(latents[s:s + n]) for s in range(0, len(latents), n)])
-
-    def batch_for(self, shape: Sequence[int]) -> int:
-        """Latents per decoder call for latents of spatial ``shape``: the given ``batch``, or :func:`auto_batch`."""
-        return self.batch if self.batch is not None else auto_batch(self.vae, shape)
+        return torch.cat([self._decode(latents[s:s + self.batch]) for s in range(0, len(latents), self.batch)])
 
     def batches(self, z: torch.Tensor | Sequence[torch.Tensor], sites: Sequence[Site], op: Operator | str, *,
                 index: int | Sequence[int] = 0, known: Mapping[Site, torch.Tensor] | None = None
@@ -209,9 +177,8 @@ class Engine:
         bar = tqdm(total=len(sites), desc=desc, unit="pos", file=sys.stderr, disable=not self.progress,
                    leave=False)
         try:
-            n = self.batch_for((z if not per_site else z[0]).shape[-2:]) if sites else 1
-            for start in range(0, len(sites), n):
-                chunk, idx = sites[start:start + n], indices[start:start + n]
+            for start in range(0, len(sites), self.batch):
+                chunk, idx = sites[start:start + self.batch], indices[start:start + self.batch]
                 if per_site:
                     zz = torch.cat([apply_batch(z[start + k], [s], op, index=i)
                                     for k, (s, i) in enumerate(zip(chunk, idx))])

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from vaeprobe.errors import VaeprobeError
-from vaeprobe.probes.engine import Engine
+from vaeprobe.probes.engine import DECODE_BATCH, Engine
 from vaeprobe.probes.perturb import Operator, Site, parse_operator
 from vaeprobe.probes.response import DEFAULT_RADIUS, measure
 
@@ -435,7 +435,7 @@ def _frozen_variants(vae, rec, ref, b, *, attention: str, radius: int, has_gn: b
 
 
 def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
-                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int | None = None,
+                       radius: int = DEFAULT_RADIUS, attention: str = "context", batch: int = DECODE_BATCH,
                        recorded: tuple[torch.Tensor, PathwayRecord] | None = None) -> Attribution:
     """Attribute the far-field effect of perturbing each site of ``z`` ``[1, C, h, w]`` to the decoder's pathways.
 
@@ -454,8 +454,8 @@ def attribute_pathways(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator
         The far field starts more than ``radius`` latent cells from the site (Chebyshev).
     attention : {"context", "probs"}, keyword-only
         How attention is frozen (see the module docstring).
-    batch : int or None, keyword-only
-        Sites decoded at once (``None``: :func:`~vaeprobe.probes.engine.auto_batch`).
+    batch : int, keyword-only
+        Sites decoded at once.
     recorded : (torch.Tensor, PathwayRecord), keyword-only
         What :func:`record_pathways` returned for ``z``, if already made (the clean decode is then not made
         again, and ``decodes`` does not count it).

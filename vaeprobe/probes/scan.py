@@ -27,7 +27,7 @@ import torch
 
 from vaeprobe.errors import VaeprobeError
 from vaeprobe.probes.geometry import sample_cells
-from vaeprobe.probes.engine import Engine
+from vaeprobe.probes.engine import DECODE_BATCH, Engine
 from vaeprobe.probes.perturb import Operator, Site, parse_operator
 from vaeprobe.probes.response import DEFAULT_MEASURES, DEFAULT_RADIUS, global_effect_ratio, measure
 
@@ -196,7 +196,7 @@ class ScanResult:
 
 
 def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str = "zero", *,
-               measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int | None = None,
+               measures: Sequence[str] = DEFAULT_MEASURES, radius: int = DEFAULT_RADIUS, batch: int = DECODE_BATCH,
                ref: torch.Tensor | None = None, lpips_model=None, progress: bool = False, keep: int = 0,
                field=None, known=None, keep_all: bool = False) -> ScanResult:
     """Perturb each site of latent ``z`` with ``op``, decode ``batch`` at a time, measure.
@@ -217,8 +217,8 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
         The response measures (:func:`vaeprobe.probes.response.measure`).
     radius : int, keyword-only
         The far-field radius in latent cells.
-    batch : int or None, keyword-only
-        Perturbed latents per decoder call (``None``: :func:`~vaeprobe.probes.engine.auto_batch`).
+    batch : int, keyword-only
+        Perturbed latents per decoder call.
     ref : torch.Tensor, keyword-only
         The unperturbed decode of ``z`` (decoded here when not given).
     lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
@@ -398,7 +398,7 @@ def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, 
 def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: torch.Tensor | None = None,
                    n_norm: int = 4, n_linear: int = 4, n_control: int = 16, n_probes: int = 2,
                    radius: int = DEFAULT_RADIUS, blocks: tuple[int, int] = (2, 2), seed: int = 0,
-                   measures: Sequence[str] = DEFAULT_MEASURES, batch: int | None = None, ref: torch.Tensor | None = None,
+                   measures: Sequence[str] = DEFAULT_MEASURES, batch: int = DECODE_BATCH, ref: torch.Tensor | None = None,
                    lpips_model=None, keep: int = 0, field=None) -> ScanResult:
     """Exact ablation of a few candidates and a control sample.
 
