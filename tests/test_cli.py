@@ -75,7 +75,7 @@ def test_info_and_demo_on_tiny_model(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["factor"] == 8
     out = tmp_path / "demo"
     proc = run_cli("demo", "--vae", "builtin:tiny-random", "--control", "none", "--extra", "none", "--out", out,
-                   "--size", "32", "--quiet")
+                   "--size", "32", "--quiet", "--limit", "0")  # 0: every image, not the default first 5
     assert proc.returncode == 0, proc.stderr
     assert (out / "report" / "report.html").exists() and "report:" in proc.stdout
     for job, table in (("latents", "images.parquet"), ("scan", "scan.parquet"), ("mechanism", "mechanism.parquet")):
@@ -84,3 +84,18 @@ def test_info_and_demo_on_tiny_model(tmp_path):
     run = json.loads((out / "builtin-tiny-random" / "latents" / "run.json").read_text())
     assert run["command"].startswith("vaeprobe demo --vae builtin:tiny-random")
     assert runner.COMMAND == before  # the in-process call leaves the runner's command line as it found it
+
+
+def test_limit_takes_the_first_readable_images_and_is_recorded(tmp_path):
+    from vaeprobe.data.images import iter_images
+    from vaeprobe.jobs.latents import run_latents
+
+    run = run_latents("builtin:tiny-random", "builtin:photos-heldout", tmp_path / "lat", size=32, limit=2,
+                      progress=False)
+    first = [item.name for item in iter_images("builtin:photos-heldout", factor=8, size=32)][:2]
+    assert [m["image"] for _, m in run.metas()] == first
+    assert json.loads((run.path / "config.json").read_text())["limit"] == 2
+    proc = run_cli("latents", "--vae", "builtin:tiny-random", "--images", "builtin:photos-heldout", "--out",
+                   tmp_path / "cli", "--size", "32", "--limit", "3", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert pd.read_parquet(tmp_path / "cli" / "images.parquet").image.nunique() == 3

@@ -79,7 +79,8 @@ def cmd_demo(args) -> int:
     control = None if args.control.lower() in ("", "none") else args.control
     extra = [e for e in (args.extra or ["builtin:taef2"]) if e.lower() not in ("", "none")]
     res = run_demo(out=args.out, vae_spec=args.vae, control=control, size=args.size, images=args.images,
-                   progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr, flush=True), extra=extra)
+                   progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr, flush=True), extra=extra,
+                   limit=args.limit or None)
     for h in res["headlines"]:
         print(f"  {h['model']} ({h['job']}): {h['what']}: {h['value']}")
     print(f"demo finished in {res['seconds']:.1f} s; report: {res['report']}")
@@ -162,6 +163,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--images", default="builtin:photos-heldout")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--limit", type=int, default=5, metavar="N",
+                   help="run on the first N images (default 5 of the 7 held-out photos; 0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

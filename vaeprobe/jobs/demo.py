@@ -3,7 +3,8 @@
 For the model under test (``builtin:mini-kl-f8``), a real autoencoder trained elsewhere (``builtin:taef2``, the
 published taef2 weights) and one planted-spot control (``builtin:planted-groupnorm``, whose answer is known): latent
 diagnostics, a two-stage perturbation scan (the matched controls and frozen share for the :data:`DEMO_EVIDENCE` most
-unusual cells per image), pathway attribution at the largest-norm cell, then one report over all nine runs. Everything runs offline; the report path is printed at the end. Files: see docs/outputs.md, section
+unusual cells per image), pathway attribution at the largest-norm cell, then one report over all nine runs; on the
+first :data:`DEMO_LIMIT` images by default. Everything runs offline; the report path is printed at the end. Files: see docs/outputs.md, section
 demo.
 """
 
@@ -18,7 +19,12 @@ from typing import Sequence
 DEMO_EVIDENCE = 2
 """Cells per image that get the verdicts' matched controls and frozen-pathway share in the demo's scans (the scan's
 default is 4). Those are evidence shown beside a verdict, not read by its rule (``vaeprobe.schema.DECIDING_COLUMNS``),
-so the verdicts are the same; it keeps ``vaeprobe demo`` under a minute on 2 cores (benchmarks/profile_bench.py)."""
+so the verdicts are the same."""
+
+DEMO_LIMIT = 5
+"""How many of the images the demo runs on by default: the first 5 of the 7 held-out photos. With
+:data:`DEMO_EVIDENCE` it keeps ``vaeprobe demo`` under a minute on 2 cores (benchmarks/profile_bench.py,
+docs/scan.md "Where the time goes"); ``limit=None`` (``--limit 0``) runs them all."""
 
 
 def _slug(spec: str) -> str:
@@ -28,7 +34,7 @@ def _slug(spec: str) -> str:
 def run_demo(*, out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-f8",
              control: str | None = "builtin:planted-groupnorm", size: int = 128,
              images: str = "builtin:photos-heldout", progress: bool = True, log=print,
-             extra: Sequence[str] = ("builtin:taef2",)) -> dict:
+             extra: Sequence[str] = ("builtin:taef2",), limit: int | None = DEMO_LIMIT) -> dict:
     """Run the main job end to end on ``vae_spec``, the ``extra`` models and the ``control``, then one report.
 
     For each model: latent diagnostics, a two-stage perturbation scan and pathway attribution at the
@@ -53,6 +59,8 @@ def run_demo(*, out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-
         Called with one line before each job (default ``print``).
     extra : sequence of str, optional
         More models run beside ``vae_spec``.
+    limit : int or None, optional
+        Run on the first ``limit`` images only (``None``: all).
 
     Returns
     -------
@@ -81,7 +89,7 @@ def run_demo(*, out: str | Path = "runs/demo", vae_spec: str = "builtin:mini-kl-
     for spec in specs:
         vae = load_vae(spec)
         base = out / _slug(spec)
-        common = dict(size=size, overwrite=True, progress=progress)
+        common = dict(size=size, overwrite=True, progress=progress, limit=limit)
         log(f"{spec}: latent diagnostics")
         runs.append(run_latents(vae, images, base / "latents", **common).path)
         log(f"{spec}: two-stage perturbation scan")

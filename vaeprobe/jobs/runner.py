@@ -536,8 +536,13 @@ class Job:
         raise NotImplementedError
 
     def units(self, skipped: list) -> Iterator[tuple[str, str, Any]]:
-        """``(key, name, item)`` for every item; unreadable inputs are appended to ``skipped``."""
-        return image_units(self.images, factor=self.factor, fit=self.fit, size=self.size, skipped=skipped)
+        """``(key, name, item)`` for every item (the first ``limit`` when the job has one); unreadable inputs are
+        appended to ``skipped``."""
+        import itertools
+
+        units = image_units(self.images, factor=self.factor, fit=self.fit, size=self.size, skipped=skipped)
+        limit = getattr(self, "limit", None)
+        return units if limit is None else itertools.islice(units, max(0, int(limit)))
 
     def process(self, run: "RunDir", key: str, item: Any) -> None:
         """Do one item's work and write its part (``run.write_part(key, ...)``)."""

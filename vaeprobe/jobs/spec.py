@@ -213,14 +213,15 @@ def _joined(values) -> str:
 
 
 def image_params() -> tuple:
-    """``size`` and ``fit``: what every job that reads images declares."""
+    """``size``, ``fit`` and ``limit``: what every job that reads a stream of images declares."""
     from vaeprobe.data.images import DEFAULT_FIT, FIT_POLICIES
 
     return (Param("size", None, "resize the shorter side to SIZE and center-crop SIZE x SIZE (default: keep the "
                                 "size)", type=int),
             Param("fit", DEFAULT_FIT, "how sides become multiples of the VAE factor (default: {default}, i.e. "
                                       "center-crop the remainder; resize: scale to the nearest multiples)",
-                  choices=FIT_POLICIES))
+                  choices=FIT_POLICIES),
+            Param("limit", None, "use only the first N readable images (default: all)", type=int, metavar="N"))
 
 
 def image_jobs() -> list:

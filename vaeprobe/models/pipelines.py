@@ -90,7 +90,7 @@ class _ContentSteering:
 
     def setup(self, alphas_cumprod: torch.Tensor, vae, prediction_type: str = "epsilon",
               spot: Sequence[float] | None = None, emerge_t: int = PLANTED_EMERGE_T, residual_gain: float = 0.1,
-              images: str = "builtin:photos") -> "ContentUNet":
+              images: str = "builtin:photos") -> "_ContentSteering":
         self._alphas = alphas_cumprod.detach().double().cpu()
         self._vae, self._images = vae, images
         self._prediction = prediction_type

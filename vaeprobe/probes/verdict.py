@@ -1128,8 +1128,6 @@ def frozen_removed(vae, z: torch.Tensor, site: Site, field: ReceptiveField, *,
     vaeprobe.probes.mechanism.MechanismError
         For a decoder the hooks cannot freeze.
     """
-    from vaeprobe.probes.mechanism import attribute_pathways, pathway_layers
-
     return frozen_removed_many(vae, z, [site], field, removal=removal)[0]
 
 
