@@ -75,7 +75,7 @@ def test_info_and_demo_on_tiny_model(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["factor"] == 8
     out = tmp_path / "demo"
     proc = run_cli("demo", "--vae", "builtin:tiny-random", "--control", "none", "--extra", "none", "--out", out,
-                   "--size", "32", "--quiet", "--limit", "0")  # 0: every image, not the default first 5
+                   "--size", "32", "--quiet", "--limit", "0")  # 0: every image, not the default first 4
     assert proc.returncode == 0, proc.stderr
     assert (out / "report" / "report.html").exists() and "report:" in proc.stdout
     for job, table in (("latents", "images.parquet"), ("scan", "scan.parquet"), ("mechanism", "mechanism.parquet")):

@@ -153,6 +153,8 @@ def _add_report(sub) -> None:
 
 
 def _add_demo(sub) -> None:
+    from vaeprobe.jobs.demo import DEMO_LIMIT
+
     p = sub.add_parser("demo", help="the main job on the builtin model and held-out builtin photos")
     p.add_argument("--vae", default="builtin:mini-kl-f8", help="the VAE under test (default builtin:mini-kl-f8)")
     p.add_argument("--control", default="builtin:planted-groupnorm",
@@ -163,8 +165,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--images", default="builtin:photos-heldout")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--limit", type=int, default=5, metavar="N",
-                   help="run on the first N images (default 5 of the 7 held-out photos; 0: all)")
+    p.add_argument("--limit", type=int, default=DEMO_LIMIT, metavar="N",
+                   help=f"run on the first N images (default {DEMO_LIMIT} of the 7 held-out photos; 0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

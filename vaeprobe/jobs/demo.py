@@ -21,8 +21,8 @@ DEMO_EVIDENCE = 2
 default is 4). Those are evidence shown beside a verdict, not read by its rule (``vaeprobe.schema.DECIDING_COLUMNS``),
 so the verdicts are the same."""
 
-DEMO_LIMIT = 5
-"""How many of the images the demo runs on by default: the first 5 of the 7 held-out photos. With
+DEMO_LIMIT = 4
+"""How many of the images the demo runs on by default: the first 4 of the 7 held-out photos. With
 :data:`DEMO_EVIDENCE` it keeps ``vaeprobe demo`` under a minute on 2 cores (benchmarks/profile_bench.py,
 docs/scan.md "Where the time goes"); ``limit=None`` (``--limit 0``) runs them all."""
 
