@@ -295,8 +295,11 @@ class ScanJob(Job):
             from vaeprobe.probes.verdict import attach_verdicts
 
             known = res.removed if operator.name == field.removal else None
-            df = attach_verdicts(vae, z, ref, df, field, donors=self.donors(tuple(img.array.shape[:2])),
-                                 evidence=self.evidence, rules=self.rules(), known=known)
+            donors = self.donors(tuple(img.array.shape[:2]))
+            if donors is not None:
+                donors.removed.clear()  # reuse within this image only: its decode count is the same on any rank
+            df = attach_verdicts(vae, z, ref, df, field, donors=donors, evidence=self.evidence, rules=self.rules(),
+                                 known=known)
             profiles = df.attrs.get("profiles")
             decodes += df.attrs["decodes"]
         else:

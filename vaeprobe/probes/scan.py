@@ -213,28 +213,21 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
         The positions to perturb (:func:`select_sites`).
     op : Operator or str
         The perturbation (:func:`vaeprobe.probes.perturb.parse_operator` syntax, e.g. ``"zero"``, ``"noise:0.5"``).
-    measures : sequence of str, keyword-only
-        The response measures (:func:`vaeprobe.probes.response.measure`).
-    radius : int, keyword-only
-        The far-field radius in latent cells.
+    measures, radius : keyword-only
+        The response measures (:func:`vaeprobe.probes.response.measure`) and the far-field radius in latent cells.
     batch : int, keyword-only
         Perturbed latents per decoder call.
-    ref : torch.Tensor, keyword-only
-        The unperturbed decode of ``z`` (decoded here when not given).
-    lpips_model : vaeprobe.probes.metrics.LPIPS, keyword-only
-        The network for the ``lpips`` measure.
-    progress : bool, keyword-only
-        Show a progress bar on stderr.
+    ref, lpips_model, progress : keyword-only
+        The unperturbed decode of ``z`` (decoded here when not given), the network for the ``lpips`` measure
+        (:class:`vaeprobe.probes.metrics.LPIPS`) and whether to show a progress bar on stderr.
     keep : int, keyword-only
         Keep that many perturbed decodes, those with the largest far field (:attr:`ScanResult.kept`).
     field : vaeprobe.probes.verdict.ReceptiveField, keyword-only
-        The receptive field of this latent: with its removal operator (``field.removal``) on single whole cells, the rows also get the
-        verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
-    known : mapping of Site to torch.Tensor, keyword-only
-        Decodes of ``z`` perturbed by ``op`` already made at some sites, which are then not decoded again
-        (:meth:`vaeprobe.probes.engine.Engine.batches`); ``decodes`` counts only the new ones.
-    keep_all : bool, keyword-only
-        Keep every perturbed decode in :attr:`ScanResult.removed` (for a few sites: each is ``3 x H x W`` floats).
+        The receptive field of this latent: with its removal operator (``field.removal``) on single whole cells, the
+        rows also get the verdict measures of :func:`vaeprobe.probes.verdict.profile_columns`.
+    known, keep_all : keyword-only
+        Decodes of ``z`` perturbed by ``op`` already made at some sites, not decoded again nor counted in ``decodes``
+        (:meth:`vaeprobe.probes.engine.Engine.batches`); keep every decode in :attr:`ScanResult.removed` (few sites).
 
     Returns
     -------
@@ -258,7 +251,7 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
     op = parse_operator(op) if isinstance(op, str) else op
     t0 = time.perf_counter()
     ref = (vae.decode(z) if ref is None else ref).float()
-    kept = KeptDecodes(keep)
+    kept, removed = KeptDecodes(keep), {}
     profiles = (field is not None and op.name == field.removal
                 and all(s.size == 1 and s.channel is None for s in sites))
     if profiles:
@@ -269,8 +262,6 @@ def exact_scan(vae, z: torch.Tensor, sites: Sequence[Site], op: Operator | str =
         if profiles:
             out = [{**v, **x} for v, x in zip(out, removal_columns(z, b, ref, vae.factor, field))]
         return out
-
-    removed = {}
 
     def keep_some(b, vals):
         for k, (site, v) in enumerate(zip(b.sites, vals)):
@@ -416,18 +407,12 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
 
     Parameters
     ----------
-    vae : VAE
-        The model.
-    z : torch.Tensor
-        The latent ``[1, C, h, w]``.
-    op : Operator or str
-        The perturbation, as for :func:`exact_scan`.
+    vae, z, op
+        The model, the latent ``[1, C, h, w]`` and the perturbation, as for :func:`exact_scan`.
     norm : torch.Tensor, keyword-only
         The latent norm map ``[h, w]`` (computed from ``z`` if not given).
-    n_norm : int, keyword-only
-        Candidates by latent norm.
-    n_linear : int, keyword-only
-        Candidates by linearised far-field sensitivity; 0 skips the linear map.
+    n_norm, n_linear : int, keyword-only
+        Candidates by latent norm, and by linearised far-field sensitivity (0 skips the linear map).
     n_control : int, keyword-only
         Random control positions (when the field's reference cells are not the controls).
     n_probes : int, keyword-only

@@ -789,8 +789,10 @@ class Donors:
         cell, :func:`counterpart_cells`).
     removed : dict
         ``{(donor, (row, col), operator name): change energy map [H, W]}``: the donors' cells removed so far by
-        :func:`counterpart_cells`, which a later swap test of the same scan reuses instead of decoding the same
-        removal again (a global code at a fixed place is asked for on every image).
+        :func:`counterpart_cells`, which a later swap test reuses instead of decoding the same removal again
+        (neighbouring global cells often share their counterparts). The scan job clears it for every image, so that
+        an image's decode count does not depend on which images the same process did before (sharded and resumed
+        runs count the same).
     """
 
     latents: torch.Tensor
