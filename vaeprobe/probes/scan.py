@@ -359,7 +359,7 @@ def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, 
     """Stage one of :func:`two_stage_scan`: ``{flat index: stage}`` of the candidates (largest norms, largest
     linearised far field) and the controls (the ``reference`` cells that are not candidates, or ``n_control``
     random cells without them), the linear scan (or ``None``) and the reason it fell back to norms only (or
-    ``None``). On the fallback with ``reference`` cells, ``n_control`` random cells join them."""
+    ``None``). On the fallback the controls are ``2 n_control``: the reference cells and random ones."""
     from vaeprobe.probes.linear import NotDifferentiableError
 
     h, w = z.shape[-2:]
@@ -371,7 +371,7 @@ def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, 
             by_lin = lin.table["far_sensitivity"].nlargest(min(n_linear, h * w)).index.tolist()
         except NotDifferentiableError as exc:
             fallback = str(exc)
-            n_norm, n_control = n_norm + n_linear, (n_control if reference else 2 * n_control)
+            n_norm, n_control = n_norm + n_linear, 2 * n_control
     by_norm = torch.topk(norm.flatten(), min(n_norm, h * w)).indices.tolist() if n_norm else []
     stage = {}
     for i in by_norm:
@@ -379,8 +379,9 @@ def _two_stage_candidates(vae, z, norm, *, n_norm, n_linear, n_control, radius, 
     for i in by_lin:
         stage[i] = "norm+linear" if stage.get(i) == "norm" else "linear"
     controls = [rc for rc in reference if rc[0] * w + rc[1] not in stage]
-    if not reference or fallback is not None:
-        controls += sample_cells(h, w, n_control, avoid=[divmod(i, w) for i in stage] + list(reference), seed=seed)
+    if not reference or fallback is not None:  # the fallback tops the reference cells up to n_control with random ones
+        controls += sample_cells(h, w, n_control - len(controls), avoid=[divmod(i, w) for i in stage] + list(reference),
+                                 seed=seed)
     for r, c in controls:
         stage[r * w + c] = "control"
     return stage, lin, fallback
@@ -401,8 +402,8 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
     position's far-field energy over the median of the controls.
 
     A decoder that autograd cannot go through (:class:`~vaeprobe.probes.linear.NotDifferentiableError`) has no
-    linear map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` random
-    controls (with a shared field: its cells and ``n_control`` random ones), and the table's
+    linear map: the scan then takes ``n_norm + n_linear`` latent-norm candidates and twice ``n_control`` controls
+    (with a shared field, its reference cells are among them and the rest are random), and the table's
     ``attrs["linear_fallback"]`` holds the reason (absent otherwise).
 
     Parameters
