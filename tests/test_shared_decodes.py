@@ -117,3 +117,20 @@ def test_mechanism_job_records_once_and_measures_the_same(tmp_path):
     start = vae.decoded
     run_mechanism(vae, "builtin:photos-heldout", tmp_path / "m2", size=64, figures=False, progress=False)
     assert vae.decoded - start == sum(per_image) == 5 * len(per_image)
+
+
+def test_a_random_removal_is_reused_only_with_the_same_seed():
+    """noise:S names the same operator for every seed: reusing the reference cells' draws for another seed's scan
+    would mix two perturbations, so only the same operator (seed included) reuses them."""
+    from vaeprobe.probes.perturb import Noise
+
+    vae = load_vae("builtin:tiny-random")
+    z = _latent(vae, seed=4)
+    ref = vae.decode(z)
+    field = receptive_field(vae, z, ref, n=6, removal="noise:0.5")
+    same = two_stage_scan(vae, z, Noise(0.5), n_norm=2, n_linear=0, n_control=5, ref=ref, field=field,
+                          measures=("far_l2",))
+    assert same.decodes == (same.table.stage != "control").sum()  # the field's draws reused
+    other = two_stage_scan(vae, z, Noise(0.5, seed=3), n_norm=2, n_linear=0, n_control=5, ref=ref, field=field,
+                           measures=("far_l2",))
+    assert (other.table.stage == "control").sum() == 5 and other.decodes == len(other.table)

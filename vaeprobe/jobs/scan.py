@@ -294,7 +294,7 @@ class ScanJob(Job):
         if field is not None:
             from vaeprobe.probes.verdict import attach_verdicts
 
-            known = res.removed if operator.name == field.removal else None
+            known = res.removed if field.decodes_for(operator) else None  # the scan removed cells as the verdicts do
             donors = self.donors(tuple(img.array.shape[:2]))
             if donors is not None:
                 donors.removed.clear()  # reuse within this image only: its decode count is the same on any rank

@@ -445,7 +445,7 @@ def two_stage_scan(vae, z: torch.Tensor, op: Operator | str = "zero", *, norm: t
     """
     h, w = z.shape[-2:]
     op = parse_operator(op) if isinstance(op, str) else op
-    known = dict(field.decodes) if field is not None and op.name == field.removal else {}
+    known = field.decodes_for(op) if field is not None else {}
     stage, lin, fallback = _two_stage_candidates(vae, z, z[0].norm(dim=0) if norm is None else norm,
                                                  n_norm=n_norm, n_linear=n_linear, n_control=n_control,
                                                  radius=radius, blocks=blocks, n_probes=n_probes, seed=seed,

@@ -263,8 +263,8 @@ class ReceptiveField:
         The removal operator's name.
     decodes : dict of Site to torch.Tensor
         The reference cells' removed decodes ``[3, H, W]`` (float32), which a scan of the same latent with the same
-        removal reuses instead of decoding them again (:func:`vaeprobe.probes.scan.two_stage_scan`); not a field:
-        :meth:`to_dict` leaves it out, and a field made otherwise has none (empty).
+        removal reuses instead of decoding them again (:func:`vaeprobe.probes.scan.two_stage_scan`, through
+        :meth:`decodes_for`); not a field: :meth:`to_dict` leaves it out, and a field made otherwise has none.
 
     Examples
     --------
@@ -335,6 +335,16 @@ class ReceptiveField:
         return max([0.0] + vals)
 
     decodes = MappingProxyType({})  # none by default; receptive_field sets the instance's own
+    operator = None  # the removal operator that made ``decodes`` (receptive_field sets it)
+
+    def decodes_for(self, op: Operator) -> dict:
+        """:attr:`decodes` if ``op`` is the very operator that made them (its name alone is not enough: a random
+        operator's seed is not in its name), else an empty dict."""
+        try:
+            same = self.operator is not None and bool(op == self.operator)
+        except (RuntimeError, TypeError):  # operators holding tensors do not compare
+            same = False
+        return dict(self.decodes) if same else {}
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (for JSON and ``DataFrame.attrs``; the decodes are left out)."""
@@ -651,7 +661,7 @@ def receptive_field(vae, z: torch.Tensor, ref: torch.Tensor | None = None, *, n:
     own = [o for b in batches for o in removal_columns(z, b, ref, vae.factor, rf)]
     rf.excess = [float(o["far_excess"]) for o in own]
     rf.plateaus = [float(o["far_plateau"]) for o in own]
-    rf.decodes = dict(zip(sites, dec))
+    rf.decodes, rf.operator = dict(zip(sites, dec)), op
     return rf
 
 
